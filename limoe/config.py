@@ -1,0 +1,199 @@
+"""Model configuration: dataclasses and named presets.
+
+A preset name like "limoe-b-16" gives the sparse model; appending "-dense"
+("limoe-b-16-dense") gives its dense twin: the same backbone with every MoE
+layer replaced by one MLP of the same shape, so FLOPs per token match (k=1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+MODALITIES = ("image", "text")
+AUX_LOSS_NAMES = ("importance", "load", "local_entropy", "global_entropy", "zloss")
+
+
+@dataclass
+class AuxLossWeights:
+    """Weights of the auxiliary routing losses for one modality (0 turns a term off)."""
+
+    importance: float = 0.005
+    load: float = 0.005
+    local_entropy: float = 0.0
+    global_entropy: float = 0.0
+    zloss: float = 0.0
+    # Global-entropy threshold tau = log(global_entropy_experts): the modality is
+    # pushed to spread over at least about this many experts, and no further.
+    global_entropy_experts: float = 2.0
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # 0 = dense twin
+    k: int = 1
+    # Which blocks get an MoE MLP: "every 2" (blocks 1, 3, 5, ...), "last N", or "0,3,5".
+    placement: str = "every 2"
+    capacity_factor: float = 1.0  # training
+    eval_capacity_factor: float = 1.0  # only used when eval_dropless is False
+    eval_dropless: bool = True  # inference never depends on batch composition
+    batch_priority_routing: bool = True
+    noise_std: float = 1.0  # router noise sigma = noise_std / num_experts, training only
+    renormalize_gates: bool = False  # for k > 1; V-MoE does not renormalise
+    expert_type: str = "mlp"  # "mlp" (GELU) or "swiglu"
+    image: AuxLossWeights = field(default_factory=lambda: AuxLossWeights(
+        local_entropy=0.01, global_entropy=0.0))
+    text: AuxLossWeights = field(default_factory=lambda: AuxLossWeights(
+        local_entropy=0.01, global_entropy=0.05))
+
+    def moe_layers(self, depth: int) -> list[int]:
+        if self.num_experts == 0:
+            return []
+        spec = self.placement.strip().lower()
+        if spec.startswith("every"):
+            step = int(spec.split()[1])
+            layers = list(range(step - 1, depth, step))
+        elif spec.startswith("last"):
+            n = int(spec.split()[1])
+            layers = list(range(max(0, depth - n), depth))
+        else:
+            layers = sorted({int(s) for s in spec.replace(" ", "").split(",") if s})
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"moe.placement {self.placement!r} names blocks {bad} outside 0..{depth - 1}")
+        return layers
+
+
+@dataclass
+class LIMoEConfig:
+    name: str = "custom"
+    # Shared transformer
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    kv_heads: int | None = None  # < heads: grouped-query attention
+    mlp_dim: int = 768
+    # Image side
+    image_size: int = 32
+    patch_size: int = 4
+    image_pool: str = "map"  # "map" (attention pooling) or "mean"
+    # Text side
+    vocab_size: int = 8000
+    context_length: int = 16
+    text_pool: str = "eos"  # "eos" or "map"
+    # Heads
+    embed_dim: int = 128
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = 100.0
+    loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):
+            moe = dict(self.moe)
+            for m in MODALITIES:
+                if isinstance(moe.get(m), dict):
+                    moe[m] = AuxLossWeights(**moe[m])
+            self.moe = MoEConfig(**moe)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        kv = self.kv_heads or self.heads
+        if self.heads % kv:
+            raise ValueError(f"heads {self.heads} is not divisible by kv_heads {kv}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.image_pool not in ("map", "mean"):
+            raise ValueError(f"image_pool must be 'map' or 'mean', got {self.image_pool!r}")
+        if self.text_pool not in ("eos", "map"):
+            raise ValueError(f"text_pool must be 'eos' or 'map', got {self.text_pool!r}")
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"loss must be 'clip' or 'siglip', got {self.loss!r}")
+        moe = self.moe
+        if moe.num_experts < 0 or (moe.num_experts and not 1 <= moe.k <= moe.num_experts):
+            raise ValueError(f"moe.k={moe.k} must be in 1..num_experts={moe.num_experts}")
+        if moe.expert_type not in ("mlp", "swiglu"):
+            raise ValueError(f"moe.expert_type must be 'mlp' or 'swiglu', got {moe.expert_type!r}")
+        if moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0:
+            raise ValueError("capacity factors must be positive")
+        moe.moe_layers(self.depth)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def is_dense(self) -> bool:
+        return self.moe.num_experts == 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LIMoEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**data)
+
+    def dense_twin(self) -> "LIMoEConfig":
+        twin = dataclasses.replace(self, name=self.name + "-dense",
+                                   moe=dataclasses.replace(self.moe, num_experts=0))
+        return twin
+
+
+def _preset(name, width, depth, heads, mlp_dim, image_size, patch_size, num_experts=8, **kw) -> LIMoEConfig:
+    moe = kw.pop("moe", {})
+    return LIMoEConfig(name=name, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                       image_size=image_size, patch_size=patch_size,
+                       moe=MoEConfig(num_experts=num_experts, **moe), **kw)
+
+
+def _build_presets() -> dict[str, LIMoEConfig]:
+    presets = [
+        # The demo preset: 32 px emoji, small enough to train in minutes on 2 CPU cores.
+        _preset("limoe-nano", 128, 4, 4, 512, 32, 4, num_experts=4, embed_dim=128,
+                vocab_size=4000, logit_scale_init=math.log(30.0)),
+        _preset("limoe-ti-16", 192, 12, 3, 768, 224, 16, num_experts=8, embed_dim=256, vocab_size=16000),
+        # V-MoE backbone widths (LIMOE.md).
+        _preset("limoe-s-16", 512, 8, 8, 2048, 224, 16, embed_dim=512, vocab_size=32000),
+        _preset("limoe-b-32", 768, 12, 12, 3072, 224, 32, embed_dim=512, vocab_size=32000),
+        _preset("limoe-b-16", 768, 12, 12, 3072, 224, 16, embed_dim=512, vocab_size=32000),
+        _preset("limoe-l-16", 1024, 24, 16, 4096, 224, 16, embed_dim=768, vocab_size=32000),
+        _preset("limoe-h-14", 1280, 32, 16, 5120, 224, 14, num_experts=32, embed_dim=1024,
+                vocab_size=32000,
+                # As in the paper's H/14: MoE every other block of the last 24 (12 MoE layers).
+                moe={"placement": ",".join(str(i) for i in range(9, 32, 2))}),
+    ]
+    return {p.name: p for p in presets}
+
+
+PRESETS = _build_presets()
+
+
+def list_models() -> list[str]:
+    names = []
+    for name in PRESETS:
+        names += [name, name + "-dense"]
+    return names
+
+
+def get_config(name: str, **overrides) -> LIMoEConfig:
+    """Return a fresh copy of a preset ("limoe-b-16", "limoe-b-16-dense"), with overrides."""
+    dense = name.endswith("-dense")
+    base = name[: -len("-dense")] if dense else name
+    if base not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    data = PRESETS[base].to_dict()
+    moe_over = overrides.pop("moe", None) or {}
+    data.update(overrides)
+    data["moe"].update(moe_over)
+    config = LIMoEConfig.from_dict(data)
+    return config.dense_twin() if dense else config

@@ -1,0 +1,91 @@
+"""Transformer building blocks shared by both modalities."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional grouped-query attention (kv_heads < heads)."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.kv_heads = kv_heads or heads
+        self.head_dim = width // heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * self.kv_heads * self.head_dim)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        B, N, D = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(B, N, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.out(y.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    """GELU MLP: the dense block MLP and the default expert."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+    @staticmethod
+    def grouped_forward(experts: list["MLP"], x: torch.Tensor) -> torch.Tensor:
+        """Run expert i on x[i] for all i with two batched matmuls. x: [E, N, width]."""
+        w1 = torch.stack([e.fc1.weight for e in experts])  # [E, hidden, width]
+        b1 = torch.stack([e.fc1.bias for e in experts]).unsqueeze(1)
+        w2 = torch.stack([e.fc2.weight for e in experts])  # [E, width, hidden]
+        b2 = torch.stack([e.fc2.bias for e in experts]).unsqueeze(1)
+        h = F.gelu(torch.baddbmm(b1, x, w1.transpose(1, 2)))
+        return torch.baddbmm(b2, h, w2.transpose(1, 2))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (as in mmLiT / LLaMA): silu(x W_gate) * (x W_up) W_down, no biases."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    @staticmethod
+    def grouped_forward(experts: list["SwiGLU"], x: torch.Tensor) -> torch.Tensor:
+        w12 = torch.stack([e.gate_up.weight for e in experts])
+        w3 = torch.stack([e.down.weight for e in experts])
+        gate, up = torch.bmm(x, w12.transpose(1, 2)).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, w3.transpose(1, 2))
+
+
+def make_mlp(kind: str, width: int, hidden: int) -> nn.Module:
+    return {"mlp": MLP, "swiglu": SwiGLU}[kind](width, hidden)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: one learned probe attends over the tokens."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, width))
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_dim)
+        nn.init.normal_(self.probe, std=0.02)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        probe = self.probe.expand(x.shape[0], -1, -1)
+        y = self.attn(probe, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]

@@ -1,0 +1,186 @@
+"""LIMoE: one shared transformer for image patches and text tokens.
+
+Images and texts are separate sequences (attention never mixes them) that go
+through the same blocks. In MoE blocks the tokens of both modalities are
+routed together, in one call, each carrying its modality id.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import LIMoEConfig, MODALITIES
+from .layers import Attention, MAPHead, make_mlp
+from .moe import LIMoELayer
+from .routing import IGNORE, IMAGE, TEXT
+
+PAD_ID = 0  # the tokenizer pads with id 0
+
+
+class Block(nn.Module):
+    """Pre-LN block: attention per sequence, then a dense MLP or an MoE over all tokens."""
+
+    def __init__(self, config: LIMoEConfig, moe: bool, ep_size: int = 1):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width)
+        self.attn = Attention(config.width, config.heads, config.kv_heads)
+        self.norm2 = nn.LayerNorm(config.width)
+        expert = make_mlp(config.moe.expert_type, config.width, config.mlp_dim)
+        self.mlp = LIMoELayer(config.width, expert, config.moe, ep_size) if moe else expert
+        self.is_moe = moe
+
+    def forward(self, seqs: list[torch.Tensor], causal: list[bool], modality: torch.Tensor):
+        seqs = [x + self.attn(self.norm1(x), causal=c) for x, c in zip(seqs, causal)]
+        shapes = [x.shape for x in seqs]
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in seqs])
+        h = self.norm2(flat)
+        if self.is_moe:
+            h, aux = self.mlp(h, modality)
+        else:
+            h, aux = self.mlp(h), None
+        flat = flat + h
+        out, start = [], 0
+        for shape in shapes:
+            n = shape[0] * shape[1]
+            out.append(flat[start:start + n].view(shape))
+            start += n
+        return out, aux
+
+
+class LIMoE(nn.Module):
+    def __init__(self, config: LIMoEConfig, ep_size: int = 1):
+        super().__init__()
+        self.config = config
+        self.ep_size = ep_size
+        w = config.width
+        self.patch_embed = nn.Conv2d(3, w, config.patch_size, config.patch_size)
+        self.image_pos = nn.Parameter(torch.randn(1, config.num_patches, w) * 0.02)
+        self.token_embed = nn.Embedding(config.vocab_size, w)
+        self.text_pos = nn.Parameter(torch.randn(1, config.context_length, w) * 0.01)
+        moe_layers = set(config.moe.moe_layers(config.depth))
+        self.blocks = nn.ModuleList(Block(config, i in moe_layers, ep_size) for i in range(config.depth))
+        self.image_norm = nn.LayerNorm(w)
+        self.text_norm = nn.LayerNorm(w)
+        self.image_pool = MAPHead(w, config.heads, config.mlp_dim) if config.image_pool == "map" else None
+        self.text_pool = MAPHead(w, config.heads, config.mlp_dim) if config.text_pool == "map" else None
+        self.image_proj = nn.Linear(w, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(w, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if config.loss == "siglip" else None
+        self.grad_checkpointing = False
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    # -- switches -----------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def moe_layers(self) -> list[LIMoELayer]:
+        return [b.mlp for b in self.blocks if b.is_moe]
+
+    def set_eval_routing(self, dropless: bool = True, capacity_factor: float | None = None) -> None:
+        """Eval-mode routing: dropless (default) or capacity-limited at `capacity_factor`."""
+        for layer in self.moe_layers():
+            layer.gate.dropless_eval = dropless
+            if capacity_factor is not None:
+                layer.gate.eval_capacity_factor = capacity_factor
+
+    # -- encoders -----------------------------------------------------------
+
+    def _embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        return x + self.image_pos.to(x.dtype)
+
+    def _embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embed(tokens)
+        return x + self.text_pos[:, : tokens.shape[1]].to(x.dtype)
+
+    def _pool_image(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.image_norm(x)
+        x = self.image_pool(x) if self.image_pool is not None else x.mean(1)
+        return self.image_proj(x)
+
+    def _pool_text(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.text_norm(x)
+        if self.text_pool is not None:
+            x = self.text_pool(x, key_padding_mask=tokens == PAD_ID)
+        else:
+            # The end token is the last non-pad token.
+            eos = ((tokens != PAD_ID).sum(-1) - 1).clamp_min(0)
+            x = x[torch.arange(x.shape[0], device=x.device), eos]
+        return self.text_proj(x)
+
+    def _run_blocks(self, images: torch.Tensor | None, tokens: torch.Tensor | None):
+        seqs, causal, modality = [], [], []
+        if images is not None:
+            x = self._embed_image(images)
+            seqs.append(x)
+            causal.append(False)
+            modality.append(torch.full((x.shape[0] * x.shape[1],), IMAGE, device=x.device))
+        if tokens is not None:
+            seqs.append(self._embed_text(tokens))
+            causal.append(True)  # causal text attention: padding after the end token cannot leak in
+            modality.append(torch.where(tokens.reshape(-1) == PAD_ID, IGNORE, TEXT))
+        modality = torch.cat(modality)
+        auxes = []
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                seqs, aux = checkpoint(block, seqs, causal, modality, use_reentrant=False)
+            else:
+                seqs, aux = block(seqs, causal, modality)
+            if aux is not None:
+                auxes.append(aux)
+        return seqs, auxes
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        (x,), _ = self._run_blocks(images, None)
+        z = self._pool_image(x)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        (x,), _ = self._run_blocks(None, tokens)
+        z = self._pool_text(x, tokens)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        """Joint pass: both modalities' tokens share each routing call.
+
+        Returns normalised features, the logit scale (exp'd, clamped), the
+        weighted auxiliary loss (mean over MoE layers), each unweighted term,
+        and per-layer routing statistics.
+        """
+        (xi, xt), auxes = self._run_blocks(images, tokens)
+        out = {
+            "image_features": F.normalize(self._pool_image(xi), dim=-1),
+            "text_features": F.normalize(self._pool_text(xt, tokens), dim=-1),
+            "logit_scale": self.logit_scale.exp().clamp(max=self.config.logit_scale_max),
+        }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        out.update(summarize_aux(auxes, xi.new_zeros(())))
+        return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(max=torch.log(torch.tensor(self.config.logit_scale_max)).item())
+
+
+def summarize_aux(auxes: list[dict], zero: torch.Tensor) -> dict:
+    """Average aux losses over MoE layers; keep per-layer stats and overall drop rates."""
+    if not auxes:
+        return {"aux_loss": zero, "aux_terms": {}, "routing": [], "drop_rate": {}}
+    n = len(auxes)
+    terms = {name: sum(a["terms"][name] for a in auxes) / n for name in auxes[0]["terms"]}
+    drop_rate = {}
+    for m in MODALITIES:
+        routes = sum(a["stats"][m]["routes"] for a in auxes)
+        dropped = sum(a["stats"][m]["dropped"] for a in auxes)
+        drop_rate[m] = dropped.float() / routes.clamp_min(1)
+    return {
+        "aux_loss": sum(a["loss"] for a in auxes) / n,
+        "aux_terms": terms,
+        "routing": [a["stats"] for a in auxes],
+        "drop_rate": drop_rate,
+    }
