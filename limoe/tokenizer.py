@@ -1,0 +1,205 @@
+"""SentencePiece text tokenizer with open_clip's calling convention.
+
+`tokenizer(["a dog", "a cat"])` returns a LongTensor [B, context_length]:
+the piece ids, truncated so the end-of-text id always fits, then `eos_id`,
+then `pad_id` (0) up to the context length. Text models pool at the eos
+position, so every row has exactly one eos.
+
+The model is trained in-process from an iterable of strings, stored as the
+serialized SentencePiece model proto, and saved as a standard `.model` file
+(loadable by `sentencepiece` alone) plus a small JSON sidecar
+(`<file>.json`) holding the context length, which is not part of the proto.
+Pickling goes through the proto bytes, so DataLoader workers get a copy.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+import torch
+
+PAD_ID = 0
+UNK_ID = 1
+EOS_ID = 2
+DEFAULT_CONTEXT_LENGTH = 16
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Tokenizer:
+    """A trained SentencePiece model plus the fixed context length of the text tower."""
+
+    def __init__(self, model_proto: bytes, context_length: int = DEFAULT_CONTEXT_LENGTH):
+        if context_length < 2:
+            raise ValueError("context_length must be at least 2 (one piece and the eos token)")
+        self.model_proto = bytes(model_proto)
+        self.context_length = int(context_length)
+        self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
+            raise ValueError(
+                f"expected pad_id={PAD_ID} and eos_id={EOS_ID}, the model has "
+                f"pad_id={self._sp.pad_id()} eos_id={self._sp.eos_id()}"
+            )
+
+    # ---- training -------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 8000,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        model_type: str = "unigram",
+        character_coverage: float = 1.0,
+        normalization_rule_name: str = "nmt_nfkc_cf",
+        max_sentences: int = 2_000_000,
+        num_threads: int | None = None,
+    ) -> "Tokenizer":
+        """Train a tokenizer from an iterable of strings (no files involved).
+
+        `nmt_nfkc_cf` normalises unicode and case-folds, so "Dog" and "dog"
+        share pieces. If the corpus is too small for `vocab_size`, training is
+        retried with a soft vocabulary limit, so small data sets never crash;
+        check `.vocab_size` for the size actually reached. At most
+        `max_sentences` texts are used (the first ones).
+        """
+        sentences = []
+        for text in texts:
+            text = " ".join(str(text).split())  # newlines would split one caption in two
+            if text:
+                sentences.append(text)
+            if len(sentences) >= max_sentences:
+                break
+        if not sentences:
+            raise ValueError("cannot train a tokenizer on an empty corpus")
+        options = dict(
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            normalization_rule_name=normalization_rule_name,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            eos_id=EOS_ID,
+            num_threads=num_threads or min(4, os.cpu_count() or 1),
+            minloglevel=2,  # SentencePiece is chatty on stderr otherwise
+        )
+        try:
+            proto = cls._train_proto(sentences, **options)
+        except RuntimeError as error:
+            if "Vocabulary size" not in str(error):
+                raise
+            # Too few distinct pieces for the requested size: take what the data has.
+            proto = cls._train_proto(sentences, hard_vocab_limit=False, **options)
+        return cls(proto, context_length=context_length)
+
+    @staticmethod
+    def _train_proto(sentences: list[str], **options) -> bytes:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+        return model.getvalue()
+
+    # ---- files ----------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, context_length: int | None = None) -> "Tokenizer":
+        """Load a `.model` file; the context length comes from the argument,
+        else from the `<file>.json` sidecar, else the default (16)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        proto = path.read_bytes()
+        if context_length is None:
+            sidecar = Path(f"{path}.json")
+            if sidecar.exists():
+                context_length = json.loads(sidecar.read_text())["context_length"]
+            else:
+                context_length = DEFAULT_CONTEXT_LENGTH
+        return cls(proto, context_length=context_length)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the SentencePiece model and its sidecar atomically (temp file, then rename)."""
+        path = Path(path)
+        sidecar = {"format": "sentencepiece", "context_length": self.context_length, "vocab_size": self.vocab_size}
+        _atomic_write_bytes(path, self.model_proto)
+        _atomic_write_bytes(Path(f"{path}.json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        return path
+
+    # ---- properties -----------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    # ---- encoding -------------------------------------------------------------
+
+    def encode_with_truncation(
+        self, texts: str | Sequence[str], context_length: int | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Tokenize and also return, per text, how many pieces were cut off (0 = fits)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        length = int(context_length or self.context_length)
+        tokens = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
+        dropped = []
+        for row, ids in enumerate(self._sp.encode(list(texts), out_type=int)):
+            keep = ids[: length - 1]  # leave room for eos
+            dropped.append(len(ids) - len(keep))
+            tokens[row, : len(keep)] = torch.tensor(keep, dtype=torch.long)
+            tokens[row, len(keep)] = EOS_ID
+        return tokens, dropped
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        return self.encode_with_truncation(texts, context_length)[0]
+
+    def decode(self, ids) -> str | list[str]:
+        """Inverse of `__call__`: one row gives a string, a batch gives a list of strings.
+        Everything from the first eos on (eos, padding) is dropped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], (list, tuple)):
+            return [self.decode(row) for row in ids]
+        ids = [int(i) for i in ids]
+        if EOS_ID in ids:
+            ids = ids[: ids.index(EOS_ID)]
+        return self._sp.decode([i for i in ids if i != PAD_ID])
+
+    # ---- pickling (DataLoader workers) ----------------------------------------
+
+    def __getstate__(self):
+        return {"model_proto": self.model_proto, "context_length": self.context_length}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_proto"], state["context_length"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
