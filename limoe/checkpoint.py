@@ -129,13 +129,13 @@ def load_weights(model: torch.nn.Module, export_dir: str | os.PathLike) -> None:
     model.load_state_dict(state_dict)
 
 
-def load_tokenizer(export_dir: str | os.PathLike):
+def load_tokenizer(export_dir: str | os.PathLike, context_length: int | None = None):
     from .tokenizer import Tokenizer
 
     path = Path(export_dir) / TOKENIZER
     if not path.is_file():
         raise ExportError(f"{path}: missing")
     try:
-        return Tokenizer.load(path)
+        return Tokenizer.load(path, context_length=context_length)
     except Exception as e:  # sentencepiece raises plain RuntimeError/OSError on bad protos
         raise ExportError(f"{path}: not a valid SentencePiece model ({e})") from e

@@ -42,7 +42,7 @@ def create_model_and_transforms(name_or_config: str | LIMoEConfig, tokenizer=Non
 def load(export_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """Open a `limoe.save` export on one process: (model in eval mode, preprocess, tokenizer)."""
     config, _ = checkpoint.read_config(export_dir)
-    tokenizer = checkpoint.load_tokenizer(export_dir)
+    tokenizer = checkpoint.load_tokenizer(export_dir, context_length=config.context_length)
     model = LIMoE(config)
     checkpoint.load_weights(model, export_dir)
     model.to(device).eval()

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny tokenizer and tiny LIMoE models that build in milliseconds."""
+import random
+
+import pytest
+import torch
+
+import limoe
+
+WORDS = ("red green blue yellow purple orange black white grinning smiling face cat dog heart star "
+         "moon sun tree flower car house fish bird hand thumbs up down arrow left right circle square "
+         "emoji from smileys and emotion animals nature objects symbols travel places food drink").split()
+
+
+def tiny_texts(n=400, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return limoe.Tokenizer.train(tiny_texts(), vocab_size=120, context_length=8)
+
+
+TINY = dict(width=32, depth=2, heads=2, mlp_dim=64, embed_dim=16, image_size=16, patch_size=4)
+
+
+def make_tiny_model(tokenizer, seed=0, name="limoe-nano", **overrides):
+    torch.manual_seed(seed)
+    kw = dict(TINY, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
+    kw.update(overrides)
+    return limoe.create_model(name, **kw)
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    return make_tiny_model(tiny_tokenizer)
+
+
+@pytest.fixture
+def tiny_export(tmp_path, tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer)
+    return limoe.save(model, tiny_tokenizer, tmp_path / "export")

@@ -1,0 +1,180 @@
+"""Routing rules of LIMOE.md: capacity, assignment order, BPR, dropping, aux losses."""
+import math
+
+import pytest
+import torch
+
+from limoe import routing
+from limoe.config import MoEConfig
+from limoe.moe import LIMoEGate, LIMoELayer
+from limoe.layers import MLP
+from limoe.routing import IGNORE, IMAGE, TEXT
+
+
+def test_capacity_is_ceil_k_s_cf_over_e_rounded_up_to_multiple_of_4():
+    assert routing.expert_capacity(10, 4, 1, 1.0) == 4  # ceil(2.5) = 3 -> 4
+    assert routing.expert_capacity(100, 8, 2, 1.25) == 32  # ceil(31.25) = 32
+    assert routing.expert_capacity(100, 8, 1, 1.0) == 16  # ceil(12.5) = 13 -> 16
+    assert routing.expert_capacity(1, 8, 1, 1.0) == 4
+
+
+def _all_to_expert_zero(top1):
+    """probs where every token's first choice is expert 0 with the given probability."""
+    top1 = torch.tensor(top1)
+    rest = (1 - top1) / 3
+    return torch.stack([top1, rest, rest, rest], dim=1)
+
+
+def test_bpr_keeps_the_tokens_with_highest_router_probability():
+    probs = _all_to_expert_zero([0.40, 0.90, 0.50, 0.95, 0.60, 0.85, 0.45, 0.70])
+    routes = routing.assign_routes(probs, k=1, capacity=4, batch_priority=True)
+    kept = (routes.expert[0] == 0).nonzero().flatten().tolist()
+    assert sorted(kept) == [1, 3, 5, 7]  # probs .90 .95 .85 .70
+    # The most confident token gets slot 0.
+    assert routes.position[0, 3] == 0
+
+
+def test_without_bpr_the_earliest_tokens_win():
+    probs = _all_to_expert_zero([0.40, 0.90, 0.50, 0.95, 0.60, 0.85, 0.45, 0.70])
+    routes = routing.assign_routes(probs, k=1, capacity=4, batch_priority=False)
+    assert (routes.expert[0] == 0).nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert routes.position[0, :4].tolist() == [0, 1, 2, 3]
+
+
+def test_dropped_routes_have_no_expert_and_zero_gate():
+    probs = _all_to_expert_zero([0.5, 0.6, 0.7, 0.8, 0.9])
+    routes = routing.assign_routes(probs, k=1, capacity=4, batch_priority=True)
+    assert routes.expert[0, 0] == -1 and routes.gate[0, 0] == 0
+    assert routes.counts.tolist() == [4, 0, 0, 0]
+
+
+def test_all_first_choices_are_placed_before_any_second_choice():
+    # Tokens 0-3: first choice expert 1 (very confident), second choice expert 0.
+    # Tokens 4-7: first choice expert 0 (less confident).
+    probs = torch.tensor([[0.3, 0.6, 0.05, 0.05]] * 4 + [[0.4, 0.3, 0.15, 0.15]] * 4)
+    routes = routing.assign_routes(probs, k=2, capacity=4, batch_priority=True)
+    # Expert 0's four slots all go to first choices, although tokens 0-3 rank higher under BPR.
+    assert routes.expert[0, 4:].tolist() == [0, 0, 0, 0]
+    assert (routes.expert[1, :4] == -1).all()
+    assert routes.expert[0, :4].tolist() == [1, 1, 1, 1]
+
+
+def test_dropless_keeps_every_route():
+    probs = _all_to_expert_zero([0.5] * 37)
+    routes = routing.assign_routes(probs, k=1, capacity=None)
+    assert (routes.expert[0] == 0).all() and routes.capacity == 37
+
+
+def test_padding_tokens_are_never_routed():
+    probs = _all_to_expert_zero([0.9, 0.8, 0.7])
+    valid = torch.tensor([True, False, True])
+    routes = routing.assign_routes(probs, k=1, capacity=4, valid=valid)
+    assert routes.expert[0].tolist() == [0, -1, 0]
+    assert routes.position[0, 2] == 1  # the padding token took no slot
+
+
+def test_gates_are_chosen_probs_not_renormalised_by_default():
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    routes = routing.assign_routes(probs, k=2, capacity=4)
+    assert torch.allclose(routes.gate[:, 0], torch.tensor([0.5, 0.3]))
+    routes = routing.assign_routes(probs, k=2, capacity=4, renormalize=True)
+    assert torch.allclose(routes.gate[:, 0], torch.tensor([0.625, 0.375]))
+
+
+# -- auxiliary losses on a hand-computed example --------------------------------------
+
+PROBS = torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+
+
+def _h(p):
+    return -sum(x * math.log(x) for x in p)
+
+
+def test_importance_loss_by_hand():
+    # Imp = [1.7, 1.3]: mean 1.5, population std 0.2
+    assert routing.importance_loss(PROBS).item() == pytest.approx((0.2 / 1.5) ** 2, rel=1e-5)
+
+
+def test_load_loss_by_hand():
+    # first choices e0, e0, e1 -> f = [2/3, 1/3]; P = [1.7/3, 1.3/3]
+    expected = 2 * (2 / 3 * 1.7 / 3 + 1 / 3 * 1.3 / 3)
+    assert routing.load_loss(PROBS).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_local_entropy_loss_by_hand():
+    expected = (_h([0.8, 0.2]) + _h([0.6, 0.4]) + _h([0.3, 0.7])) / 3
+    assert routing.local_entropy_loss(PROBS).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_global_entropy_loss_is_thresholded_by_hand():
+    h_mean = _h([1.7 / 3, 1.3 / 3])
+    assert routing.global_entropy_loss(PROBS, 2.0).item() == pytest.approx(max(0, math.log(2) - h_mean), abs=1e-6)
+    # A modality already spread over more than the threshold gets no push.
+    assert routing.global_entropy_loss(PROBS, 1.5).item() == 0.0
+
+
+def test_z_loss_by_hand():
+    logits = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    expected = (math.log(math.e + math.e ** 2) ** 2 + math.log(2) ** 2) / 2
+    assert routing.z_loss(logits).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _gate(num_experts=4, **moe):
+    torch.manual_seed(0)
+    gate = LIMoEGate(8, MoEConfig(num_experts=num_experts, noise_std=0.0, **moe))
+    return gate.train()
+
+
+def test_gate_terms_are_computed_per_modality():
+    gate = _gate()
+    x = torch.randn(12, 8)
+    modality = torch.tensor([IMAGE] * 8 + [TEXT] * 3 + [IGNORE])
+    aux = gate(x, modality)[0]
+    logits = x @ gate.wg.weight.t()
+    probs = torch.softmax(logits, -1)
+    text = probs[8:11]
+    assert aux["terms"]["text/importance"].item() == pytest.approx(routing.importance_loss(text).item(), rel=1e-5)
+    assert aux["terms"]["text/local_entropy"].item() == pytest.approx(
+        routing.local_entropy_loss(text).item(), rel=1e-5)
+    assert aux["terms"]["image/load"].item() == pytest.approx(routing.load_loss(probs[:8]).item(), rel=1e-5)
+    assert aux["stats"]["text"]["tokens"].item() == 3
+
+
+def test_text_losses_do_not_change_when_image_tokens_change():
+    gate = _gate()
+    x = torch.randn(12, 8)
+    modality = torch.tensor([IMAGE] * 8 + [TEXT] * 4)
+    first = gate(x, modality)[0]["terms"]
+    x2 = x.clone()
+    x2[:8] = torch.randn(8, 8) * 5
+    second = gate(x2, modality)[0]["terms"]
+    for name in first:
+        if name.startswith("text/"):
+            assert torch.equal(first[name], second[name]), name
+    assert not torch.equal(first["image/importance"], second["image/importance"])
+
+
+def test_weighted_total_uses_per_modality_weights():
+    gate = _gate()
+    for name in ("image", "text"):
+        w = getattr(gate.config, name)
+        w.importance, w.load, w.local_entropy, w.global_entropy, w.zloss = 0, 0, 0, 0, 0
+    gate.config.text.load = 2.0
+    x, modality = torch.randn(12, 8), torch.tensor([IMAGE] * 8 + [TEXT] * 4)
+    aux = gate(x, modality)[0]
+    assert aux["loss"].item() == pytest.approx(2.0 * aux["terms"]["text/load"].item(), rel=1e-6)
+
+
+def test_dropped_tokens_get_zero_moe_output():
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=4, capacity_factor=0.25, noise_std=0.0)
+    layer = LIMoELayer(8, MLP(8, 16), config).train()
+    x = torch.randn(64, 8)
+    modality = torch.full((64,), IMAGE)
+    experts = layer.gate(x, modality)[3][0]
+    y, aux = layer(x, modality)
+    dropped = experts < 0
+    assert dropped.any() and (~dropped).any()
+    assert torch.all(y[dropped] == 0)
+    assert torch.all(y[~dropped].abs().sum(-1) > 0)
+    assert aux["stats"]["image"]["dropped"].item() == int(dropped.sum())
