@@ -1,0 +1,206 @@
+"""The shared LIMoE transformer: interface, dropless inference, gradients, export."""
+import json
+
+import pytest
+import torch
+
+import limoe
+from limoe.config import get_config
+from limoe.flops import count_parameters, flops_per_pair
+from limoe.losses import LIMoELoss
+
+from conftest import make_tiny_model, tiny_texts
+
+
+def _batch(tokenizer, n=6, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), tokenizer(tiny_texts(n, seed=seed))
+
+
+def test_create_model_and_transforms_follows_open_clip_conventions(tiny_tokenizer):
+    model, preprocess, tokenizer = limoe.create_model_and_transforms(
+        "limoe-nano", tokenizer=tiny_tokenizer, width=32, depth=2, heads=2, mlp_dim=64, embed_dim=16)
+    assert tokenizer is tiny_tokenizer
+    assert model.config.vocab_size == tiny_tokenizer.vocab_size
+    from PIL import Image
+    x = preprocess(Image.new("RGBA", (50, 40), (255, 0, 0, 128)))
+    assert x.shape == (3, 32, 32)
+    model.eval()
+    z = model.encode_image(x[None], normalize=True)
+    assert z.shape == (1, 16) and torch.allclose(z.norm(dim=-1), torch.ones(1))
+    t = model.encode_text(tokenizer(["a red heart"]), normalize=True)
+    assert t.shape == (1, 16)
+
+
+def test_forward_returns_features_losses_and_routing_stats(tiny_model, tiny_tokenizer):
+    images, tokens = _batch(tiny_tokenizer)
+    out = tiny_model.train()(images, tokens)
+    assert out["image_features"].shape == out["text_features"].shape == (6, 16)
+    assert out["aux_loss"].ndim == 0 and out["aux_loss"] > 0
+    assert set(out["aux_terms"]) >= {"image/importance", "text/global_entropy", "text/zloss"}
+    (layer,) = out["routing"]  # depth 2: block 1 is the only MoE block
+    # Both modalities went through the one routing call; padding is not counted.
+    assert layer["image"]["tokens"].item() == 6 * 16
+    assert layer["text"]["tokens"].item() == int((tokens != 0).sum())
+    assert set(out["drop_rate"]) == {"image", "text"}
+
+
+def test_moe_blocks_are_every_other_block_by_default():
+    config = get_config("limoe-b-16")
+    assert config.moe.moe_layers(config.depth) == [1, 3, 5, 7, 9, 11]
+    assert get_config("limoe-b-16", moe={"placement": "last 2"}).moe.moe_layers(12) == [10, 11]
+    with pytest.raises(ValueError, match="outside"):
+        get_config("limoe-b-16", moe={"placement": "3,12"})
+
+
+def test_dense_twin_has_same_backbone_and_flops_per_token():
+    sparse, dense = get_config("limoe-ti-16"), get_config("limoe-ti-16-dense")
+    assert dense.moe.num_experts == 0 and (dense.width, dense.depth) == (sparse.width, sparse.depth)
+    f_sparse, f_dense = flops_per_pair(sparse), flops_per_pair(dense)
+    router = sum(f_sparse[m + "_parts"]["router"] for m in ("image", "text"))
+    assert f_sparse["total"] - router == pytest.approx(f_dense["total"])
+
+
+def test_active_parameters_count_k_experts_per_moe_layer(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer)
+    dense = make_tiny_model(tiny_tokenizer, name="limoe-nano-dense")
+    counts, dense_counts = count_parameters(model), count_parameters(dense)
+    router = sum(layer.gate.wg.weight.numel() for layer in model.moe_layers())
+    assert counts["active_per_token"] == dense_counts["total"] + router
+    assert counts["total"] > counts["active_per_token"]
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_eval_embedding_does_not_depend_on_the_rest_of_the_batch(tiny_tokenizer, modality):
+    # A tight training capacity would drop tokens; eval routing is dropless.
+    model = make_tiny_model(tiny_tokenizer, moe={"capacity_factor": 0.5, "eval_capacity_factor": 0.5}).eval()
+    images, tokens = _batch(tiny_tokenizer, n=8)
+    with torch.no_grad():
+        if modality == "image":
+            alone, batched = model.encode_image(images[:1]), model.encode_image(images)[:1]
+        else:
+            alone, batched = model.encode_text(tokens[:1]), model.encode_text(tokens)[:1]
+    torch.testing.assert_close(alone, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_limited_eval_routing_can_depend_on_the_batch(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer).eval()
+    model.set_eval_routing(dropless=False, capacity_factor=0.25)
+    images, tokens = _batch(tiny_tokenizer, n=8)
+    with torch.no_grad():
+        out = model(images, tokens)
+    assert out["drop_rate"]["image"] > 0
+
+
+def test_gradients_reach_router_experts_and_both_embeddings(tiny_model, tiny_tokenizer):
+    images, tokens = _batch(tiny_tokenizer, n=8)
+    out = tiny_model.train()(images, tokens)
+    loss = LIMoELoss()(out)["loss"]
+    loss.backward()
+    layer = tiny_model.moe_layers()[0]
+    assert layer.gate.wg.weight.grad.abs().sum() > 0
+    used = out["routing"][0]["image"]["kept"] + out["routing"][0]["text"]["kept"]
+    for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+        if used[e] > 0:
+            assert expert.fc1.weight.grad.abs().sum() > 0, f"expert {e}"
+    assert tiny_model.patch_embed.weight.grad.abs().sum() > 0
+    assert tiny_model.token_embed.weight.grad.abs().sum() > 0
+    assert tiny_model.logit_scale.grad is not None
+
+
+def test_experts_start_from_different_weights(tiny_model):
+    experts = tiny_model.moe_layers()[0].deepspeed_moe.experts.deepspeed_experts
+    assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
+
+
+def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, heads=4, kv_heads=2, moe={"expert_type": "swiglu", "k": 2})
+    images, tokens = _batch(tiny_tokenizer)
+    out = model.train()(images, tokens)
+    LIMoELoss()(out)["loss"].backward()
+    assert model.blocks[0].attn.kv.weight.shape[0] == 2 * 2 * 8
+
+
+def test_grad_checkpointing_gives_same_gradients(tiny_tokenizer):
+    images, tokens = _batch(tiny_tokenizer)
+    grads = []
+    for ckpt in (False, True):
+        model = make_tiny_model(tiny_tokenizer, moe={"noise_std": 0.0}).train()
+        model.set_grad_checkpointing(ckpt)
+        LIMoELoss()(model(images, tokens))["loss"].backward()
+        grads.append(model.moe_layers()[0].gate.wg.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_logit_scale_is_clamped(tiny_model):
+    with torch.no_grad():
+        tiny_model.logit_scale.fill_(10.0)
+    tiny_model.clamp_logit_scale()
+    assert tiny_model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="kv_heads"):
+        get_config("limoe-nano", kv_heads=3)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        limoe.LIMoEConfig.from_dict({"widht": 3})
+    with pytest.raises(ValueError, match="unknown model"):
+        get_config("limoe-z-99")
+
+
+# -- export / load ---------------------------------------------------------------------
+
+
+def test_export_round_trip_gives_identical_outputs(tmp_path, tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer).eval()
+    images, tokens = _batch(tiny_tokenizer)
+    limoe.save(model, tiny_tokenizer, tmp_path / "export")
+    loaded, preprocess, tokenizer = limoe.load(tmp_path / "export")
+    assert not loaded.training
+    assert torch.equal(tokenizer(["red cat"]), tiny_tokenizer(["red cat"]))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens), rtol=0, atol=0)
+
+
+def test_export_holds_no_pickle(tiny_export):
+    names = sorted(p.name for p in tiny_export.iterdir())
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.model" in names
+    assert not any(n.endswith((".pt", ".pth", ".bin", ".pkl")) for n in names)
+
+
+def test_truncated_weights_give_an_error_naming_the_file(tiny_export):
+    weights = tiny_export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(limoe.ExportError, match="model.safetensors.*truncated"):
+        limoe.load(tiny_export)
+
+
+def test_missing_files_are_named(tiny_export):
+    (tiny_export / "tokenizer.model").unlink()
+    with pytest.raises(limoe.ExportError, match="tokenizer.model: missing"):
+        limoe.load(tiny_export)
+    (tiny_export / "config.json").unlink()
+    with pytest.raises(limoe.ExportError, match="config.json: missing"):
+        limoe.load(tiny_export)
+
+
+def test_config_that_does_not_match_the_weights_is_reported(tiny_export):
+    path = tiny_export / "config.json"
+    doc = json.loads(path.read_text())
+    doc["model"]["embed_dim"] = 24
+    path.write_text(json.dumps(doc))
+    with pytest.raises(limoe.ExportError, match="shape"):
+        limoe.load(tiny_export)
+    path.write_text("{not json")
+    with pytest.raises(limoe.ExportError, match="config.json: not a valid"):
+        limoe.load(tiny_export)
+
+
+def test_expert_sharding_round_trips(tiny_model):
+    full = tiny_model.state_dict()
+    shards = [limoe.checkpoint.shard_experts(full, r, 2, 4) for r in range(2)]
+    assert len([k for k in shards[0] if "deepspeed_experts" in k]) * 2 == len(
+        [k for k in full if "deepspeed_experts" in k])
+    back = limoe.checkpoint.gather_experts(shards)
+    assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
