@@ -10,6 +10,7 @@ if "DS_ACCELERATOR" not in _os.environ and not _torch.cuda.is_available():
 
 from .checkpoint import ExportError, save
 from .config import AuxLossWeights, LIMoEConfig, MoEConfig, get_config, list_models
+from .embedder import Embedder  # torch/numpy/PIL only: `import limoe` never imports fastapi
 from .factory import create_model, create_model_and_transforms, load
 from .model import LIMoE
 from .tokenizer import Tokenizer

@@ -40,3 +40,10 @@ def tiny_model(tiny_tokenizer):
 def tiny_export(tmp_path, tiny_tokenizer):
     model = make_tiny_model(tiny_tokenizer)
     return limoe.save(model, tiny_tokenizer, tmp_path / "export")
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_export(tmp_path_factory, tiny_tokenizer):
+    """One tiny export for a whole session (the embedder and serving tests); treat it as read-only."""
+    model = make_tiny_model(tiny_tokenizer)
+    return limoe.save(model, tiny_tokenizer, tmp_path_factory.mktemp("shared") / "export")
