@@ -1,0 +1,192 @@
+"""limoe.Embedder: the Python embedding and zero-shot classification API over an export."""
+import io
+import pickle
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import limoe
+from limoe.embedder import ImageError, average_prompt_embeddings, label_probabilities, load_image
+
+from conftest import make_tiny_model, tiny_texts
+
+
+def png_bytes(color=(200, 30, 30), size=(20, 12), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height (CRC fixed): a decompression-bomb stand-in."""
+    data = bytearray(png_bytes(size=(1, 1)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def random_images(n, seed=0, size=20):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def embedder(shared_tiny_export):
+    return limoe.Embedder(shared_tiny_export)
+
+
+def test_text_embeddings_are_unit_float32_rows_equal_to_the_model(embedder):
+    texts = tiny_texts(5, seed=2)
+    z = embedder.embed_texts(texts)
+    assert z.dtype == np.float32 and z.shape == (5, embedder.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-6)
+    with torch.no_grad():
+        expected = embedder.model.encode_text(embedder.tokenizer(texts), normalize=True).numpy()
+    np.testing.assert_allclose(z, expected, atol=1e-6)
+
+
+def test_a_single_string_is_a_batch_of_one(embedder):
+    np.testing.assert_array_equal(embedder.embed_texts("red heart"), embedder.embed_texts(["red heart"]))
+
+
+def test_images_as_pil_path_or_bytes_embed_the_same(embedder, tmp_path):
+    data = png_bytes()
+    path = tmp_path / "red.png"
+    path.write_bytes(data)
+    z = embedder.embed_images([Image.open(io.BytesIO(data)), path, str(path), data])
+    assert z.dtype == np.float32 and z.shape == (4, embedder.embed_dim)
+    for row in z[1:]:
+        np.testing.assert_allclose(row, z[0], atol=1e-6)
+    with torch.no_grad():
+        pixels = embedder.preprocess(Image.open(io.BytesIO(data)))[None]
+        expected = embedder.model.encode_image(pixels, normalize=True).numpy()
+    np.testing.assert_allclose(z[:1], expected, atol=1e-6)
+
+
+def test_embeddings_do_not_depend_on_batch_size(shared_tiny_export):
+    # Dropless routing: batch neighbours cannot change an item's experts.
+    # Equal up to float32 rounding (CPU matmul kernels differ by batch shape).
+    one, many = limoe.Embedder(shared_tiny_export, batch_size=1), limoe.Embedder(shared_tiny_export, batch_size=64)
+    texts, images = tiny_texts(12, seed=5), random_images(12, seed=5)
+    np.testing.assert_allclose(one.embed_texts(texts), many.embed_texts(texts), atol=1e-6)
+    np.testing.assert_allclose(one.embed_images(images), many.embed_images(images), atol=1e-6)
+    assert one.forward_passes == 24 and many.forward_passes == 2
+
+
+def test_long_texts_are_truncated_and_reported(embedder):
+    tokenized = embedder.tokenize(["cat", " ".join(["purple heart"] * 30)])
+    assert tokenized.truncated == [1]
+    assert tokenized.num_tokens[1] == embedder.context_length
+    assert tokenized.num_tokens[0] < embedder.context_length
+
+
+def test_classify_ranks_the_label_whose_text_embedding_is_closest_first(embedder):
+    images, labels = random_images(6, seed=3), ["red heart", "green tree", "blue car", "dog face"]
+    probs = embedder.classify(images, labels)
+    assert probs.dtype == np.float32 and probs.shape == (6, 4)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    similarity = embedder.embed_images(images) @ embedder.embed_texts(labels).T
+    np.testing.assert_array_equal(probs.argmax(1), similarity.argmax(1))
+
+
+def test_classify_averages_normalised_template_embeddings(embedder):
+    labels, templates = ["cat", "star"], ["a {} emoji", "{c} face", "{}"]
+    prompts = [t.replace("{c}", "{}").format(label) for label in labels for t in templates]
+    z = embedder.embed_texts(prompts).reshape(2, 3, -1).mean(1)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    np.testing.assert_allclose(embedder.class_embeddings(labels, templates), z, atol=1e-6)
+    image = random_images(1)
+    expected = label_probabilities(embedder.embed_images(image), z, embedder.logit_scale)
+    np.testing.assert_allclose(embedder.classify(image, labels, templates), expected, atol=1e-6)
+
+
+def test_label_probabilities_are_a_softmax_of_scaled_cosine_similarity():
+    image = np.array([[1.0, 0.0]], dtype=np.float32)
+    classes = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    probs = label_probabilities(image, classes, logit_scale=2.0)
+    np.testing.assert_allclose(probs, [[np.exp(2) / (np.exp(2) + 1), 1 / (np.exp(2) + 1)]], rtol=1e-6)
+    unit = average_prompt_embeddings(np.array([[1, 0], [0, 1], [0, 1], [0, 1]], dtype=np.float32), 2)
+    np.testing.assert_allclose(unit, [[np.sqrt(0.5), np.sqrt(0.5)], [0, 1]], atol=1e-6)
+
+
+def test_template_without_placeholder_is_an_error(embedder):
+    with pytest.raises(ValueError, match="placeholder"):
+        embedder.classify(random_images(1), ["cat"], templates=["a photo"])
+
+
+def test_no_labels_is_an_error(embedder):
+    with pytest.raises(ValueError, match="no labels"):
+        embedder.classify(random_images(1), [])
+
+
+def test_transparent_and_grey_images_are_converted_to_rgb():
+    assert load_image(png_bytes((255, 0, 0, 0), mode="RGBA")).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(png_bytes(128, mode="L")).mode == "RGB"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"definitely not an image", "not a readable image"),
+    (png_bytes()[:60], "cannot decode"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not a readable image"),  # EPS would run Ghostscript
+])
+def test_undecodable_bytes_are_an_image_error(data, message):
+    with pytest.raises(ImageError, match=message) as info:
+        load_image(data)
+    assert info.value.code == "invalid_image"
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    bomb = png_claiming_size(3000, 3000)  # the 1x1 pixel payload could never fill it
+    with pytest.raises(ImageError, match="9,000,000 pixels") as info:
+        load_image(bomb, max_pixels=1000 * 1000)
+    assert info.value.code == "image_too_large"
+
+
+def test_pillow_decompression_bomb_error_becomes_an_image_error():
+    bomb = png_claiming_size(100_000, 100_000)  # over 2x Image.MAX_IMAGE_PIXELS: Pillow refuses in open()
+    with pytest.raises(ImageError, match="too large") as info:
+        load_image(bomb, max_pixels=10**11)
+    assert info.value.code == "image_too_large"
+
+
+def test_image_errors_name_the_failing_image(embedder):
+    with pytest.raises(ImageError, match="image 1: ") as info:
+        embedder.embed_images([png_bytes(), b"junk"])
+    assert info.value.index == 1
+
+
+def test_missing_file_and_wrong_type_are_clear_errors(embedder, tmp_path):
+    with pytest.raises(ImageError, match="cannot read"):
+        embedder.embed_images([tmp_path / "missing.png"])
+    with pytest.raises(TypeError, match="int"):
+        embedder.embed_images([3])
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        embedder.embed_texts(["ok", 5])
+
+
+def test_model_facts(embedder, tiny_tokenizer):
+    info = embedder.info()
+    assert info["embedding_dim"] == 16 and info["image_size"] == 16
+    assert info["context_length"] == tiny_tokenizer.context_length
+    assert info["num_experts"] == 4 and info["moe_layers"] == [1]
+    assert 0 < info["parameters"]["active_per_token"] < info["parameters"]["total"]
+
+
+def test_loading_never_unpickles(shared_tiny_export, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an export must load without unpickling")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert limoe.Embedder(shared_tiny_export).embed_texts(["cat"]).shape == (1, 16)
+
+
+def test_missing_export_is_an_export_error(tmp_path):
+    with pytest.raises(limoe.ExportError, match="config.json"):
+        limoe.Embedder(tmp_path / "nope")
