@@ -1,0 +1,13 @@
+"""Evaluation of LIMoE models: zero-shot classification, retrieval and routing analysis.
+
+Modules (each readable alone):
+  prompts     class names and prompt templates (ImageNet's from open_clip, or files)
+  classifier  zero-shot classifier weights from prompts, with an on-disk cache
+  metrics     top-1 / top-5 / mean per-class recall from logits
+  datasets    labelled image folders, ImageNet layout, WebDataset shards
+  zeroshot    `evaluate_zeroshot`: the function training, the demo and the CLI call
+  retrieval   image<->text recall@k on caption shards, in bounded memory
+  routing     tokens per expert, drop rates and router entropy per layer and modality
+  interop     a CLIP_benchmark-style loader returning (model, transform, tokenizer)
+  cli         `limoe eval zeroshot|retrieval|routing`
+"""
