@@ -47,3 +47,20 @@ def shared_tiny_export(tmp_path_factory, tiny_tokenizer):
     """One tiny export for a whole session (the embedder and serving tests); treat it as read-only."""
     model = make_tiny_model(tiny_tokenizer)
     return limoe.save(model, tiny_tokenizer, tmp_path_factory.mktemp("shared") / "export")
+
+
+# ---- data pipelines -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fake_emoji_tarballs(tmp_path_factory):
+    """Offline stand-ins for `npm pack emoji-datasource-{google,twitter}`: {style: path to .tgz}.
+
+    Same 31 entries in both (30 with images, 3 categories, 6 subcategories;
+    see data_pipelines/testing.py); point $LIMOE_NPM_TARBALL_DIR at the folder
+    of either path to make `limoe data emoji` use them.
+    """
+    from data_pipelines.testing import make_fake_emoji_tarball
+
+    folder = tmp_path_factory.mktemp("npm")
+    return {style: make_fake_emoji_tarball(folder, style) for style in ("google", "twitter")}
