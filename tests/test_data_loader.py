@@ -1,0 +1,164 @@
+"""Reading shards for training and evaluation: coverage, batch counts, determinism, mixing."""
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from data_pipelines import DataSource, build_eval_loader, build_train_loader, resolve_shards
+from data_pipelines.testing import png_bytes, solid_image, write_fake_shards
+from data_pipelines.writer import Record, write_shards
+from limoe.tokenizer import Tokenizer
+
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = [f"sample {i} colour number {i} picture {i} alpha {i} beta {i}" for i in range(200)]
+    return Tokenizer.train(words, vocab_size=80, context_length=12)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """42 captioned samples in 6 shards of 7 (uneven over 2 ranks x 2 workers)."""
+    return write_fake_shards(tmp_path_factory.mktemp("data") / "shards", num_samples=42, per_shard=7, num_classes=5)
+
+
+def single_caption_shards(folder, word, n, per_shard):
+    records = [Record(f"{word}{i}", png_bytes(solid_image(i)), [f"{word} {i}"]) for i in range(n)]
+    summary = write_shards(records, folder, word, maxcount=per_shard)
+    return [str(folder / name) for name in summary.shards]
+
+
+def caption_numbers(tokenizer, tokens):
+    return [int(re.search(r"\d+", text).group()) for text in tokenizer.decode(tokens)]
+
+
+# ---- shard specs ------------------------------------------------------------------
+
+
+def test_shards_can_be_a_folder_a_brace_pattern_a_glob_or_a_list(shards):
+    folder = shards[0].rsplit("/", 1)[0]
+    assert resolve_shards(folder) == shards
+    assert resolve_shards(folder + "/fake-{000000..000005}.tar") == shards
+    assert resolve_shards(folder + "/fake-*.tar") == shards
+    assert resolve_shards(shards[:2]) == shards[:2]
+    assert resolve_shards(f"{shards[0]}::{shards[1]}") == shards[:2]
+    assert resolve_shards(folder.rsplit("/", 1)[0]) == shards  # a build folder holding shards/
+
+
+def test_missing_shards_are_named_in_the_error(shards):
+    folder = shards[0].rsplit("/", 1)[0]
+    with pytest.raises(FileNotFoundError, match=r"4 of 10 shard\(s\) not found: .*fake-000006.tar"):
+        resolve_shards(folder + "/fake-{000000..000009}.tar")
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        resolve_shards(folder + "/../..")
+
+
+# ---- evaluation -------------------------------------------------------------------
+
+
+def test_eval_over_2_ranks_and_2_workers_sees_every_sample_exactly_once(shards):
+    keys, labels = [], []
+    for rank in range(2):
+        loader = build_eval_loader(shards, IMAGE_SIZE, batch_size=4, rank=rank, world_size=2, num_workers=2)
+        for batch in loader:
+            assert batch["images"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+            assert len(batch["keys"]) == len(batch["captions"]) == len(batch["labels"]) == len(batch["images"])
+            keys += batch["keys"]
+            labels += batch["labels"].tolist()
+        assert loader.skips.total == 0
+    assert len(keys) == 42 and len(set(keys)) == 42
+    assert sorted(labels) == sorted(i % 5 for i in range(42))
+
+
+def test_eval_batches_carry_captions_labels_and_first_caption_tokens(shards, tokenizer):
+    loader = build_eval_loader(shards[:1], IMAGE_SIZE, batch_size=5, tokenizer=tokenizer)
+    batches = list(loader)
+    assert [len(b["keys"]) for b in batches] == [5, 2]  # the last batch is short, not dropped
+    first = batches[0]
+    assert first["captions"][0] == ["sample 0", "colour number 0", "picture 0"]
+    assert first["labels"].tolist() == [0, 1, 2, 3, 4]
+    assert tokenizer.decode(first["tokens"][0]) == "sample 0"
+    assert loader.num_samples == 7 and len(loader) == 2
+
+
+def test_eval_order_is_fixed(shards):
+    def keys():
+        return [k for b in build_eval_loader(shards, IMAGE_SIZE, 8, num_workers=2) for k in b["keys"]]
+
+    assert keys() == keys()
+
+
+# ---- training ---------------------------------------------------------------------
+
+
+def test_resampled_training_yields_exactly_batches_per_epoch(shards, tokenizer):
+    for num_workers in (0, 2):
+        loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=4, batches_per_epoch=5,
+                                    num_workers=num_workers, seed=0)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 5
+        images, tokens = batches[0]
+        assert images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and images.dtype == torch.float32
+        assert tokens.shape == (4, 12) and tokens.dtype == torch.long
+
+
+def test_same_seed_and_epoch_give_the_same_batches(shards, tokenizer):
+    def run(seed=0, epoch=0, rank=0):
+        loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=4, batches_per_epoch=6,
+                                    rank=rank, world_size=2, num_workers=2, seed=seed, epoch=epoch)
+        return list(loader)
+
+    def same(a, b):
+        return all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+    first = run()
+    assert same(first, run())  # images too: augmentation is seeded
+    assert not same(first, run(seed=1))
+    assert not same(first, run(epoch=1))
+    assert not same(first, run(rank=1))
+
+
+def test_each_pass_advances_the_epoch_and_set_epoch_resumes(shards, tokenizer):
+    loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=4, batches_per_epoch=3, seed=3)
+    epoch0, epoch1 = list(loader), list(loader)
+    assert loader.epoch == 2
+    assert not torch.equal(epoch0[0][1], epoch1[0][1])
+    loader.set_epoch(1)  # e.g. resuming a run at epoch 1
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(list(loader), epoch1))
+
+
+def test_captions_are_drawn_from_each_samples_caption_list(shards, tokenizer):
+    loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=6, batches_per_epoch=10, seed=0)
+    texts = [t for _, tokens in loader for t in tokenizer.decode(tokens)]
+    kinds = Counter(t.split()[0] for t in texts)
+    assert set(kinds) == {"sample", "colour", "picture"}  # not always the first caption
+
+
+def test_plain_epochs_read_every_sample_once_and_drop_short_batches(tmp_path, tokenizer):
+    shards = single_caption_shards(tmp_path / "s", "sample", 40, per_shard=10)
+    seen = []
+    for rank in range(2):
+        loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=4, batches_per_epoch=None,
+                                    rank=rank, world_size=2, num_workers=2, resampled=False, seed=0)
+        batches = list(loader)
+        assert len(batches) == 4  # each worker: 10 samples -> 2 full batches, 2 dropped
+        seen += [n for _, tokens in batches for n in caption_numbers(tokenizer, tokens)]
+    assert len(seen) == len(set(seen)) == 32
+
+
+def test_sources_are_mixed_by_weight(tmp_path, tokenizer):
+    alpha = single_caption_shards(tmp_path / "a", "alpha", 30, per_shard=10)
+    beta = single_caption_shards(tmp_path / "b", "beta", 30, per_shard=10)
+    loader = build_train_loader([DataSource(alpha, weight=3.0), DataSource(beta, weight=1.0)], tokenizer,
+                                IMAGE_SIZE, batch_size=10, batches_per_epoch=40, seed=0, shuffle_buffer=20)
+    words = Counter(t.split()[0] for _, tokens in loader for t in tokenizer.decode(tokens))
+    assert set(words) == {"alpha", "beta"}
+    assert 0.68 < words["alpha"] / 400 < 0.82
+
+
+def test_resampling_needs_a_batch_count(shards, tokenizer):
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=4, batches_per_epoch=None)
