@@ -280,6 +280,9 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
         blobs, body = await read_images(request, ClassifyRequest)
         labels, templates = body.labels, body.templates or ["{}"]
         check_count(labels, "label", "labels")
+        empty = next((i for i, label in enumerate(labels) if not label.strip()), None)
+        if empty is not None:
+            raise APIError(400, f"labels[{empty}] is an empty string", param="labels", code="empty_input")
         try:
             prompts = [fill_template(t, label) for label in labels for t in templates]
         except ValueError as e:

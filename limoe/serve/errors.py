@@ -50,6 +50,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     if error.get("type") == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "")
         return f"request body is not valid JSON ({detail})".replace(" ()", ""), None, "invalid_json"
+    if not loc and error.get("type") in ("model_attributes_type", "dict_type"):
+        return ("the request body must be a JSON object sent with 'Content-Type: application/json'", None,
+                "invalid_json")
     param = loc[0] if loc else None
     message = error.get("msg", "invalid request").removeprefix("Value error, ")
     where = ".".join(loc)
@@ -70,7 +73,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        # 400s here come from Starlette's multipart parser.
+        code = {400: "invalid_multipart", 404: "not_found", 405: "method_not_allowed",
+                413: "request_too_large"}.get(exc.status_code)
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
         elif exc.status_code == 405:
