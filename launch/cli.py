@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = [
     "launch.commands_info",
+    "eval.cli",
     "launch.commands_serve",
 ]
 

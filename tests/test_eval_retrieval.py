@@ -61,3 +61,48 @@ def test_images_without_captions_are_not_queries():
 def test_caption_index_outside_the_images_is_an_error():
     with pytest.raises(ValueError, match="outside"):
         retrieval_recall(torch.eye(2), torch.eye(2), [0, 2])
+
+
+# ---- through shards, the loader and a model ---------------------------------------------------
+
+
+def colour_shards(tmp_path):
+    from PIL import Image
+
+    from data_pipelines.testing import png_bytes
+    from data_pipelines.writer import Record, write_shards
+    from test_eval_zeroshot import COLOURS
+
+    records = [Record(f"img-{name}", png_bytes(Image.new("RGB", (20, 20), rgb)),
+                      [f"a {name} square", f"{name} colour"]) for name, rgb in COLOURS.items()]
+    write_shards(records, tmp_path / "shards", "colours", maxcount=2)
+    return tmp_path / "shards"
+
+
+def test_each_image_retrieves_its_own_captions_through_shards(tmp_path):
+    from data_pipelines import build_eval_loader
+    from eval.retrieval import evaluate_retrieval
+    from test_eval_zeroshot import ColourModel, colour_tokenizer
+
+    loader = build_eval_loader(str(colour_shards(tmp_path)), 16, batch_size=2)
+    result = evaluate_retrieval(ColourModel(), colour_tokenizer,
+                                ((b["images"], b["captions"]) for b in loader))
+    assert result["counts"] == {"images": 3, "captions": 6}
+    assert all(value == 1.0 for value in result["metrics"].values())
+
+
+def test_retrieval_cli_writes_recall_json(tiny_export, tmp_path, capsys):
+    import json
+
+    from data_pipelines.testing import write_fake_shards
+    from launch.cli import main as limoe_main
+
+    write_fake_shards(tmp_path / "shards", num_samples=12, per_shard=5)
+    out = tmp_path / "retrieval.json"
+    assert limoe_main(["eval", "retrieval", "--model", str(tiny_export), "--data", str(tmp_path / "shards"),
+                       "--batch-size", "5", "--output", str(out)]) == 0
+    assert "image_to_text_R@1" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["counts"] == {"images": 12, "captions": 36}
+    assert set(doc["metrics"]) == {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    assert all(0.0 <= v <= 1.0 for v in doc["metrics"].values())

@@ -96,3 +96,18 @@ def test_plot_writes_a_png_and_the_result_is_json(tiny_tokenizer, tmp_path):
     path = plot_routing(result, tmp_path / "plots" / "routing.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > 400
+
+
+def test_routing_cli_writes_json_and_png(tiny_export, tmp_path, capsys):
+    from data_pipelines.testing import write_fake_shards
+    from launch.cli import main as limoe_main
+
+    write_fake_shards(tmp_path / "shards", num_samples=10, per_shard=5)
+    out = tmp_path / "routing"
+    assert limoe_main(["eval", "routing", "--model", str(tiny_export), "--data", str(tmp_path / "shards"),
+                       "--out", str(out), "--batch-size", "4", "--num-pairs", "6"]) == 0
+    assert "experts" in capsys.readouterr().out
+    doc = json.loads((out / "routing.json").read_text())
+    assert doc["pairs"] == 6 and doc["batch_size"] == 4
+    assert doc["capacity_factor"] == 1.0  # the training capacity factor of the tiny model
+    assert (out / "routing.png").stat().st_size > 1000

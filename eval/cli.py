@@ -1,0 +1,283 @@
+"""`limoe eval zeroshot|retrieval|routing`: evaluate an export folder from the command line."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  limoe eval zeroshot --model runs/demo/export --data data/emoji-twitter/zeroshot/name
+  limoe eval zeroshot --model EXPORT --data /datasets/imagenet --classnames imagenet --templates openai \\
+      --batch-size 256 --workers 8 --output results/imagenet.json --per-class-csv results/imagenet.csv
+  limoe eval retrieval --model EXPORT --data 'data/coco/val-{000000..000004}.tar'
+  limoe eval routing --model EXPORT --data data/emoji-google/shards --out results/routing
+"""
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_model(args):
+    import limoe
+
+    args.device = args.device or _default_device()
+    model, preprocess, tokenizer = limoe.load(args.model, device=args.device)
+    return model, preprocess, tokenizer
+
+
+def _run_info(args) -> dict:
+    return {"command": " ".join(["limoe"] + sys.argv[1:]) if sys.argv else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": args.device, "host": platform.node(), "python": platform.python_version()}
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.2f}%"
+
+
+# ---- zeroshot -------------------------------------------------------------------
+
+
+def run_zeroshot(args) -> int:
+    from .classifier import build_zeroshot_classifier, cached_zeroshot_classifier
+    from .datasets import open_labelled_images
+    from .files import write_json
+    from .metrics import write_per_class_csv
+    from .prompts import (class_prompts, load_class_prompts, load_classnames, load_templates,
+                          prompts_for_classes, template_text)
+    from .zeroshot import evaluate_zeroshot
+
+    model, preprocess, tokenizer = _load_model(args)
+    classnames = load_classnames(args.classnames) if args.classnames else None
+    data = open_labelled_images(args.data, preprocess, model.config.image_size, classnames)
+    classnames = data.classnames
+    if classnames is None:
+        print(f"error: {args.data} has no classnames.txt; give --classnames imagenet|FILE", file=sys.stderr)
+        return 2
+    if args.class_prompts:
+        prompts = prompts_for_classes(classnames, load_class_prompts(args.class_prompts))
+        templates_desc = {"class_prompts": str(args.class_prompts)}
+    else:
+        templates = load_templates(args.templates)
+        prompts = class_prompts(classnames, templates)
+        templates_desc = {"name": str(args.templates), "templates": [template_text(t) for t in templates]}
+    num_prompts = sum(len(p) for p in prompts)
+    print(f"building the classifier: {len(classnames)} classes, {num_prompts} prompts", file=sys.stderr)
+    if args.no_cache:
+        t0 = time.perf_counter()
+        classifier = build_zeroshot_classifier(model, tokenizer, prompts, batch_size=args.text_batch_size,
+                                               progress=True)
+        cache = {"cache": "off", "seconds": time.perf_counter() - t0}
+    else:
+        classifier, cache = cached_zeroshot_classifier(model, tokenizer, prompts, args.model, args.cache_dir,
+                                                       batch_size=args.text_batch_size, progress=True)
+    result = evaluate_zeroshot(model, preprocess, tokenizer, data, classnames=classnames, classifier=classifier,
+                               batch_size=args.batch_size, max_images=args.max_images, num_workers=args.workers,
+                               progress=True)
+    per_class = result.pop("per_class")
+    result.pop("templates")
+    doc = {
+        "task": "zeroshot_classification",
+        "model": {"export": str(args.model), "name": model.config.name},
+        "data": result.pop("data"),
+        "classnames": str(args.classnames) if args.classnames else "from the data",
+        "templates": templates_desc,
+        "metrics": {k: result[k] for k in ("top1", "top5", "mean_per_class_recall") if k in result},
+        "counts": {"images": result["images"], "classes": result["classes"],
+                   "classes_with_images": result["classes_with_images"], "prompts": num_prompts,
+                   "skipped": result["skipped"]},
+        "timing": {"classifier_seconds": cache["seconds"], "classifier_cache": cache["cache"],
+                   "classifier_cache_path": cache.get("path"), "eval_seconds": result["eval_seconds"],
+                   "images_per_second": result["images_per_second"]},
+        "run": _run_info(args),
+    }
+    rows = [("model", f"{args.model} ({model.config.name})"), ("data", f"{args.data} ({doc['data']['layout']})"),
+            ("images", f"{result['images']} ({sum(result['skipped'].values())} skipped)"),
+            ("classes", f"{result['classes']} ({result['classes_with_images']} with images)"),
+            ("prompts", f"{num_prompts} ({templates_desc.get('name', 'per-class prompts')})"),
+            ("top-1", _pct(result["top1"]))]
+    if "top5" in result:
+        rows.append(("top-5", _pct(result["top5"])))
+    rows += [("mean per-class recall", _pct(result["mean_per_class_recall"])),
+             ("classifier", f"{cache['seconds']:.2f}s (cache {cache['cache']})"),
+             ("images/s", f"{result['images_per_second'] or 0:.1f}")]
+    print("zero-shot classification\n" + _table(rows))
+    if args.output:
+        write_json(doc, args.output)
+        print(f"wrote {args.output}")
+    if args.per_class_csv:
+        write_per_class_csv(per_class, args.per_class_csv)
+        print(f"wrote {args.per_class_csv}")
+    return 0
+
+
+# ---- retrieval ------------------------------------------------------------------
+
+
+def _caption_batches(loader):
+    for batch in loader:
+        yield batch["images"], batch["captions"]
+
+
+def run_retrieval(args) -> int:
+    from data_pipelines import build_eval_loader
+
+    from .files import write_json
+    from .retrieval import evaluate_retrieval
+
+    model, _, tokenizer = _load_model(args)
+    loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers)
+    result = evaluate_retrieval(model, tokenizer, _caption_batches(loader), max_images=args.max_images,
+                                progress=True)
+    doc = {"task": "retrieval", "model": {"export": str(args.model), "name": model.config.name},
+           "data": {"path": str(args.data)}, **result,
+           "skipped": dict(loader.skips.counts), "run": _run_info(args)}
+    rows = [("model", f"{args.model} ({model.config.name})"), ("data", str(args.data)),
+            ("images", str(result["counts"]["images"])), ("captions", str(result["counts"]["captions"]))]
+    rows += [(name, _pct(value)) for name, value in result["metrics"].items()]
+    rows.append(("images/s", f"{result['timing']['images_per_second'] or 0:.1f}"))
+    print("retrieval\n" + _table(rows))
+    if args.output:
+        write_json(doc, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+# ---- routing --------------------------------------------------------------------
+
+
+def _pair_batches(loader):
+    import torch
+
+    for batch in loader:
+        has_caption = [bool(c) for c in batch["captions"]]
+        if all(has_caption):
+            yield batch["images"], batch["tokens"]
+        elif any(has_caption):
+            keep = torch.tensor(has_caption)
+            yield batch["images"][keep], batch["tokens"][keep]
+
+
+def run_routing(args) -> int:
+    from data_pipelines import build_eval_loader
+
+    from .files import write_json
+    from .routing import analyze_routing, plot_routing
+
+    model, _, tokenizer = _load_model(args)
+    loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers,
+                               tokenizer=tokenizer)
+    result = analyze_routing(model, _pair_batches(loader), capacity_factor=args.capacity_factor,
+                             max_pairs=args.num_pairs, progress=True)
+    result["batch_size"] = args.batch_size
+    result["data"] = str(args.data)
+    result["export"] = str(args.model)
+    result["run"] = _run_info(args)
+    out = Path(args.out)
+    write_json(result, out / "routing.json")
+    plot_routing(result, out / "routing.png")
+    rows = []
+    for layer in result["layers"]:
+        for m in ("image", "text"):
+            s = layer[m]
+            rows.append((f"block {layer['block']} {m}",
+                         f"drop {_pct(s['drop_rate']):>7}  entropy {s['mean_entropy']:.3f}  "
+                         f"busiest {_pct(s['busiest_expert_share']):>7}  used {s['experts_used']}/"
+                         f"{result['num_experts']}"))
+        roles = layer["expert_roles"]
+        rows.append((f"block {layer['block']} experts",
+                     ", ".join(f"{r} {roles.count(r)}" for r in ("image", "text", "shared", "unused"))))
+    print(f"routing of {result['pairs']} pairs at capacity factor {result['capacity_factor']:g} "
+          f"(max entropy {result['max_entropy']:.3f})\n" + _table(rows))
+    print(f"wrote {out / 'routing.json'} and {out / 'routing.png'}")
+    return 0
+
+
+# ---- registration -----------------------------------------------------------------
+
+
+def _common(p, data_help: str) -> None:
+    p.add_argument("--model", required=True, metavar="EXPORT",
+                   help="export folder (model.safetensors + config.json + tokenizer.model)")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="data loading worker processes (default 0)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def register(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("eval", help="zero-shot classification, retrieval and routing analysis of an export",
+                              description="Evaluate a limoe export folder.", epilog=EXAMPLES, formatter_class=fmt)
+    sub = p.add_subparsers(dest="eval_command", metavar="TASK")
+
+    def print_tasks(args) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=print_tasks)
+
+    z = sub.add_parser(
+        "zeroshot", help="zero-shot classification accuracy (top-1, top-5, mean per-class recall)",
+        formatter_class=fmt,
+        description="Zero-shot classification as open_clip / CLIP_benchmark compute it: each class's prompts "
+                    "(templates filled with its name) are encoded, normalised, averaged and renormalised; "
+                    "logits = 100 * image features @ classifier. The classifier is cached on disk, keyed by "
+                    "the export and the prompts.",
+        epilog="data layouts: ImageNet (DIR/val/<wnid>/* or DIR/<wnid>/*), folder per class with classnames.txt "
+               "(numbered 00000/ folders or named folders), or WebDataset shards with a `cls` field "
+               "(classnames.txt beside them or --classnames).")
+    _common(z, "labelled images: an ImageNet-layout folder, a folder per class, or WebDataset shards "
+               "(folder, .tar, brace pattern)")
+    z.add_argument("--classnames", default=None, metavar="imagenet|FILE",
+                   help="class names: 'imagenet' (open_clip's 1000) or a file (JSON list or one per line); "
+                        "default: classnames.txt in the data, or ImageNet's for the ImageNet layout")
+    z.add_argument("--templates", default="openai", metavar="openai|simple|FILE",
+                   help="prompt templates: 'openai' (80), 'simple' (7) or a file with {} or {c} "
+                        "(default openai)")
+    z.add_argument("--class-prompts", default=None, metavar="JSON",
+                   help="JSON mapping class name -> list of prompts, instead of templates")
+    z.add_argument("--max-images", type=int, default=None, help="evaluate a seeded sample of at most N images")
+    z.add_argument("--text-batch-size", type=int, default=1024, help="prompts per text forward pass")
+    z.add_argument("--output", default=None, metavar="FILE", help="write the result as JSON")
+    z.add_argument("--per-class-csv", default=None, metavar="FILE", help="write per-class accuracy as CSV")
+    z.add_argument("--cache-dir", default=None,
+                   help="classifier cache folder (default $LIMOE_CACHE_DIR/zeroshot or ~/.cache/limoe/zeroshot)")
+    z.add_argument("--no-cache", action="store_true", help="build the classifier without reading or writing the cache")
+    z.set_defaults(func=run_zeroshot)
+
+    r = sub.add_parser("retrieval", help="image-to-text and text-to-image recall@1/5/10 on caption shards",
+                       description="Retrieval recall@k on WebDataset caption shards (captions.json lists several "
+                                   "captions per image, or txt one). An image counts as retrieved at k if any "
+                                   "of its captions is in the top k; ties count against the query.")
+    _common(r, "caption shards (folder, .tar, brace pattern)")
+    r.add_argument("--max-images", type=int, default=None, help="use at most the first N images")
+    r.add_argument("--output", default=None, metavar="FILE", help="write the result as JSON")
+    r.set_defaults(func=run_retrieval)
+
+    g = sub.add_parser("routing", help="tokens per expert, drop rates and router entropy per MoE layer and modality",
+                       description="Run the joint image+text forward on a sample of pairs with capacity-limited "
+                                   "routing at the training capacity factor and report, per MoE layer and "
+                                   "modality, tokens per expert, drop rate, mean router entropy, busiest-expert "
+                                   "share and experts used; writes routing.json and routing.png (heat maps).")
+    _common(g, "caption shards (folder, .tar, brace pattern); each pair is an image and its first caption")
+    g.set_defaults(batch_size=128)
+    g.add_argument("--out", required=True, metavar="DIR", help="output folder for routing.json and routing.png")
+    g.add_argument("--num-pairs", type=int, default=1024, help="pairs to analyse (default 1024)")
+    g.add_argument("--capacity-factor", type=float, default=None,
+                   help="capacity factor (default: the model's training capacity factor); drop rates also "
+                        "depend on --batch-size, the pairs per routing call (default 128)")
+    g.set_defaults(func=run_routing)
