@@ -12,8 +12,11 @@ import sys
 
 COMMAND_MODULES = [
     "launch.commands_info",
-    "eval.cli",
+    "launch.launcher",
+    "launch.export",
     "launch.commands_serve",
+    "data_pipelines.cli",
+    "eval.cli",
 ]
 
 
