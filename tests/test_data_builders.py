@@ -10,7 +10,7 @@ from data_pipelines.shards import read_shard, resolve_shards
 from data_pipelines.skips import SkipCounter
 from data_pipelines.table import build_table_dataset
 from data_pipelines.testing import jpeg_bytes, png_bytes, solid_image, write_fake_shards
-from launch.cli import main as limoe_main
+from data_pipelines.cli import main as limoe_main  # the `limoe` CLI restricted to these commands
 from limoe.tokenizer import Tokenizer
 
 
@@ -126,3 +126,9 @@ def test_tokenizer_train_from_shard_captions(tmp_path, capsys):
 def test_cli_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     assert limoe_main(["tokenizer", "train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_limoe_cli_registers_these_commands():
+    from launch.cli import COMMAND_MODULES
+
+    assert "data_pipelines.cli" in COMMAND_MODULES

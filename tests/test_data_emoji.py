@@ -19,7 +19,7 @@ from data_pipelines.emoji import (
 from data_pipelines.shards import read_shard, resolve_shards
 from data_pipelines.skips import SkipCounter
 from data_pipelines.testing import MISSING_IMAGE_NAME
-from launch.cli import main as limoe_main
+from data_pipelines.cli import main as limoe_main  # the `limoe` CLI restricted to these commands
 
 
 @pytest.fixture(scope="module")
