@@ -12,6 +12,8 @@ import sys
 
 COMMAND_MODULES = [
     "launch.commands_info",
+    "launch.launcher",
+    "launch.export",
     "eval.cli",
     "launch.commands_serve",
     "data_pipelines.cli",

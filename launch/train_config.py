@@ -1,0 +1,502 @@
+"""Training configs: YAML files of plain data, checked before anything is launched.
+
+A config names the model preset (plus overrides of any LIMoEConfig / MoEConfig
+field, including the per-modality auxiliary-loss weights), the training data,
+batch size, steps, optimizer, schedule, parallelism (processes, ep_size,
+ZeRO stage), precision, and eval/checkpoint cadence. Every section is a
+dataclass below; the defaults are the values a key takes when a config leaves
+it out.
+
+Command-line overrides use open_clip's flag names where one exists
+(`--batch-size`, `--lr`, ...; see OVERRIDE_FLAGS) and `--set key.sub=value`
+for any other key. Every mistake that can be seen before launch (an unknown
+key, a value of the wrong type, missing shards, an ep_size that does not
+divide the experts or the world size, ZeRO stage 3 with MoE) raises
+ConfigError with the dotted key in the message.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from limoe.config import LIMoEConfig, get_config, list_models
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PRECISIONS = ("fp32", "bf16")
+ACCELERATORS = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A mistake in a training config, found before launch; the message names the key."""
+
+
+# -- sections -----------------------------------------------------------------
+
+
+@dataclass
+class DataSource:
+    shards: str  # brace pattern, glob, folder, or "::"-joined list of those
+    weight: float = 1.0  # sampling weight relative to the other sources
+
+
+@dataclass
+class DataSection:
+    train: list[DataSource] = field(default_factory=list)
+    # SentencePiece model; when the file is missing, `limoe train` trains one on
+    # the training captions (tokenizer_vocab_size pieces) and saves it here.
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 1000
+    workers: int = 1  # DataLoader workers per rank
+    augment: bool = False  # random-resized-crop + flip (transforms.AugmentConfig defaults)
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = 32  # per process (per GPU), as open_clip's --batch-size
+    accum_freq: int = 1  # gradient accumulation: micro-batches per optimizer step
+    steps: int = 1000  # optimizer steps; the schedule spans exactly this many
+    # Stop (with a checkpoint) after this many steps, as if interrupted; the
+    # schedule still spans `steps`. For resume tests and time-boxed jobs.
+    stop_after: int | None = None
+    grad_clip: float = 1.0  # global grad-norm clip; 0 turns it off
+    precision: str = "fp32"  # fp32 (CPU) or bf16 (GPU)
+    grad_checkpointing: bool = False
+    max_bad_steps: int = 5  # consecutive NaN/inf losses (each skipped) before the run stops
+    log_every: int = 1  # steps between metrics.jsonl / TensorBoard records
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 5e-4
+    wd: float = 0.1  # decoupled (AdamW); never applied to norms, biases, embeddings, logit_scale
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+
+
+@dataclass
+class ScheduleSection:
+    warmup: int = 100  # linear warmup steps (from 0 to lr)
+    min_lr: float = 0.0  # cosine decay floor
+
+
+@dataclass
+class ParallelSection:
+    num_procs: int = 1  # processes per node: one per GPU, or CPU ranks
+    num_nodes: int = 1
+    ep_size: int = 1  # expert-parallel group size; experts are split over its ranks
+    zero_stage: int = 1  # 0, 1 or 2 (DeepSpeed's native MoE does not support 3)
+    accelerator: str = "auto"  # auto (DeepSpeed detects), cpu, cuda
+    hostfile: str | None = None  # DeepSpeed/MPI-style hostfile for multi-node runs
+    master_addr: str | None = None
+    master_port: int = 29500
+    # A ds_config JSON template; null picks ds_configs/<cpu|gpu>-<precision>-zero<stage>.json.
+    ds_config: str | None = None
+    threads_per_proc: int | None = None  # torch/OMP threads per rank; null = cores / local ranks
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # steps between zero-shot evaluations; 0 = off
+    data: str | None = None  # labelled images for zero-shot (a folder or shards), read by eval/
+    classnames: str | None = None  # null: from the data (classnames.txt); or "imagenet", or a file
+    templates: str = "openai"  # prompt templates: "openai", "simple", or a file
+    batch_size: int = 64
+    max_images: int | None = 1000  # a quick estimate during training; null = all
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep: int = 2  # the newest K checkpoints are kept
+    export: bool = True  # write a limoe.save export into <run>/export at the end
+
+
+@dataclass
+class TrainConfig:
+    name: str | None = None  # run name: logs/<name>/; null = a timestamp
+    logs: str = "logs"
+    seed: int = 0
+    model: dict = field(default_factory=lambda: {"preset": "limoe-nano"})
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logs) / self.name
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.num_procs * self.parallel.num_nodes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def model_config(self, vocab_size: int | None = None, context_length: int | None = None) -> LIMoEConfig:
+        """The LIMoEConfig this run trains; vocab and context follow the tokenizer."""
+        return resolve_model_config(self.model, vocab_size, context_length)
+
+
+# -- parsing dicts into dataclasses, naming the key on every mistake -----------
+
+
+def _unknown_key_error(key: str, prefix: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _coerce(tp, value, key: str):
+    """Check/convert one value to the annotated type; the error names `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            raise _unknown_key_error(key, prefix, names)
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}': {e}") from e
+
+
+# -- the model section: preset + overrides of LIMoEConfig fields ----------------
+
+
+def _merge_checked(base: dict, over: dict, cls, prefix: str) -> dict:
+    """Deep-merge `over` into `base` (a dataclass's asdict), checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in hints:
+            raise _unknown_key_error(key, prefix, hints)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{prefix}{key}' must be a mapping, got {value!r}")
+            out[key] = _merge_checked(out[key], value, tp, f"{prefix}{key}.")
+        else:
+            out[key] = _coerce(tp, value, prefix + key)
+    return out
+
+
+def resolve_model_config(model: dict, vocab_size: int | None = None,
+                         context_length: int | None = None) -> LIMoEConfig:
+    """`model: {preset: NAME, <LIMoEConfig field>: value, moe: {...}}` -> LIMoEConfig."""
+    if not isinstance(model, dict):
+        raise ConfigError(f"'model' must be a mapping with a 'preset' key, got {model!r}")
+    over = dict(model)
+    preset = over.pop("preset", None)
+    if preset is None:
+        raise ConfigError("'model.preset' is required (see `limoe info --list`)")
+    if preset not in list_models():
+        close = difflib.get_close_matches(str(preset), list_models(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"'model.preset': unknown model {preset!r}{hint}; see `limoe info --list`")
+    base = get_config(preset).to_dict()
+    for key, value in (("vocab_size", vocab_size), ("context_length", context_length)):
+        if value is None:
+            continue
+        if key in over and int(over[key]) != value:
+            raise ConfigError(f"'model.{key}' is {over[key]} but the tokenizer has {key}={value}")
+        over[key] = value
+    data = _merge_checked(base, over, LIMoEConfig, "model.")
+    try:
+        return LIMoEConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"'model': {e}") from e
+
+
+# -- overrides ------------------------------------------------------------------
+
+# open_clip-style flag -> dotted config key. Flags that open_clip does not have
+# use the same spelling style. `--train-data` (open_clip's "::"-joined list) and
+# `--set` are handled in apply_overrides.
+OVERRIDE_FLAGS = {
+    "model": ("model.preset", str, "model preset, e.g. limoe-nano, limoe-b-16"),
+    "batch_size": ("train.batch_size", int, "batch size per process (per GPU)"),
+    "accum_freq": ("train.accum_freq", int, "gradient accumulation steps per optimizer step"),
+    "steps": ("train.steps", int, "optimizer steps (the schedule spans them)"),
+    "stop_after": ("train.stop_after", int, "stop with a checkpoint after this many steps"),
+    "lr": ("optimizer.lr", float, "peak learning rate"),
+    "wd": ("optimizer.wd", float, "AdamW weight decay"),
+    "beta1": ("optimizer.beta1", float, "AdamW beta1"),
+    "beta2": ("optimizer.beta2", float, "AdamW beta2"),
+    "eps": ("optimizer.eps", float, "AdamW epsilon"),
+    "warmup": ("schedule.warmup", int, "linear warmup steps"),
+    "precision": ("train.precision", str, "fp32 or bf16"),
+    "grad_clip_norm": ("train.grad_clip", float, "gradient-norm clip (0 = off)"),
+    "workers": ("data.workers", int, "data loader workers per process"),
+    "tokenizer": ("data.tokenizer", str, "SentencePiece tokenizer.model (trained here if missing)"),
+    "name": ("name", str, "run name: the run directory is <logs>/<name>"),
+    "logs": ("logs", str, "folder holding run directories"),
+    "seed": ("seed", int, "random seed"),
+    "ep_size": ("parallel.ep_size", int, "expert-parallel group size"),
+    "zero_stage": ("parallel.zero_stage", int, "DeepSpeed ZeRO stage (0, 1 or 2)"),
+    "num_gpus": ("parallel.num_procs", int, "processes per node (GPUs, or CPU ranks)"),
+    "num_nodes": ("parallel.num_nodes", int, "number of nodes"),
+    "hostfile": ("parallel.hostfile", str, "DeepSpeed hostfile for multi-node runs"),
+    "master_addr": ("parallel.master_addr", str, "address of node 0"),
+    "master_port": ("parallel.master_port", int, "port on node 0"),
+    "save_every": ("checkpoint.every", int, "steps between checkpoints"),
+    "eval_every": ("eval.every", int, "steps between zero-shot evaluations (0 = off)"),
+}
+
+
+def add_override_flags(parser) -> None:
+    """Add the config-override flags to an argparse parser (shared by `limoe train` and train.py)."""
+    group = parser.add_argument_group("config overrides (open_clip-style names)")
+    group.add_argument("--train-data", default=None,
+                       help="training shards; several sources joined with '::' (open_clip style)")
+    group.add_argument("--train-data-upsampling-factors", default=None,
+                       help="sampling weight of each --train-data source, joined with '::'")
+    for dest, (_, tp, help_text) in OVERRIDE_FLAGS.items():
+        group.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, help=help_text)
+    group.add_argument("--grad-checkpointing", action="store_true", default=None,
+                       help="recompute activations in backward (saves memory)")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any config key, e.g. --set model.moe.capacity_factor=1.5 (repeatable)")
+
+
+def overrides_from_args(args) -> list[tuple[str, object]]:
+    """The (dotted key, value) pairs the user gave on the command line, in order."""
+    pairs: list[tuple[str, object]] = []
+    if getattr(args, "train_data", None):
+        sources = [s for s in args.train_data.split("::") if s]
+        weights = [1.0] * len(sources)
+        if args.train_data_upsampling_factors:
+            weights = [float(w) for w in args.train_data_upsampling_factors.split("::")]
+            if len(weights) != len(sources):
+                raise ConfigError(f"--train-data-upsampling-factors has {len(weights)} values for "
+                                  f"{len(sources)} --train-data sources")
+        pairs.append(("data.train", [{"shards": s, "weight": w} for s, w in zip(sources, weights)]))
+    for dest, (key, _, _) in OVERRIDE_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            pairs.append((key, value))
+    if getattr(args, "grad_checkpointing", None):
+        pairs.append(("train.grad_checkpointing", True))
+    for item in getattr(args, "set", None) or []:
+        pairs.append(parse_set(item))
+    return pairs
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """'a.b=value' -> ('a.b', YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    return key, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Set dotted keys in the raw (not yet parsed) config dict; keys are checked later."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides:
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[:i + 1])}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+# -- loading and checking ---------------------------------------------------------
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """A config path, or the name of one shipped in launch/configs ("cpu-demo")."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {str(path)!r} not found (shipped configs: {shipped})")
+
+
+def load_config(source: str | os.PathLike | dict, overrides=()) -> TrainConfig:
+    """Read a YAML file (or take a dict), apply overrides, parse and check everything
+    that does not touch the file system."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = find_config(source)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    raw = apply_overrides(raw, overrides)
+    config = _from_dict(TrainConfig, raw)
+    if config.name is None:
+        preset = str(config.model.get("preset", "model")) if isinstance(config.model, dict) else "model"
+        config.name = datetime.datetime.now().strftime("%Y_%m_%d-%H_%M_%S") + f"-{preset}"
+    check_config(config)
+    return config
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}': {message}")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Checks that need no files: value ranges and how the parallel settings fit the model."""
+    t, o, s, p, c = config.train, config.optimizer, config.schedule, config.parallel, config.checkpoint
+    _check(bool(config.name) and "/" not in config.name and config.name not in (".", ".."), "name",
+           f"must be a plain folder name, got {config.name!r}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.accum_freq >= 1, "train.accum_freq", f"must be >= 1, got {t.accum_freq}")
+    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(t.stop_after is None or 1 <= t.stop_after <= t.steps, "train.stop_after",
+           f"must be in 1..train.steps={t.steps}, got {t.stop_after}")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(o.wd >= 0, "optimizer.wd", f"must be >= 0, got {o.wd}")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", "must be in [0, 1)")
+    _check(0 <= s.warmup <= t.steps, "schedule.warmup", f"must be in 0..train.steps={t.steps}, got {s.warmup}")
+    _check(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in 0..optimizer.lr={o.lr}, got {s.min_lr}")
+    _check(p.num_procs >= 1, "parallel.num_procs", f"must be >= 1, got {p.num_procs}")
+    _check(p.num_nodes >= 1, "parallel.num_nodes", f"must be >= 1, got {p.num_nodes}")
+    _check(p.accelerator in ACCELERATORS, "parallel.accelerator",
+           f"must be one of {ACCELERATORS}, got {p.accelerator!r}")
+    _check(p.zero_stage != 3, "parallel.zero_stage",
+           "ZeRO stage 3 is not supported with DeepSpeed's native MoE layers (expert parallelism); use 0, 1 or 2")
+    _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage}")
+    _check(p.threads_per_proc is None or p.threads_per_proc >= 1, "parallel.threads_per_proc", "must be >= 1")
+    _check(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
+    _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+    _check(config.eval.every >= 0, "eval.every", f"must be >= 0, got {config.eval.every}")
+    _check(not config.eval.every or bool(config.eval.data), "eval.data",
+           "eval.every > 0 needs eval.data (a folder of labelled images or shards)")
+    _check(bool(config.data.train), "data.train", "no training data: give at least one {shards: ..., weight: ...}")
+    for i, src in enumerate(config.data.train):
+        _check(src.weight > 0, f"data.train[{i}].weight", f"must be > 0, got {src.weight}")
+    _check(config.data.workers >= 0, "data.workers", f"must be >= 0, got {config.data.workers}")
+
+    model = config.model_config()
+    experts = model.moe.num_experts
+    if experts == 0:
+        _check(p.ep_size == 1, "parallel.ep_size", f"must be 1 for a dense model, got {p.ep_size}")
+    else:
+        _check(p.ep_size >= 1 and experts % p.ep_size == 0, "parallel.ep_size",
+               f"{p.ep_size} does not divide the number of experts ({experts}, model.moe.num_experts)")
+    _check(config.world_size % p.ep_size == 0, "parallel.ep_size",
+           f"{p.ep_size} does not divide the world size {config.world_size} "
+           f"(parallel.num_nodes={p.num_nodes} x parallel.num_procs={p.num_procs})")
+
+
+def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, list[str]]:
+    """Checks against the file system: every shard exists, templates and hostfile exist.
+
+    Returns {source index: shard list}.
+    """
+    from data_pipelines.shards import resolve_shards
+
+    shards = {}
+    for i, src in enumerate(config.data.train):
+        try:
+            shards[i] = resolve_shards(src.shards)
+        except FileNotFoundError as e:
+            raise ConfigError(f"'data.train[{i}].shards': {e}") from e
+    if need_tokenizer:
+        _check(bool(config.data.tokenizer) and Path(config.data.tokenizer).is_file(), "data.tokenizer",
+               f"tokenizer file {config.data.tokenizer!r} not found (`limoe train` trains one when missing)")
+    if config.parallel.hostfile:
+        _check(Path(config.parallel.hostfile).is_file(), "parallel.hostfile",
+               f"{config.parallel.hostfile} not found")
+    if config.parallel.ds_config:
+        _check(Path(config.parallel.ds_config).is_file(), "parallel.ds_config",
+               f"{config.parallel.ds_config} not found")
+    if config.eval.every and config.eval.data:
+        _check(Path(config.eval.data).exists() or "::" in config.eval.data or "{" in config.eval.data,
+               "eval.data", f"{config.eval.data} not found")
+    return shards
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config (every default filled in) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(config.to_yaml())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,571 @@
+"""The training loop, run by every rank (launch/train.py is its entry point).
+
+torchtitan-style composition: the model (limoe/) knows nothing about
+parallelism. Here it is built identically on every rank, handed to DeepSpeed
+(data parallel + expert parallel + ZeRO 1/2), and trained by a straight-line
+loop:
+
+    draw a batch -> seed RNGs from (seed, batch number, rank) -> forward -> loss
+    -> agree across ranks (non-finite loss? stop requested?) -> backward -> step
+    -> clamp logit_scale -> log -> checkpoint / eval
+
+A data "epoch" here is the stretch between two periodic checkpoints
+(checkpoint.every optimizer steps): each one's draws are seeded by (seed,
+epoch, rank, worker), so a run resumed from a periodic checkpoint starts a
+fresh epoch with no batches to skip, and one resumed from an interruption
+skips the batches it had already drawn in that epoch. Together with the
+per-batch RNG seeding (router noise), a resumed run reproduces the losses of
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .export import CLIENT_KEY, MODEL_STATES
+from .train_config import TrainConfig, save_config
+
+log = logging.getLogger("limoe.train")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the model, optimizer and scheduler."""
+
+    step: int = 0  # optimizer steps done
+    batches_drawn: int = 0  # micro-batches drawn from the loader up to `step` (the data position)
+    batches_per_epoch: int = 1
+    skipped_batches: int = 0  # non-finite losses skipped so far
+    samples_seen: int = 0  # samples (all ranks) in the optimizer steps so far
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the loop finishes its step, checkpoints and exits."""
+
+    signum: int | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):
+            cls.signum = signum
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+# -- model and optimizer ----------------------------------------------------------
+
+
+def build_model(model_config, ep_size: int, ep_rank: int, seed: int):
+    """The same model on every rank, whatever ep_size: initialise the full ep_size=1
+    model from the seed, then keep this rank's slice of the experts."""
+    from limoe.checkpoint import shard_experts
+    from limoe.model import LIMoE
+
+    torch.manual_seed(seed)
+    full = LIMoE(model_config)
+    if ep_size == 1:
+        return full
+    state_dict = shard_experts(full.state_dict(), ep_rank, ep_size, model_config.moe.num_experts)
+    del full
+    model = LIMoE(model_config, ep_size=ep_size)
+    model.load_state_dict(state_dict)
+    return model
+
+
+# Parameters that get no weight decay besides every 1-d tensor (norms, biases):
+# embeddings, position embeddings, the MAP probe token, and the temperature.
+NO_DECAY_NAMES = ("token_embed.weight", "image_pos", "text_pos", ".probe", "logit_scale", "logit_bias")
+
+
+def exempt_from_weight_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim < 2 or name.endswith(NO_DECAY_NAMES)
+
+
+def optimizer_param_groups(model, weight_decay: float) -> list[dict]:
+    """decay / no_decay groups, each split into expert and non-expert groups as DeepSpeed MoE needs."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if exempt_from_weight_decay(name, param) else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, lr: float, min_lr: float) -> float:
+    """Learning rate after `step` optimizer steps: linear warmup to lr, cosine decay to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def clamp_logit_scale(model) -> None:
+    """model.clamp_logit_scale(), and the optimizer's fp32 master copy follows, or the
+    next step would write the unclamped value back."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    before = model.logit_scale.detach().clone()
+    model.clamp_logit_scale()
+    if not torch.equal(before, model.logit_scale.detach()):
+        safe_set_full_fp32_param(model.logit_scale, model.logit_scale.detach().float())
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+
+class Checkpoints:
+    """<run>/checkpoints/step_XXXXXXXX/ written by the DeepSpeed engine (experts per
+    expert-parallel rank), an atomically replaced `latest` file, the newest `keep` kept."""
+
+    def __init__(self, run_dir: Path, keep: int, rank: int):
+        self.dir = run_dir / "checkpoints"
+        self.keep = keep
+        self.rank = rank
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def latest_tag(self) -> str | None:
+        latest = self.dir / "latest"
+        return latest.read_text().strip() if latest.is_file() else None
+
+    def save(self, engine, state: TrainState, model_config, extra: dict) -> str:
+        import deepspeed.comm as dist
+
+        tag = self.tag(state.step)
+        if self.latest_tag() == tag:
+            return tag  # this step is already saved (e.g. the final step was a periodic one)
+        client = {CLIENT_KEY: {**asdict(state), "model_config": model_config.to_dict(), **extra}}
+        # DeepSpeed's own `latest` is written in place (not atomic); we write ours below.
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+        # save_checkpoint ends with a barrier: every rank's files are on disk.
+        if self.rank == 0:
+            tmp = self.dir / f".latest.tmp-{os.getpid()}"
+            tmp.write_text(tag)
+            os.replace(tmp, self.dir / "latest")
+            self.prune(current=tag)
+        dist.barrier()
+        return tag
+
+    def prune(self, current: str) -> None:
+        tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            if old != current:
+                shutil.rmtree(self.dir / old, ignore_errors=True)
+
+    def resolve(self, resume: str | None) -> tuple[Path, str] | None:
+        """(load dir, tag) for --resume latest|DIR; None for a fresh start."""
+        if resume is None:
+            return None
+        if resume == "latest":
+            tag = self.latest_tag()
+            return None if tag is None else (self.dir, tag)
+        path = Path(resume)
+        if not (path / MODEL_STATES).is_file():
+            raise SystemExit(f"--resume {resume}: no {MODEL_STATES} there (not a checkpoint folder)")
+        return path.parent, path.name
+
+
+# -- logging ----------------------------------------------------------------------------
+
+
+class RunLog:
+    """Rank 0's outputs: metrics.jsonl (appended), TensorBoard, and the progress bar."""
+
+    def __init__(self, run_dir: Path, start_step: int, total_steps: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.bar = self.tb = None
+        if not enabled:
+            return
+        self._drop_records_after(start_step)
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        # purge_step hides events a crashed run logged past the checkpoint we resume from.
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stdout)
+
+    def _drop_records_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: move their old records to
+        metrics.discarded.jsonl (nothing is deleted) so the curve continues from `step`."""
+        if not self.path.is_file():
+            return
+        keep, drop = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                record_step = json.loads(line).get("step", 0)
+            except json.JSONDecodeError:
+                record_step = step + 1  # a torn last line from a killed run
+            (keep if record_step <= step else drop).append(line)
+        if drop:
+            with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
+                f.writelines(drop)
+            tmp = self.path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
+
+    def record(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("time", "epoch"):
+                self.tb.add_scalar(key, value, step)
+
+    def progress(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(step - self.bar.n)
+        post = {"loss": f"{m['loss']:.4f}", "clip": f"{m['contrastive_loss']:.4f}", "aux": f"{m['aux_loss']:.4f}",
+                "lr": f"{m['lr']:.2e}", "smp/s": f"{m['samples_per_s']:.1f}",
+                "smp/s/dev": f"{m['samples_per_s_per_device']:.1f}", "data": f"{100 * m['data_wait_fraction']:.0f}%"}
+        if "drop_rate/image" in m:
+            post["drop img/txt"] = f"{100 * m['drop_rate/image']:.1f}%/{100 * m['drop_rate/text']:.1f}%"
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    import warnings
+
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines drown the progress bar
+    # torch.distributed deprecation notices raised inside open_clip's and DeepSpeed's collectives
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(all_gather|torch\.distributed).*")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if rank == 0:
+        file = logging.FileHandler(run_dir / "out.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+
+
+# -- the per-step numbers every rank agrees on ------------------------------------------------
+
+
+def step_numbers(losses: dict, out: dict) -> dict[str, torch.Tensor]:
+    """Scalars to all-reduce (summed over ranks) for decisions and logging."""
+    numbers = {
+        "loss": losses["loss"].detach().float(),
+        "contrastive_loss": losses["contrastive_loss"].detach().float(),
+        "aux_loss": torch.as_tensor(losses["aux_loss"]).detach().float(),
+    }
+    for name, value in sorted(out["aux_terms"].items()):
+        numbers[f"aux/{name}"] = value.detach().float()
+    for modality in ("image", "text"):
+        if out["routing"]:
+            numbers[f"dropped/{modality}"] = sum(s[modality]["dropped"] for s in out["routing"]).float()
+            numbers[f"routes/{modality}"] = sum(s[modality]["routes"] for s in out["routing"]).float()
+    return numbers
+
+
+def all_reduce_sum(values: list[torch.Tensor], device) -> torch.Tensor:
+    import deepspeed.comm as dist
+
+    packed = torch.stack([v.to(device).reshape(()) for v in values])
+    dist.all_reduce(packed)
+    return packed
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def data_batches(loader, state: TrainState):
+    """Endless (epoch, images, tokens) from the data position in `state`."""
+    epoch, skip = divmod(state.batches_drawn, state.batches_per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        # DataLoader workers inherit the signal mask: block SIGINT/SIGTERM while they fork,
+        # so Ctrl-C reaches the ranks (which checkpoint) and not the workers (whose death
+        # would abort the rank in the middle of a step).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            batches = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for images, tokens in batches:
+            if skip:
+                skip -= 1
+                continue
+            yield epoch, images, tokens
+        epoch += 1
+
+
+def train(config: TrainConfig, resume: str | None = None) -> int:
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import groups
+
+    from data_pipelines.loader import DataSource, build_train_loader, stable_seed
+    from limoe.losses import LIMoELoss
+    from limoe.tokenizer import Tokenizer
+    from limoe.transforms import AugmentConfig
+
+    from .deepspeed_compat import patch_broadcast_of_scalar_parameters
+    from .ds_config import build_ds_config, write_ds_config
+    from .eval_hook import zero_shot_eval
+
+    # -- processes ---------------------------------------------------------------------
+    threads = config.parallel.threads_per_proc or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+    if threads:
+        torch.set_num_threads(threads)
+    deepspeed.init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accelerator = get_accelerator()
+    accelerator.set_device(local_rank)
+    device = torch.device(accelerator.device_name(local_rank))
+    p = config.parallel
+    if world_size != config.world_size:
+        raise SystemExit(f"error: started with {world_size} ranks but the config says parallel.num_nodes="
+                         f"{p.num_nodes} x parallel.num_procs={p.num_procs} = {config.world_size}")
+    run_dir = config.run_dir
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    setup_logging(run_dir, rank)
+    StopRequest.install()
+
+    # -- model, tokenizer, optimizer, engine ------------------------------------------------------
+    tokenizer = Tokenizer.load(config.data.tokenizer)
+    model_config = config.model_config(tokenizer.vocab_size, tokenizer.context_length)
+    ep_size = p.ep_size
+    ep_rank = rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
+    model = build_model(model_config, ep_size, ep_rank, config.seed)
+    model.set_grad_checkpointing(config.train.grad_checkpointing)
+    o, s = config.optimizer, config.schedule
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.wd), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, s.warmup, config.train.steps, o.lr, s.min_lr) / o.lr)
+    ds_config = build_ds_config(config)
+    patch_broadcast_of_scalar_parameters()
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_config)
+    if model.moe_layers():
+        group = model.moe_layers()[0].expert_group_name
+        actual = groups._get_expert_parallel_rank(group)
+        if actual != ep_rank:
+            raise SystemExit(f"error: DeepSpeed gave rank {rank} expert-parallel rank {actual}, expected {ep_rank}")
+    loss_fn = LIMoELoss(model_config.loss, rank=rank, world_size=world_size)
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+
+    # -- resume ---------------------------------------------------------------------------------
+    checkpoints = Checkpoints(run_dir, config.checkpoint.keep, rank)
+    state = TrainState(batches_per_epoch=config.checkpoint.every * config.train.accum_freq)
+    target = checkpoints.resolve(resume)
+    if resume and target is None:
+        log.info("--resume %s: no checkpoint yet in %s, starting from scratch", resume, checkpoints.dir)
+    if target is not None:
+        load_dir, tag = target
+        path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+        if path is None:
+            raise SystemExit(f"error: could not load checkpoint {load_dir / tag}")
+        saved = client[CLIENT_KEY]
+        if saved.get("world_size") != world_size or saved.get("ep_size") != ep_size:
+            raise SystemExit(f"error: checkpoint {tag} was written by {saved.get('world_size')} ranks with "
+                             f"ep_size={saved.get('ep_size')}; this run has {world_size} and {ep_size}")
+        state = TrainState(**{k: saved[k] for k in asdict(state)})
+        log.info("resumed from %s: step %d, data epoch %d (+%d batches), lr %.3e", load_dir / tag, state.step,
+                 state.batches_drawn // state.batches_per_epoch, state.batches_drawn % state.batches_per_epoch,
+                 scheduler.get_last_lr()[0])
+    if engine.global_steps != state.step:
+        raise SystemExit(f"error: engine is at step {engine.global_steps}, checkpoint state says {state.step}")
+    if rank == 0:
+        save_config(config, run_dir / "config.yaml")
+        write_ds_config(ds_config, run_dir / "ds_config.json")
+        if Path(config.data.tokenizer).resolve() != (run_dir / "tokenizer.model").resolve():
+            tokenizer.save(run_dir / "tokenizer.model")  # exports take it from the run directory
+
+    # -- data -----------------------------------------------------------------------------------
+    loader = build_train_loader(
+        [DataSource(src.shards, src.weight) for src in config.data.train], tokenizer,
+        image_size=model_config.image_size, batch_size=config.train.batch_size,
+        batches_per_epoch=state.batches_per_epoch, rank=rank, world_size=world_size,
+        num_workers=config.data.workers, seed=config.seed,
+        augment=AugmentConfig() if config.data.augment else None,
+        shuffle_buffer=config.data.shuffle_buffer, pin_memory=device.type == "cuda")
+    batches = data_batches(loader, state)
+
+    # -- the loop -------------------------------------------------------------------------------
+    stop_at = config.train.stop_after or config.train.steps
+    run_log = RunLog(run_dir, state.step, config.train.steps, enabled=rank == 0)
+    extra = {"world_size": world_size, "ep_size": ep_size, "seed": config.seed}
+    log.info("training %s: %d ranks (ep_size %d, ZeRO %d, %s), batch %d x %d ranks x %d accum, "
+             "steps %d..%d", model_config.name, world_size, ep_size, p.zero_stage, config.train.precision,
+             config.train.batch_size, world_size, config.train.accum_freq, state.step, stop_at)
+    bad_in_a_row, exit_code, stop_reason = 0, 0, None
+    sums: dict[str, float] = {}
+    t_step, t_data, micro_done = time.perf_counter(), 0.0, 0
+    drawn = state.batches_drawn
+    step_lr = scheduler.get_last_lr()[0]  # the rate the next optimizer step uses
+    engine.train()
+    while state.step < stop_at:
+        t0 = time.perf_counter()
+        epoch, images, tokens = next(batches)
+        t_data += time.perf_counter() - t0
+        drawn += 1
+        torch.manual_seed(stable_seed(config.seed, "batch", drawn, rank))  # router noise, reproducible
+        out = engine(images.to(device, dtype, non_blocking=True), tokens.to(device, non_blocking=True))
+        losses = loss_fn(out)
+        numbers = step_numbers(losses, out)
+        nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
+        stop = torch.tensor(float(StopRequest.signum is not None))
+        reduced = all_reduce_sum([nonfinite, stop, *numbers.values()], device).tolist()
+        if reduced[1] > 0:
+            stop_reason = "signal"
+            break
+        if reduced[0] > 0:
+            state.skipped_batches += 1
+            bad_in_a_row += 1
+            log.warning("non-finite loss at step %d (batch %d), skipped (%d in a row, %d in all)",
+                        state.step + 1, drawn, bad_in_a_row, state.skipped_batches)
+            if bad_in_a_row >= config.train.max_bad_steps:
+                stop_reason, exit_code = "bad", 3
+                break
+            continue
+        bad_in_a_row = 0
+        engine.backward(losses["loss"])
+        engine.step()
+        for name, value in zip(numbers, reduced[2:]):
+            sums[name] = sums.get(name, 0.0) + value / world_size
+        micro_done += 1
+        if engine.global_steps == state.step:
+            continue  # inside a gradient-accumulation window
+
+        # -- an optimizer step was taken ---------------------------------------------------
+        clamp_logit_scale(engine.module)
+        state.step = engine.global_steps
+        state.batches_drawn = drawn
+        step_samples = micro_done * config.train.batch_size * world_size
+        state.samples_seen += step_samples
+        if state.step % config.train.log_every == 0 or state.step == stop_at:
+            elapsed = time.perf_counter() - t_step
+            m = {k: v / micro_done for k, v in sums.items() if not k.startswith(("dropped/", "routes/"))}
+            for modality in ("image", "text"):
+                if f"routes/{modality}" in sums:
+                    m[f"drop_rate/{modality}"] = sums[f"dropped/{modality}"] / max(1.0, sums[f"routes/{modality}"])
+            grad_norm = engine.get_global_grad_norm()
+            m.update({
+                "lr": step_lr,
+                "logit_scale": float(engine.module.logit_scale.detach().float().exp()),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "samples_per_s": step_samples / elapsed,
+                "samples_per_s_per_device": step_samples / elapsed / world_size,
+                "data_wait_fraction": t_data / elapsed,
+                "skipped_batches": state.skipped_batches,
+                "samples_seen": state.samples_seen,
+                "epoch": epoch,
+                "time": time.time(),
+            })
+            run_log.record(state.step, m)
+            run_log.progress(state.step, m)
+        sums, micro_done, t_data = {}, 0, 0.0
+        step_lr = scheduler.get_last_lr()[0]
+        if state.step % config.checkpoint.every == 0:
+            checkpoints.save(engine, state, model_config, extra)
+        if config.eval.every and state.step % config.eval.every == 0:
+            metrics = zero_shot_eval(engine.module, tokenizer, config.eval, ep_size, device)
+            engine.train()
+            if metrics is not None:
+                run_log.record(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+                log.info("step %d zero-shot: %s", state.step, metrics)
+        t_step = time.perf_counter()
+
+    # -- the end: checkpoint, export --------------------------------------------------------------
+    run_log.close()
+    if state.step > 0:
+        tag = checkpoints.save(engine, state, model_config, extra)
+        log.info("checkpoint %s", checkpoints.dir / tag)
+    if stop_reason == "signal":
+        name = signal.Signals(StopRequest.signum).name if StopRequest.signum else "a signal on another rank"
+        log.warning("stopped by %s at step %d; continue with --resume latest", name, state.step)
+    elif stop_reason == "bad":
+        log.error("stopping: %d non-finite losses in a row (train.max_bad_steps) at step %d; the last good "
+                  "weights are in checkpoint %s. Lower optimizer.lr, raise schedule.warmup or check the data.",
+                  bad_in_a_row, state.step, checkpoints.tag(state.step))
+    elif state.step == config.train.steps and config.checkpoint.export:
+        export_and_check(engine, run_dir, tokenizer, model_config, rank, world_size, device, dtype)
+    if loader.skips.total:
+        log.warning("data: %s", loader.skips.summary())
+    dist.barrier()
+    return exit_code
+
+
+def export_and_check(engine, run_dir: Path, tokenizer, model_config, rank: int, world_size: int, device,
+                     dtype) -> None:
+    """Export the final checkpoint (rank 0), then check the export against the training model:
+    each rank embeds its slice of a fixed probe batch with the expert-parallel model (eval
+    mode, dropless), and rank 0 compares with the export opened by limoe.load."""
+    import deepspeed.comm as dist
+    from safetensors.torch import save_file
+
+    import limoe
+
+    from .export import export_run
+
+    if rank == 0:
+        export_run(run_dir)
+        log.info("exported %s", run_dir / "export")
+    dist.barrier()
+    generator = torch.Generator().manual_seed(1234)
+    per_rank = 2
+    images = torch.rand(per_rank * world_size, 3, model_config.image_size, model_config.image_size,
+                        generator=generator) * 2 - 1
+    captions = [f"probe caption number {i}" for i in range(per_rank * world_size)]
+    tokens = tokenizer(captions)
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    module = engine.module
+    module.eval()
+    with torch.no_grad():
+        z_img = module.encode_image(images[mine].to(device, dtype), normalize=True).float()
+        z_txt = module.encode_text(tokens[mine].to(device), normalize=True).float()
+    module.train()
+    gathered = [torch.zeros_like(z_img) for _ in range(world_size)], [torch.zeros_like(z_txt) for _ in range(world_size)]
+    dist.all_gather(gathered[0], z_img)
+    dist.all_gather(gathered[1], z_txt)
+    if rank == 0:
+        train_img, train_txt = torch.cat(gathered[0]).cpu(), torch.cat(gathered[1]).cpu()
+        model, _, _ = limoe.load(run_dir / "export")
+        with torch.no_grad():
+            export_img = model.encode_image(images, normalize=True)
+            export_txt = model.encode_text(tokens, normalize=True)
+        diff = max((train_img - export_img).abs().max().item(), (train_txt - export_txt).abs().max().item())
+        # The training model's outputs on the probe, kept so the export can be checked again later.
+        save_file({"images": images, "tokens": tokens, "image_features": train_img, "text_features": train_txt},
+                  str(run_dir / "export_probe.safetensors"))
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        (log.info if diff <= tolerance else log.error)(
+            "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)",
+            diff, tolerance)
+    dist.barrier()
