@@ -87,27 +87,39 @@ class LIMoEGate(TopKGate):
         """Weighted aux loss for this layer, its unweighted terms and routing statistics."""
         total = probs.sum() * 0.0
         terms, stats = {}, {}
+        # Group the tokens by modality with one sort and one host sync in all
+        # (a boolean mask per modality and statistic would sync a GPU each time).
+        ids = torch.arange(IGNORE, len(MODALITIES), device=modality.device)
+        sizes = (modality.unsqueeze(1) == ids).sum(0).tolist()  # [IGNORE, IMAGE, TEXT]
+        order = torch.argsort(modality, stable=True)
+        start = sizes[0]
         for mid, name in enumerate(MODALITIES):
-            sel = modality == mid
+            index = order[start:start + sizes[mid + 1]]
+            start += sizes[mid + 1]
             weights = getattr(self.config, name)
-            p = probs[sel]
-            mterms = routing.modality_aux_losses(p, logits[sel], weights.global_entropy_experts)
+            p = probs.index_select(0, index)
+            mterms = routing.modality_aux_losses(p, logits.index_select(0, index), weights.global_entropy_experts)
             for term, value in mterms.items():
                 terms[f"{name}/{term}"] = value
                 total = total + getattr(weights, term) * value
             with torch.no_grad():
-                routes_m = routes.expert[:, sel]
+                routes_m = routes.expert.index_select(1, index)
                 kept = routes_m >= 0
                 stats[name] = {
-                    "tokens": sel.sum(),
-                    "routes": torch.tensor(routes_m.numel(), device=probs.device),
+                    "tokens": torch.full((), index.numel(), dtype=torch.long, device=probs.device),
+                    "routes": torch.full((), routes_m.numel(), dtype=torch.long, device=probs.device),
                     "dropped": (~kept).sum(),
-                    "assigned": torch.bincount(p.argmax(-1), minlength=self.num_experts)
-                    if p.shape[0] else torch.zeros(self.num_experts, dtype=torch.long, device=probs.device),
-                    "kept": torch.bincount(routes_m[kept], minlength=self.num_experts),
+                    "assigned": self.count_per_expert(p.argmax(-1)),
+                    "kept": self.count_per_expert(routes_m, kept),
                     "entropy_sum": routing.entropy(p).sum(),
                 }
         return {"loss": total, "terms": terms, "stats": stats}
+
+    def count_per_expert(self, expert: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Like bincount(expert[mask], minlength=E), without a host sync."""
+        ones = torch.ones_like(expert) if mask is None else mask.long()
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=expert.device)
+        return counts.scatter_add_(0, expert.clamp_min(0).reshape(-1), ones.reshape(-1))
 
 
 class GroupedExperts(Experts):

@@ -88,8 +88,9 @@ def assign_routes(
     expert = torch.where(kept, top_e, torch.full_like(top_e, -1))
     position = torch.where(kept, position, torch.zeros_like(position))
     gates = torch.where(kept, gates, torch.zeros_like(gates))
+    # scatter_add over all routes, weighted by kept: no boolean indexing, so no GPU sync.
     counts = torch.zeros(num_experts, dtype=torch.long, device=probs.device)
-    counts.scatter_add_(0, top_e[kept], torch.ones_like(top_e[kept]))
+    counts.scatter_add_(0, top_e.reshape(-1), kept.reshape(-1).long())
     return Routes(expert=expert, position=position, gate=gates, capacity=capacity, counts=counts)
 
 
