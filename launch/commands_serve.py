@@ -117,6 +117,7 @@ def run_serve(args) -> int:
         max_prompts=args.max_prompts,
         max_request_bytes=args.max_request_bytes,
         max_image_pixels=args.max_image_pixels,
+        torch_threads=args.threads,
     )
     try:
         run_server(args.model, host=args.host, port=args.port, device=args.device, settings=settings,
@@ -173,6 +174,9 @@ def register(subparsers) -> None:
                         "model to the network")
     s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one) (default: %(default)s)")
     s.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    s.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the model's forward passes (default: torch's choice; on a machine "
+                        "shared with other work, 1-2 avoids oversubscription)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $LIMOE_API_KEY; "
                         "none = open)")

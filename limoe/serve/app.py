@@ -112,7 +112,8 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
     created = int(embedder.model_dir.joinpath("model.safetensors").stat().st_mtime)
     batcher = DynamicBatcher({"text": embedder.encode_tokens, "image": embedder.encode_pixels},
                              max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                             queue_size=settings.queue_size, forward_passes=lambda: embedder.forward_passes)
+                             queue_size=settings.queue_size, forward_passes=lambda: embedder.forward_passes,
+                             torch_threads=settings.torch_threads)
     started = time.time()
 
     @asynccontextmanager

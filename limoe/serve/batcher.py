@@ -43,7 +43,8 @@ class Job:
 
 class DynamicBatcher:
     def __init__(self, encoders: dict[str, Encoder], max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 queue_size: int = 256, forward_passes: Callable[[], int] | None = None):
+                 queue_size: int = 256, forward_passes: Callable[[], int] | None = None,
+                 torch_threads: int | None = None):
         if max_batch_size < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_ms >= 0")
         self.encoders = encoders
@@ -51,6 +52,7 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._forward_passes = forward_passes
+        self.torch_threads = torch_threads
         self._carry: Job | None = None  # a job of the other modality that ended the last batch
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -151,6 +153,8 @@ class DynamicBatcher:
         return batch
 
     def _work(self) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)  # set from the thread that runs the forward passes
         while not self._stopping.is_set():
             batch = [job for job in self._collect() if job.future.set_running_or_notify_cancel()]
             if batch:

@@ -19,3 +19,4 @@ class ServeSettings:
     max_prompts: int = 1024  # labels x templates per classify request
     max_request_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    torch_threads: int | None = None  # intra-op threads of the model worker (default: torch's own choice)
