@@ -61,6 +61,26 @@ def build_zeroshot_classifier(model, tokenizer, prompts: Sequence[Sequence[str]]
     return F.normalize(sums / counts[:, None], dim=-1).T.contiguous()
 
 
+def check_prompt_tokens(tokenizer, prompts: Sequence[Sequence[str]]) -> dict:
+    """How many prompts the tokenizer cuts at its context length, and how many classes end up
+    with exactly the same tokens as another class (their classifier columns are then equal,
+    and every image ties between them). Both are silent accuracy losses worth a warning."""
+    texts = [p for class_prompts in prompts for p in class_prompts]
+    if hasattr(tokenizer, "encode_with_truncation"):
+        tokens, dropped = tokenizer.encode_with_truncation(texts)
+        truncated = sum(d > 0 for d in dropped)
+    else:  # an open_clip-style tokenizer: no truncation report
+        tokens, truncated = tokenizer(texts), None
+    rows, start, seen = [], 0, {}
+    for class_prompts in prompts:
+        key = tokens[start:start + len(class_prompts)].numpy().tobytes()
+        seen[key] = seen.get(key, 0) + 1
+        rows.append(key)
+        start += len(class_prompts)
+    identical = sum(1 for key in rows if seen[key] > 1)
+    return {"prompts": len(texts), "truncated_prompts": truncated, "classes_with_identical_tokens": identical}
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("LIMOE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "limoe")
     return Path(root) / "zeroshot"

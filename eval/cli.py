@@ -52,13 +52,13 @@ def _pct(x) -> str:
 
 
 def run_zeroshot(args) -> int:
-    from .classifier import build_zeroshot_classifier, cached_zeroshot_classifier
+    from .classifier import build_zeroshot_classifier, cached_zeroshot_classifier, check_prompt_tokens
     from .datasets import open_labelled_images
     from .files import write_json
     from .metrics import write_per_class_csv
     from .prompts import (class_prompts, load_class_prompts, load_classnames, load_templates,
                           prompts_for_classes, template_text)
-    from .zeroshot import evaluate_zeroshot
+    from .zeroshot import evaluate_zeroshot, warn_about_prompts
 
     model, preprocess, tokenizer = _load_model(args)
     classnames = load_classnames(args.classnames) if args.classnames else None
@@ -75,6 +75,8 @@ def run_zeroshot(args) -> int:
         prompts = class_prompts(classnames, templates)
         templates_desc = {"name": str(args.templates), "templates": [template_text(t) for t in templates]}
     num_prompts = sum(len(p) for p in prompts)
+    prompt_check = check_prompt_tokens(tokenizer, prompts)
+    warn_about_prompts(prompt_check)
     print(f"building the classifier: {len(classnames)} classes, {num_prompts} prompts", file=sys.stderr)
     if args.no_cache:
         t0 = time.perf_counter()
@@ -89,6 +91,7 @@ def run_zeroshot(args) -> int:
                                progress=True)
     per_class = result.pop("per_class")
     result.pop("templates")
+    result.pop("prompt_check")
     doc = {
         "task": "zeroshot_classification",
         "model": {"export": str(args.model), "name": model.config.name},
@@ -98,6 +101,8 @@ def run_zeroshot(args) -> int:
         "metrics": {k: result[k] for k in ("top1", "top5", "mean_per_class_recall") if k in result},
         "counts": {"images": result["images"], "classes": result["classes"],
                    "classes_with_images": result["classes_with_images"], "prompts": num_prompts,
+                   "truncated_prompts": prompt_check["truncated_prompts"],
+                   "classes_with_identical_prompt_tokens": prompt_check["classes_with_identical_tokens"],
                    "skipped": result["skipped"]},
         "timing": {"classifier_seconds": cache["seconds"], "classifier_cache": cache["cache"],
                    "classifier_cache_path": cache.get("path"), "eval_seconds": result["eval_seconds"],

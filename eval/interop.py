@@ -41,3 +41,23 @@ def register_clip_benchmark(name: str = "limoe") -> None:
     cb_models.TYPE2FUNC[name] = load_limoe
     if name not in cb_models.MODEL_TYPES:
         cb_models.MODEL_TYPES.append(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m eval.interop eval --model_type limoe --pretrained EXPORT --dataset ...`:
+    CLIP_benchmark's own command line with `limoe` registered."""
+    import sys
+
+    try:
+        register_clip_benchmark()
+    except ImportError:
+        print("CLIP_benchmark is not installed (pip install clip-benchmark)", file=sys.stderr)
+        return 2
+    from clip_benchmark.cli import main as clip_benchmark_main
+
+    sys.argv = ["clip_benchmark"] + list(sys.argv[1:] if argv is None else argv)
+    return clip_benchmark_main() or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ evaluation and given back in the mode it was in.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Iterable, Sequence
@@ -17,13 +18,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .classifier import build_zeroshot_classifier
+from .classifier import build_zeroshot_classifier, check_prompt_tokens
 from .datasets import LabelledImages, open_labelled_images
 from .encode import evaluating, model_device
 from .metrics import ClassificationMeter
 from .prompts import Template, class_prompts, load_classnames, load_templates, template_text
 
+logger = logging.getLogger("limoe.eval")
 LOGIT_SCALE = 100.0  # open_clip / CLIP_benchmark: logits = 100 * image @ W, whatever the learned scale
+
+
+def warn_about_prompts(check: dict) -> None:
+    if check.get("truncated_prompts"):
+        logger.warning("%d of %d prompts are longer than the tokenizer's context length and were cut",
+                       check["truncated_prompts"], check["prompts"])
+    if check.get("classes_with_identical_tokens"):
+        logger.warning("%d classes have exactly the same prompt tokens as another class (cut class names?): "
+                       "they cannot be told apart", check["classes_with_identical_tokens"])
 
 
 def _image_batches(data, preprocess, image_size, classnames, batch_size, num_workers, max_images):
@@ -84,12 +95,14 @@ def evaluate_zeroshot(model, preprocess, tokenizer, data, classnames: str | Sequ
                                                  num_workers, max_images)
     if classnames is None and classifier is None:
         raise ValueError("no class names: pass classnames= (the data has no classnames.txt)")
-    template_list = None
+    template_list = prompt_check = None
     t0 = time.perf_counter()
     if classifier is None:
         if prompts is None:
             template_list = load_templates(templates)
             prompts = class_prompts(classnames, template_list)
+        prompt_check = check_prompt_tokens(tokenizer, prompts)
+        warn_about_prompts(prompt_check)
         classifier = build_zeroshot_classifier(model, tokenizer, prompts, batch_size=text_batch_size,
                                                device=device, progress=progress)
     classifier = classifier.to(device)
@@ -119,6 +132,7 @@ def evaluate_zeroshot(model, preprocess, tokenizer, data, classnames: str | Sequ
         "eval_seconds": eval_seconds,
         "images_per_second": metrics["images"] / eval_seconds if eval_seconds > 0 else None,
         "templates": [template_text(t) for t in template_list] if template_list is not None else None,
+        "prompt_check": prompt_check,
         "per_class": per_class,
     }
     if source is not None:

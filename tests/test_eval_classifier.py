@@ -85,3 +85,13 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_export, tmp_path):
     assert info2["cache"] == "miss"
     torch.testing.assert_close(w1, w2)
     assert cached_zeroshot_classifier(model, tokenizer, prompts, tiny_export, cache_dir=tmp_path)[1]["cache"] == "hit"
+
+
+def test_prompt_check_reports_cut_prompts_and_classes_that_cannot_be_told_apart(tiny_tokenizer):
+    from eval.classifier import check_prompt_tokens
+
+    long_prefix = "a photo of a red green blue yellow"  # longer than the tiny context of 8 on its own
+    prompts = [[f"{long_prefix} cat"], [f"{long_prefix} dog"], ["cat"], ["dog emoji"]]
+    check = check_prompt_tokens(tiny_tokenizer, prompts)
+    assert check == {"prompts": 4, "truncated_prompts": 2, "classes_with_identical_tokens": 2}
+    assert check_prompt_tokens(tiny_tokenizer, [["cat"], ["dog"]])["classes_with_identical_tokens"] == 0
