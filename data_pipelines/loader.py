@@ -115,13 +115,22 @@ def eval_samples(raws: Iterable[dict], skips: SkipCounter, transform: Callable, 
 def _seeded_transform(transform, image, seed: int, skips: SkipCounter, key: str):
     # torchvision draws from torch's global RNG; fork it so augmentation is
     # reproducible without disturbing the caller's RNG when num_workers=0.
+    # One image is too small to share between threads: with num_workers=0 on
+    # a busy CPU, the training process's thread pool made this 10-20x slower
+    # (DataLoader workers already run single-threaded).
+    threads = torch.get_num_threads()
     try:
+        if threads != 1:
+            torch.set_num_threads(1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return transform(image)
     except Exception as error:  # a decodable but unusable image (e.g. zero-sized)
         skips.add("undecodable_image", f"{key}: {type(error).__name__}: {error}")
         return None
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
 
 
 def train_batches(samples: Iterable, batch_size: int, tokenizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
