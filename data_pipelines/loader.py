@@ -26,7 +26,6 @@ adds up what every worker reported.
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
