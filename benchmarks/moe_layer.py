@@ -1,8 +1,8 @@
 """MoE layer forward+backward: LIMoE's layer vs DeepSpeed's stock MoE vs a dense MLP.
 
-All three see the same tokens, get the same random output cotangent (plus
-their aux loss) and run forward then backward; gradients are freed before
-every step. The variants:
+All three see the same tokens (which need a gradient, as inside a network),
+get the same random output cotangent (plus their aux loss) and run forward
+then backward; gradients are freed before every step. The variants:
 
 - limoe: `limoe.moe.LIMoELayer` (LIMoE gate: fp32 router, noise, BPR,
   per-modality aux losses; gather-only dispatch; grouped experts), training mode;
@@ -53,7 +53,7 @@ def build_variants(d_model: int, num_experts: int, device, dtype) -> dict[str, t
 
 def make_step(name: str, module: torch.nn.Module, x: torch.Tensor, modality: torch.Tensor,
               cotangent: torch.Tensor):
-    params = list(module.parameters())
+    params = list(module.parameters()) + [x]
 
     def step():
         for p in params:
@@ -80,14 +80,15 @@ def capacity_of(num_tokens: int, num_experts: int) -> int:
 def run_config(d_model: int, num_tokens: int, args, device, dtype) -> dict:
     modules = build_variants(d_model, args.experts, device, dtype)
     g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(num_tokens, d_model, generator=g).to(device=device, dtype=dtype)
+    # The input needs a gradient, as it does inside a network.
+    x = torch.randn(num_tokens, d_model, generator=g).to(device=device, dtype=dtype).requires_grad_()
     cotangent = torch.randn(num_tokens, d_model, generator=g).to(device=device, dtype=dtype)
     modality = torch.full((num_tokens,), IMAGE, device=device)
     modality[round(num_tokens * 196 / 212):] = TEXT
     steps = {name: make_step(name, m, x, modality, cotangent) for name, m in modules.items()}
     # Big configurations get fewer repetitions, so the whole grid stays a few minutes.
     flops = 6 * num_tokens * d_model * 4 * d_model * 2
-    reps = max(args.min_reps, min(args.reps, round(args.reps * args.reps_flops / flops)))
+    reps = min(args.reps, max(args.min_reps, round(args.reps * args.reps_flops / flops)))
     times = time_interleaved(steps, device, warmup=args.warmup, reps=reps)
     row = {"d_model": d_model, "tokens": num_tokens, "experts": args.experts,
            "capacity": capacity_of(num_tokens, args.experts), "reps": reps}
