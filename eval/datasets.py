@@ -94,11 +94,7 @@ class FolderImages(LabelledImages):
         self.transform = transform
 
     def batches(self, batch_size, num_workers=0, max_images=None):
-        samples = self.samples
-        if max_images is not None and max_images < len(samples):
-            # A seeded spread over all classes, not the first classes in folder order.
-            keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:max_images]
-            samples = [samples[i] for i in sorted(keep.tolist())]
+        samples = [self.samples[i] for i in sample_indices(len(self.samples), max_images)]
         loader = DataLoader(ImageFileDataset(samples, self.transform), batch_size=batch_size,
                             num_workers=num_workers, collate_fn=collate_skipping_unreadable)
         for images, labels, bad in loader:
@@ -121,24 +117,42 @@ class ShardImages(LabelledImages):
         from data_pipelines import build_eval_loader
 
         loader = build_eval_loader(self.shards, self.image_size, batch_size, num_workers=num_workers)
-        seen = 0
         try:
-            for batch in loader:
-                images, labels = batch["images"], batch["labels"]
-                unlabelled = labels < 0
-                if unlabelled.any():
-                    self.skipped["missing_label"] += int(unlabelled.sum())
-                    images, labels = images[~unlabelled], labels[~unlabelled]
-                if max_images is not None:
-                    images, labels = images[:max_images - seen], labels[:max_images - seen]
-                seen += len(labels)
-                if len(labels):
-                    yield images, labels
-                if max_images is not None and seen >= max_images:
-                    break
+            yield from take_images(self._labelled(loader), max_images)
         finally:
             for reason, count in loader.skips.counts.items():
                 self.skipped[reason] += count
+
+    def _labelled(self, loader):
+        for batch in loader:
+            images, labels = batch["images"], batch["labels"]
+            unlabelled = labels < 0
+            if unlabelled.any():
+                self.skipped["missing_label"] += int(unlabelled.sum())
+                images, labels = images[~unlabelled], labels[~unlabelled]
+            if len(labels):
+                yield images, labels
+
+
+def sample_indices(num_items: int, max_items: int | None, seed: int = 0) -> list[int]:
+    """All indices, or a seeded sample of `max_items` of them in order: a spread over
+    all classes, not the first classes in folder order."""
+    if max_items is None or max_items >= num_items:
+        return list(range(num_items))
+    keep = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))[:max_items]
+    return sorted(keep.tolist())
+
+
+def take_images(batches, max_images: int | None):
+    """(images, labels) batches, cut off after `max_images` images in all (None: no limit)."""
+    seen = 0
+    for images, labels in batches:
+        if max_images is not None:
+            images, labels = images[:max_images - seen], labels[:max_images - seen]
+        seen += len(labels)
+        yield images, labels
+        if max_images is not None and seen >= max_images:
+            return
 
 
 def _looks_like_shards(path: str) -> bool:

@@ -153,18 +153,19 @@ def plot_routing(result: dict, out_path: str | Path) -> Path:
 
     layers = result["layers"]
     num_experts = result["num_experts"]
-    image = torch.tensor([layer["image"]["expert_fraction"] for layer in layers])
-    text = torch.tensor([layer["text"]["expert_fraction"] for layer in layers])
+    image = torch.tensor([layer["image"]["expert_fraction"] for layer in layers], dtype=torch.float64)
+    text = torch.tensor([layer["text"]["expert_fraction"] for layer in layers], dtype=torch.float64)
     mass = image + text
-    affinity = torch.where(mass > 0, (text - image) / mass.clamp_min(1e-12), torch.tensor(float("nan")))
+    affinity = torch.where(mass > 0, (text - image) / mass.clamp_min(1e-12), torch.tensor(float("nan"),
+                                                                                      dtype=torch.float64))
     ylabels = [f"block {layer['block']}" for layer in layers]
 
     fig = Figure(figsize=(max(9.0, 1.2 * num_experts * 3 / 2), 1.0 + 0.55 * len(layers) + 1.2))
     FigureCanvasAgg(fig)  # Agg canvas without pyplot: no global backend state, no display needed
     axes = fig.subplots(1, 3, sharey=True)
     panels = [
-        (image, "share of image tokens (%)", "Blues", 0.0, max(1e-9, float(image.max()))),
-        (text, "share of text tokens (%)", "Oranges", 0.0, max(1e-9, float(text.max()))),
+        (100 * image, "share of image tokens (%)", "Blues", 0.0, max(1e-9, 100 * float(image.max()))),
+        (100 * text, "share of text tokens (%)", "Oranges", 0.0, max(1e-9, 100 * float(text.max()))),
         (affinity, "modality affinity\n(-1 image only, +1 text only)", "coolwarm", -1.0, 1.0),
     ]
     for ax, (values, title, cmap, vmin, vmax) in zip(axes, panels):
@@ -178,7 +179,7 @@ def plot_routing(result: dict, out_path: str | Path) -> Path:
                                  values.flatten().tolist()):
                 if not math.isnan(v):
                     strong = abs(v) > 0.6 * max(abs(vmin), abs(vmax))  # light text on dark cells
-                    ax.text(e, i, f"{v:.2f}" if vmin < 0 else f"{100 * v:.0f}", ha="center", va="center",
+                    ax.text(e, i, f"{v:.2f}" if vmin < 0 else f"{v:.0f}", ha="center", va="center",
                             fontsize=7, color="white" if strong else "black")
     axes[0].set_yticks(range(len(layers)))
     axes[0].set_yticklabels(ylabels)

@@ -15,11 +15,11 @@ import time
 from typing import Iterable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .classifier import build_zeroshot_classifier, check_prompt_tokens
-from .datasets import LabelledImages, open_labelled_images
+from .datasets import LabelledImages, open_labelled_images, sample_indices, take_images
 from .encode import evaluating, model_device
 from .metrics import ClassificationMeter
 from .prompts import Template, class_prompts, load_classnames, load_templates, template_text
@@ -45,26 +45,14 @@ def _image_batches(data, preprocess, image_size, classnames, batch_size, num_wor
         return data.batches(batch_size, num_workers, max_images), data.classnames, data
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         if max_images is not None and max_images < len(data):
-            keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:max_images]
-            data = torch.utils.data.Subset(data, sorted(keep.tolist()))
+            data = Subset(data, sample_indices(len(data), max_images))
         return DataLoader(data, batch_size=batch_size, num_workers=num_workers), classnames, None
-    return _limit(_as_pairs(data), max_images), classnames, None  # an iterable of batches
+    return take_images(_as_pairs(data), max_images), classnames, None  # an iterable of batches
 
 
 def _as_pairs(batches: Iterable):
     for batch in batches:
         yield (batch["images"], batch["labels"]) if isinstance(batch, dict) else batch
-
-
-def _limit(batches, max_images):
-    seen = 0
-    for images, labels in batches:
-        if max_images is not None:
-            images, labels = images[:max_images - seen], labels[:max_images - seen]
-        seen += len(labels)
-        yield images, labels
-        if max_images is not None and seen >= max_images:
-            return
 
 
 def evaluate_zeroshot(model, preprocess, tokenizer, data, classnames: str | Sequence[str] | None = None,

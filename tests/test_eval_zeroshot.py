@@ -205,6 +205,25 @@ def test_batches_from_the_training_loop_can_be_passed_directly(preprocess):
     assert result["top1"] == 1.0 and result["images"] == 2
 
 
+def test_a_map_style_dataset_can_be_passed_and_sampled(preprocess):
+    names = ["blue", "green", "red"]
+    items = [(preprocess(Image.new("RGB", (20, 20), COLOURS[c])), names.index(c)) for c in names * 3]
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    full = evaluate_zeroshot(ColourModel(), None, colour_tokenizer, Items(), classnames=names, templates=["{}"],
+                             batch_size=4)
+    sampled = evaluate_zeroshot(ColourModel(), None, colour_tokenizer, Items(), classnames=names,
+                                templates=["{}"], max_images=4)
+    assert (full["images"], full["top1"]) == (9, 1.0)
+    assert sampled["images"] == 4
+
+
 # ---- command line -------------------------------------------------------------------------
 
 
