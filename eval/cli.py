@@ -39,6 +39,23 @@ def _run_info(args) -> dict:
             "device": args.device, "host": platform.node(), "python": platform.python_version()}
 
 
+def _user_errors(run):
+    """Bad input (missing export or data, unknown layout, bad prompt files) is a one-line error, not a traceback."""
+    import functools
+
+    @functools.wraps(run)
+    def wrapper(args) -> int:
+        from limoe.checkpoint import ExportError
+
+        try:
+            return run(args)
+        except (ExportError, FileNotFoundError, ValueError) as error:  # PromptError, DataLayoutError are ValueErrors
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -51,6 +68,7 @@ def _pct(x) -> str:
 # ---- zeroshot -------------------------------------------------------------------
 
 
+@_user_errors
 def run_zeroshot(args) -> int:
     from .classifier import build_zeroshot_classifier, cached_zeroshot_classifier, check_prompt_tokens
     from .datasets import open_labelled_images
@@ -137,6 +155,7 @@ def _caption_batches(loader):
         yield batch["images"], batch["captions"]
 
 
+@_user_errors
 def run_retrieval(args) -> int:
     from data_pipelines import build_eval_loader
 
@@ -176,6 +195,7 @@ def _pair_batches(loader):
             yield batch["images"][keep], batch["tokens"][keep]
 
 
+@_user_errors
 def run_routing(args) -> int:
     from data_pipelines import build_eval_loader
 

@@ -248,3 +248,13 @@ def test_cli_writes_result_json_and_per_class_csv_and_reuses_the_cached_classifi
     second = json.loads(out.read_text())
     assert second["timing"]["classifier_cache"] == "hit"
     assert second["metrics"] == doc["metrics"]
+
+
+def test_cli_reports_bad_input_in_one_line(tiny_export, tmp_path, capsys):
+    (tmp_path / "data" / "00000").mkdir(parents=True)
+    code = limoe_main(["eval", "zeroshot", "--model", str(tiny_export), "--data", str(tmp_path / "data")])
+    assert code == 2
+    assert "numbered" in capsys.readouterr().err
+    code = limoe_main(["eval", "zeroshot", "--model", str(tmp_path / "no-export"), "--data", str(tmp_path)])
+    assert code == 2
+    assert "config.json" in capsys.readouterr().err
