@@ -178,12 +178,14 @@ def rank_processes(launcher_pid: int) -> list:
         children = psutil.Process(launcher_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    script = str(TRAIN_SCRIPT)
+    def is_rank(cmdline: list[str]) -> bool:
+        return str(TRAIN_SCRIPT) in cmdline and any(arg.startswith("--local_rank") for arg in cmdline)
+
     ranks = []
     for child in children:
         try:
             # DataLoader workers are forks of a rank: same command line, but a rank as parent.
-            if script in child.cmdline() and script not in child.parent().cmdline():
+            if is_rank(child.cmdline()) and not is_rank(child.parent().cmdline()):
                 ranks.append(child)
         except psutil.Error:
             continue
@@ -222,12 +224,15 @@ def run_command(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
 
 
 def run_training(config: str | os.PathLike | dict | TrainConfig, overrides=(), num_procs: int | None = None,
-                 resume: str | None = None, dry_run: bool = False) -> Path:
+                 resume: str | None = None, dry_run: bool = False, prepare_only: bool = False) -> Path:
     """Check, prepare and run a training job; return its run directory when it is done.
 
     `config`: a YAML path, a shipped config name ("cpu-demo"), a dict, or a TrainConfig.
     `overrides`: (dotted key, value) pairs, e.g. [("train.steps", 50)].
-    Raises ConfigError before launch, TrainingFailed if the ranks fail.
+    `dry_run`: check and print the command only; `prepare_only`: also write the run
+    directory (tokenizer, config.yaml, ds_config.json) but start nothing.
+    Raises ConfigError before launch, TrainingFailed if the ranks fail,
+    TrainingInterrupted if Ctrl-C / SIGTERM stopped them (after their checkpoint).
     """
     overrides = list(overrides)
     if num_procs is not None:
@@ -245,7 +250,7 @@ def run_training(config: str | os.PathLike | dict | TrainConfig, overrides=(), n
         shown_env += "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= "
     print(f"run directory: {config.run_dir}", flush=True)
     print(f"command: {shown_env}{shlex.join(cmd)}", flush=True)
-    if dry_run:
+    if dry_run or prepare_only:
         return config.run_dir
     returncode, signum = run_command(cmd, env)
     if returncode != 0:
@@ -264,7 +269,8 @@ def run_train_command(args) -> int:
             cmd = build_command(config, config.run_dir / "config.yaml", args.resume, node_rank=args.node_rank)
             print(f"command: {shlex.join(cmd)}", flush=True)
             return run_command(cmd, launch_env(config))[0]
-        run_training(args.config, overrides, resume=args.resume, dry_run=args.dry_run)
+        run_training(args.config, overrides, resume=args.resume, dry_run=args.dry_run,
+                     prepare_only=args.prepare_only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -293,6 +299,9 @@ def register(subparsers) -> None:
                    help="continue from the run's latest checkpoint (a fresh start if it has none), "
                         "or from a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the command; run nothing")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="also write the run directory (tokenizer, config.yaml, ds_config.json), then stop; "
+                        "for launching the printed command yourself (launch/slurm.sh does)")
     p.add_argument("--node-rank", type=int, default=None,
                    help="(multi-node without ssh, e.g. SLURM) start only this node's ranks; "
                         "the run directory must already be prepared")

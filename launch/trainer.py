@@ -57,7 +57,8 @@ class StopRequest:
     @classmethod
     def install(cls) -> None:
         def handler(signum, frame):
-            cls.signum = signum
+            if cls.signum is None:  # keep the first: the deepspeed launcher follows Ctrl-C with SIGTERM
+                cls.signum = signum
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,311 @@
+"""Training configs, overrides, ds_config, launch command and trainer pieces (no processes started)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launch.ds_config import build_ds_config
+from launch.launcher import build_command, check_hosts, check_run_dir
+from launch.train_config import CONFIG_DIR, ConfigError, check_files, load_config, overrides_from_args
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def minimal(**sections) -> dict:
+    config = {"name": "t", "data": {"train": [{"shards": "unused.tar"}]}}
+    config.update(sections)
+    return config
+
+
+@pytest.fixture
+def shards(tmp_path):
+    from data_pipelines.testing import write_fake_shards
+
+    return write_fake_shards(tmp_path / "shards", num_samples=8, per_shard=4)
+
+
+def test_shipped_configs_cover_cpu_demo_one_gpu_node_and_multi_node():
+    names = {p.stem for p in SHIPPED}
+    assert {"cpu-demo", "b16-8gpu", "l16-multinode"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_parses_and_gives_a_ds_config(path):
+    config = load_config(path)
+    ds = build_ds_config(config)
+    assert ds["train_micro_batch_size_per_gpu"] == config.train.batch_size
+    assert ds["zero_optimization"]["stage"] in (0, 1, 2)
+    assert ds["bf16"]["enabled"] == (config.train.precision == "bf16")
+
+
+def test_cpu_demo_is_limoe_nano_on_two_ranks_with_ep_size_2():
+    config = load_config("cpu-demo")
+    assert config.model["preset"] == "limoe-nano"
+    assert (config.parallel.num_procs, config.parallel.ep_size, config.train.precision) == (2, 2, "fp32")
+    assert "emoji-google" in config.data.train[0].shards
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.batchsize' \(did you mean 'train\.batch_size'\?\)"):
+        load_config(minimal(train={"batchsize": 8}))
+
+
+def test_unknown_top_level_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimiser'"):
+        load_config(minimal(optimiser={"lr": 1.0}))
+
+
+def test_unknown_model_override_key_is_named_down_to_the_modality():
+    with pytest.raises(ConfigError, match=r"'model\.moe\.text\.global_entrpy'"):
+        load_config(minimal(model={"preset": "limoe-nano", "moe": {"text": {"global_entrpy": 0.1}}}))
+
+
+def test_unknown_model_preset_is_named():
+    with pytest.raises(ConfigError, match=r"'model\.preset': unknown model 'limoe-nanoo'"):
+        load_config(minimal(model={"preset": "limoe-nanoo"}))
+
+
+def test_wrong_value_type_is_named():
+    with pytest.raises(ConfigError, match=r"'optimizer\.lr' must be a number, got 'fast'"):
+        load_config(minimal(optimizer={"lr": "fast"}))
+
+
+def test_yaml_exponent_without_a_dot_is_read_as_a_number():
+    raw = yaml.safe_load("optimizer: {lr: 1e-3}")  # YAML 1.1 reads this as the string "1e-3"
+    assert load_config(minimal(**raw)).optimizer.lr == pytest.approx(1e-3)
+
+
+def test_model_overrides_reach_the_moe_config():
+    config = load_config(minimal(model={"preset": "limoe-nano", "moe": {"capacity_factor": 1.5,
+                                                                          "text": {"global_entropy": 0.2}}}))
+    moe = config.model_config().moe
+    assert moe.capacity_factor == 1.5 and moe.text.global_entropy == 0.2
+    assert moe.image.global_entropy == 0.0  # untouched fields keep the preset's values
+
+
+def test_ep_size_that_does_not_divide_the_experts_is_rejected():
+    with pytest.raises(ConfigError, match=r"'parallel\.ep_size': 3 does not divide the number of experts \(4"):
+        load_config(minimal(parallel={"ep_size": 3, "num_procs": 3}))
+
+
+def test_ep_size_that_does_not_divide_the_world_size_is_rejected():
+    with pytest.raises(ConfigError, match=r"'parallel\.ep_size': 4 does not divide the world size 2"):
+        load_config(minimal(parallel={"ep_size": 4, "num_procs": 2}))
+
+
+def test_zero_stage_3_is_rejected_with_the_reason():
+    with pytest.raises(ConfigError, match=r"'parallel\.zero_stage': ZeRO stage 3 is not supported with DeepSpeed's native MoE"):
+        load_config(minimal(parallel={"zero_stage": 3}))
+
+
+def test_missing_shards_are_named():
+    config = load_config(minimal(data={"train": [{"shards": "/nonexistent/a-{000000..000001}.tar"}]}))
+    with pytest.raises(ConfigError, match=r"'data\.train\[0\]\.shards': 2 of 2 shard\(s\) not found: /nonexistent/a-000000\.tar"):
+        check_files(config, need_tokenizer=False)
+
+
+def parse_train_args(argv):
+    from launch.cli import build_parser
+
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_open_clip_style_flags_override_config_keys():
+    args = parse_train_args(["--config", "cpu-demo", "--lr", "1e-4", "--wd", "0.05", "--batch-size", "16",
+                             "--warmup", "7", "--precision", "bf16", "--seed", "9", "--name", "x", "--logs", "runs",
+                             "--train-data", "a.tar::b.tar", "--train-data-upsampling-factors", "1::3",
+                             "--grad-checkpointing", "--set", "model.moe.capacity_factor=2",
+                             "--set", "parallel.ep_size=4", "--num-gpus", "4", "--resume", "latest"])
+    config = load_config(args.config, overrides_from_args(args))
+    assert (config.optimizer.lr, config.optimizer.wd, config.train.batch_size) == (1e-4, 0.05, 16)
+    assert (config.schedule.warmup, config.train.precision, config.seed, config.name) == (7, "bf16", 9, "x")
+    assert config.run_dir == Path("runs/x")
+    assert [(s.shards, s.weight) for s in config.data.train] == [("a.tar", 1.0), ("b.tar", 3.0)]
+    assert config.train.grad_checkpointing is True
+    assert config.model_config().moe.capacity_factor == 2.0
+    assert (config.parallel.ep_size, config.parallel.num_procs) == (4, 4)
+    assert args.resume == "latest"
+
+
+def test_set_of_an_unknown_key_is_named():
+    args = parse_train_args(["--config", "cpu-demo", "--set", "train.stpes=5"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.stpes'"):
+        load_config(args.config, overrides_from_args(args))
+
+
+def test_bad_config_fails_before_launch_naming_the_key(tmp_path, monkeypatch, capsys):
+    from launch.cli import main
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_launch)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(minimal(logs=str(tmp_path / "logs"), parallel={"ep_size": 3, "num_procs": 2})))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "'parallel.ep_size'" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_missing_shards_fail_before_launch(tmp_path, monkeypatch, capsys):
+    from launch.cli import main
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(minimal(logs=str(tmp_path / "logs"),
+                                          data={"train": [{"shards": str(tmp_path / "none.tar")}]})))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "'data.train[0].shards'" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_deepspeed_command_and_writes_nothing(tmp_path, shards, capsys):
+    from launch.cli import main
+
+    args = ["train", "--config", "cpu-demo", "--train-data", str(Path(shards[0]).parent), "--logs",
+            str(tmp_path / "logs"), "--name", "demo", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "deepspeed --num_gpus 2 --master_port 29500" in out
+    assert f"launch/train.py --config {tmp_path / 'logs' / 'demo' / 'config.yaml'}" in out
+    assert "DS_ACCELERATOR=cpu" in out and "OMP_NUM_THREADS=" in out
+    assert not (tmp_path / "logs").exists()
+
+
+def test_multi_node_command_names_hostfile_nodes_and_master(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8  # second node\n")
+    config = load_config(minimal(parallel={"num_nodes": 2, "num_procs": 8, "ep_size": 8, "hostfile": str(hostfile),
+                                           "master_addr": "node-a", "master_port": 6000},
+                                 model={"preset": "limoe-b-16"}))
+    check_hosts(config)
+    cmd = build_command(config, Path("logs/t/config.yaml"), resume="latest")
+    joined = " ".join(cmd)
+    assert f"--hostfile {hostfile} --num_nodes 2 --num_gpus 8 --master_port 6000 --master_addr node-a" in joined
+    assert joined.endswith("launch/train.py --config logs/t/config.yaml --resume latest")
+    slurm = build_command(config, Path("logs/t/config.yaml"), node_rank=1)
+    assert "--no_ssh --node_rank 1" in " ".join(slurm)
+
+
+def test_hostfile_with_too_few_nodes_or_slots_is_named(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=4\n")
+    too_many_nodes = load_config(minimal(parallel={"num_nodes": 2, "num_procs": 2, "hostfile": str(hostfile)}))
+    with pytest.raises(ConfigError, match=r"'parallel\.num_nodes': 2 nodes but .* lists 1"):
+        check_hosts(too_many_nodes)
+    too_many_procs = load_config(minimal(parallel={"num_procs": 8, "hostfile": str(hostfile)}))
+    with pytest.raises(ConfigError, match=r"'parallel\.num_procs': 8 processes per node but node-a has slots=4"):
+        check_hosts(too_many_procs)
+
+
+def test_several_nodes_without_a_hostfile_is_an_error():
+    with pytest.raises(ConfigError, match=r"'parallel\.hostfile'"):
+        check_hosts(load_config(minimal(parallel={"num_nodes": 2, "num_procs": 2})))
+
+
+def test_ds_config_takes_batch_accumulation_clip_precision_and_stage_from_the_config():
+    config = load_config(minimal(train={"batch_size": 12, "accum_freq": 3, "grad_clip": 0.5, "precision": "bf16"},
+                                 parallel={"zero_stage": 2}))
+    ds = build_ds_config(config)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (12, 3, 0.5)
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["overlap_comm"] is True  # from the gpu-bf16-zero2 template
+
+
+def test_ds_config_template_that_disagrees_with_the_config_names_both_keys(tmp_path):
+    template = tmp_path / "ds.json"
+    template.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": "auto"}}))
+    config = load_config(minimal(train={"batch_size": 8}, parallel={"ds_config": str(template)}))
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=4 but 'train\.batch_size' gives 8"):
+        build_ds_config(config)
+
+
+def test_ds_config_template_with_its_own_optimizer_is_rejected(tmp_path):
+    template = tmp_path / "ds.json"
+    template.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match=r"sets 'optimizer'"):
+        build_ds_config(load_config(minimal(parallel={"ds_config": str(template)})))
+
+
+def test_run_directory_with_checkpoints_needs_resume(tmp_path):
+    config = load_config(minimal(logs=str(tmp_path)))
+    (config.run_dir / "checkpoints" / "step_00000010").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"already has checkpoints or metrics; continue it with --resume latest"):
+        check_run_dir(config, resume=None)
+    check_run_dir(config, resume="latest")
+
+
+# -- trainer pieces ---------------------------------------------------------------------
+
+
+def tiny_model_config():
+    return load_config(minimal(model={"preset": "limoe-nano", "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
+                                      "embed_dim": 16, "image_size": 16, "patch_size": 4, "vocab_size": 50,
+                                      "context_length": 8})).model_config()
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
+    from launch.trainer import build_model, optimizer_param_groups
+
+    model = build_model(tiny_model_config(), 1, 0, seed=0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = optimizer_param_groups(model, weight_decay=0.1)
+    assert all("name" in g for g in groups)
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert {"logit_scale", "token_embed.weight", "image_pos", "text_pos", "image_pool.probe",
+            "blocks.0.norm1.weight", "blocks.0.attn.q.bias",
+            "blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.0.fc1.bias"} <= no_decay
+    assert {"blocks.0.attn.q.weight", "patch_embed.weight", "image_proj.weight", "blocks.1.mlp.deepspeed_moe.gate.wg.weight",
+            "blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"} <= decay
+    assert len(no_decay) + len(decay) == len(names)
+    # Expert parameters sit in groups of their own, as DeepSpeed's MoE optimizer wrapping requires.
+    moe_groups = [g for g in groups if g.get("moe")]
+    assert moe_groups and all(g["name"] == "ep_size_1" for g in moe_groups)
+    assert all("deepspeed_experts" in names[id(p)] for g in moe_groups for p in g["params"])
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    from launch.trainer import warmup_cosine
+
+    lrs = [warmup_cosine(step, warmup=4, total=20, lr=1.0, min_lr=0.1) for step in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[4] == pytest.approx(1.0) and warmup_cosine(20, 4, 20, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_initial_weights_do_not_depend_on_ep_size():
+    from launch.trainer import build_model
+    from limoe.checkpoint import gather_experts
+
+    config = tiny_model_config()
+    full = build_model(config, 1, 0, seed=5).state_dict()
+    shards = [build_model(config, 2, ep_rank, seed=5).state_dict() for ep_rank in range(2)]
+    gathered = gather_experts(shards)
+    assert gathered.keys() == full.keys()
+    assert all(torch.equal(gathered[k], full[k]) for k in full)
+
+
+def test_checkpoint_pruning_keeps_the_newest(tmp_path):
+    from launch.trainer import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path, keep=2, rank=0)
+    for step in (5, 10, 15, 20):
+        (checkpoints.dir / Checkpoints.tag(step)).mkdir(parents=True)
+    checkpoints.prune(current=Checkpoints.tag(20))
+    assert sorted(p.name for p in checkpoints.dir.iterdir()) == ["step_00000015", "step_00000020"]
+
+
+def test_resumed_metrics_drop_records_past_the_checkpoint_into_a_side_file(tmp_path):
+    from launch.trainer import RunLog
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 8, "lo')  # torn last line
+    RunLog(tmp_path, start_step=5, total_steps=10, enabled=False)._drop_records_after(5)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    discarded = (tmp_path / "metrics.discarded.jsonl").read_text()
+    assert '"step": 6' in discarded and '"step": 7' in discarded and '{"step": 8, "lo' in discarded

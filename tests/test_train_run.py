@@ -1,0 +1,274 @@
+"""Training end to end: 2 CPU ranks (gloo), ep_size=2, tiny model, tiny repeated data.
+
+Every run goes through `launch.launcher.run_training` (the function behind
+`limoe train`): config checks, tokenizer training, the `deepspeed` launcher,
+launch/train.py on each rank, checkpoints, the automatic export.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40),
+           "purple": (150, 40, 180), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245)}
+STEPS, EVERY, STOP_AT, BATCH = 24, 8, 12, 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def colour_records(per_colour: int = 6):
+    """Solid colour squares (a little noise each) captioned by their colour: learnable in a few steps."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipelines.writer import Record
+
+    rng = np.random.default_rng(0)
+    records = []
+    for name, rgb in COLOURS.items():
+        for i in range(per_colour):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 12, (16, 16, 3)), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            records.append(Record(f"{name}/{i}.png", buf.getvalue(), [f"a {name} square", f"{name}"]))
+    return records
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from data_pipelines.writer import write_shards
+
+    root = tmp_path_factory.mktemp("train")
+    write_shards(colour_records(), root / "shards", "colours", maxcount=16)
+    return root
+
+
+def tiny_config(root: Path, name: str, **sections) -> dict:
+    config = {
+        "name": name, "logs": str(root / "logs"), "seed": 3,
+        "model": {"preset": "limoe-nano", "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "embed_dim": 16,
+                  "image_size": 16, "patch_size": 4, "context_length": 8,
+                  "logit_scale_init": 5.0},  # exp(5) = 148 > 100: the clamp must hold it at 100
+        "data": {"train": [{"shards": str(root / "shards")}], "tokenizer": str(root / "tokenizer.model"),
+                 "tokenizer_vocab_size": 40, "workers": 0, "shuffle_buffer": 32},
+        "train": {"batch_size": BATCH, "steps": STEPS},
+        "optimizer": {"lr": 3e-3, "wd": 0.01},
+        "schedule": {"warmup": 3},
+        "parallel": {"num_procs": 2, "ep_size": 2, "zero_stage": 1, "accelerator": "cpu",
+                     "master_port": free_port()},
+        "checkpoint": {"every": EVERY, "keep": 2},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    """An uninterrupted run of STEPS steps."""
+    from launch.launcher import run_training
+
+    return run_training(tiny_config(workdir, "full"))
+
+
+@pytest.fixture(scope="module")
+def resumed_run(workdir, full_run):
+    """The same run stopped after STOP_AT steps, then continued with --resume latest."""
+    from launch.launcher import run_training
+
+    config = tiny_config(workdir, "resumed")
+    stopped = run_training(config, [("train.stop_after", STOP_AT)])
+    first_part = metrics(stopped)
+    run_dir = run_training(config, resume="latest")
+    return run_dir, first_part
+
+
+def test_loss_goes_down_below_chance(full_run):
+    records = metrics(full_run)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    losses = [r["contrastive_loss"] for r in records]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.5, losses
+    assert last < math.log(2 * BATCH), f"no better than chance ({math.log(2 * BATCH):.2f}): {losses}"
+
+
+def test_logit_scale_is_clamped_to_its_maximum_after_every_step(full_run):
+    assert all(r["logit_scale"] <= 100.0 + 1e-3 for r in metrics(full_run))
+
+
+def test_checkpoints_keep_the_newest_two_and_latest_names_the_last(full_run):
+    checkpoints = full_run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000016", "step_00000024"]
+    assert (checkpoints / "latest").read_text() == "step_00000024"
+    # Experts are saved per file: all 4 experts of the one MoE layer, from both ranks.
+    names = {p.name for p in (checkpoints / "step_00000024").iterdir()}
+    assert {f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)} <= names
+
+
+def test_resumed_run_continues_at_the_next_step_with_the_same_lr_and_losses(full_run, resumed_run):
+    run_dir, first_part = resumed_run
+    assert [r["step"] for r in first_part] == list(range(1, STOP_AT + 1))
+    resumed = metrics(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1)), "metrics.jsonl continues, not restarts"
+    reference = {r["step"]: r for r in metrics(full_run)}
+    for record in resumed[STOP_AT:]:
+        want = reference[record["step"]]
+        assert record["lr"] == pytest.approx(want["lr"], rel=1e-9), record["step"]
+        assert record["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), record["step"]
+        assert record["contrastive_loss"] == pytest.approx(want["contrastive_loss"], rel=1e-5, abs=1e-6)
+    out_log = (run_dir / "out.log").read_text()
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000012'}: step {STOP_AT}" in out_log
+
+
+def test_export_embeds_like_the_training_model(full_run):
+    """The trainer saved what its ep_size=2 DeepSpeed model computed on a probe batch
+    (each rank its half); the export, opened by limoe.load in this one process, agrees."""
+    from safetensors.torch import load_file
+
+    import limoe
+
+    probe = load_file(str(full_run / "export_probe.safetensors"))
+    model, _, tokenizer = limoe.load(full_run / "export")
+    assert model.ep_size == 1 and model.config.moe.num_experts == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(probe["images"], normalize=True), probe["image_features"],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode_text(probe["tokens"], normalize=True), probe["text_features"],
+                                   atol=1e-5, rtol=1e-5)
+    assert model.logit_scale.item() <= math.log(100.0) + 1e-6
+
+
+def test_export_command_writes_the_same_weights(full_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from launch.cli import main
+
+    assert main(["export", "--checkpoint", str(full_run), "--out", str(tmp_path / "again")]) == 0
+    a, b = load_file(str(full_run / "export" / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_of_a_checkpoint_missing_an_expert_names_it(full_run, tmp_path):
+    from launch.export import export_run
+    from limoe.checkpoint import ExportError
+
+    broken = tmp_path / "step_00000024"
+    shutil.copytree(full_run / "checkpoints" / "step_00000024", broken)
+    (broken / "layer_0_expert_3_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ExportError, match=r"expert weights missing.*deepspeed_experts\.3"):
+        export_run(broken, tmp_path / "out")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Clean up after a failed test: the launcher and every process under it."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for p in [*children, psutil.Process(proc.pid)] if proc.poll() is None else children:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_exits(workdir):
+    # One DataLoader worker per rank: the workers must not die of the signal meant for the ranks.
+    config = tiny_config(workdir, "interrupted", train={"batch_size": BATCH, "steps": 2000},
+                         data={"workers": 1})
+    config_path = workdir / "interrupted.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    limoe_cli = Path(sys.executable).with_name("limoe")
+    proc = subprocess.Popen([str(limoe_cli), "train", "--config", str(config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    run_dir = workdir / "logs" / "interrupted"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    last_step = metrics(run_dir)[-1]["step"]
+    assert 3 <= last_step < 2000
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step:08d}"
+    assert f"stopped by SIGTERM at step {last_step}" in (run_dir / "out.log").read_text()
+    assert "--resume latest" in output
+
+
+def test_ctrl_c_on_the_printed_deepspeed_command_writes_a_checkpoint(workdir):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the
+    deepspeed launcher, the ranks and their DataLoader workers. The ranks must still
+    agree to checkpoint (the workers must not die first and abort them)."""
+    from launch.launcher import build_command, launch_env, prepare_run
+    from launch.train_config import load_config
+
+    config = load_config(tiny_config(workdir, "ctrl-c", train={"batch_size": BATCH, "steps": 2000},
+                                     data={"workers": 1}))
+    prepare_run(config)
+    cmd = build_command(config, config.run_dir / "config.yaml")
+    proc = subprocess.Popen(cmd, env=launch_env(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # its own group, like a terminal job
+    run_dir = config.run_dir
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc)
+    last_step = metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step:08d}"
+    assert f"stopped by SIGINT at step {last_step}" in (run_dir / "out.log").read_text()
+
+
+def test_too_many_non_finite_losses_stop_the_run_with_a_checkpoint(workdir):
+    """An absurd learning rate sends the weights to inf after the first step; every loss
+    after that is non-finite, is skipped and counted, and the run stops."""
+    from launch.launcher import TrainingFailed, run_training
+
+    config = tiny_config(workdir, "diverged", optimizer={"lr": 1e30, "wd": 0.0},
+                         schedule={"warmup": 0}, train={"batch_size": BATCH, "steps": 50, "max_bad_steps": 3})
+    with pytest.raises(TrainingFailed) as failure:
+        run_training(config)
+    assert failure.value.returncode == 3
+    run_dir = workdir / "logs" / "diverged"
+    out_log = (run_dir / "out.log").read_text()
+    assert "non-finite loss" in out_log and "3 non-finite losses in a row" in out_log
+    last_step = metrics(run_dir)[-1]["step"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step:08d}"
