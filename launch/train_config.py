@@ -486,7 +486,11 @@ def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, l
     if config.parallel.ds_config:
         _check(Path(config.parallel.ds_config).is_file(), "parallel.ds_config",
                f"{config.parallel.ds_config} not found")
-    if config.eval.every and config.eval.data:
+    if config.eval.every:
+        try:
+            import eval.zeroshot  # noqa: F401  (the hook imports it lazily; fail here, not at step N)
+        except ImportError as e:
+            raise ConfigError(f"'eval.every': zero-shot evaluation is not available ({e}); set eval.every: 0") from e
         _check(Path(config.eval.data).exists() or "::" in config.eval.data or "{" in config.eval.data,
                "eval.data", f"{config.eval.data} not found")
     return shards

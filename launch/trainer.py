@@ -470,9 +470,16 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         state.batches_drawn = drawn
         step_samples = micro_done * config.train.batch_size * world_size
         state.samples_seen += step_samples
-        if state.step % config.train.log_every == 0 or state.step == stop_at:
-            elapsed = time.perf_counter() - t_step
-            m = {k: v / micro_done for k, v in sums.items() if not k.startswith(("dropped/", "routes/"))}
+        elapsed = time.perf_counter() - t_step
+        m = {}
+        if config.eval.every and state.step % config.eval.every == 0:
+            evaluated = zero_shot_eval(engine.module, tokenizer, config.eval, ep_size, device)
+            engine.train()
+            if evaluated is not None:
+                m.update({f"eval/{k}": v for k, v in evaluated.items()})
+                log.info("step %d zero-shot on %s: %s", state.step, config.eval.data, evaluated)
+        if m or state.step % config.train.log_every == 0 or state.step == stop_at:
+            m.update({k: v / micro_done for k, v in sums.items() if not k.startswith(("dropped/", "routes/"))})
             for modality in ("image", "text"):
                 if f"routes/{modality}" in sums:
                     m[f"drop_rate/{modality}"] = sums[f"dropped/{modality}"] / max(1.0, sums[f"routes/{modality}"])
@@ -495,12 +502,6 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         step_lr = scheduler.get_last_lr()[0]
         if state.step % config.checkpoint.every == 0:
             checkpoints.save(engine, state, model_config, extra)
-        if config.eval.every and state.step % config.eval.every == 0:
-            metrics = zero_shot_eval(engine.module, tokenizer, config.eval, ep_size, device)
-            engine.train()
-            if metrics is not None:
-                run_log.record(state.step, {f"eval/{k}": v for k, v in metrics.items()})
-                log.info("step %d zero-shot: %s", state.step, metrics)
         t_step = time.perf_counter()
 
     # -- the end: checkpoint, export --------------------------------------------------------------

@@ -50,16 +50,20 @@ def colour_records(per_colour: int = 6):
             pixels = np.clip(np.array(rgb) + rng.normal(0, 12, (16, 16, 3)), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, format="PNG")
-            records.append(Record(f"{name}/{i}.png", buf.getvalue(), [f"a {name} square", f"{name}"]))
+            label = list(COLOURS).index(name)
+            records.append(Record(f"{name}/{i}.png", buf.getvalue(), [f"a {name} square", f"{name}"], label))
     return records
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from data_pipelines.writer import write_shards
+    from data_pipelines.writer import ShardSetWriter
 
     root = tmp_path_factory.mktemp("train")
-    write_shards(colour_records(), root / "shards", "colours", maxcount=16)
+    with ShardSetWriter(root / "shards", "colours", maxcount=16) as writer:
+        for record in colour_records():
+            writer.write(record)
+        writer.add_file("classnames.txt", "\n".join(COLOURS) + "\n")  # the shards double as zero-shot data
     return root
 
 
@@ -89,10 +93,13 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def full_run(workdir):
-    """An uninterrupted run of STEPS steps."""
+    """An uninterrupted run of STEPS steps, with zero-shot evaluation every STOP_AT steps."""
     from launch.launcher import run_training
 
-    return run_training(tiny_config(workdir, "full"))
+    templates = workdir / "templates.txt"
+    templates.write_text("a {} square\n{}\n")  # prompts in the captions' own words
+    evaluation = {"every": STOP_AT, "data": str(workdir / "shards"), "templates": str(templates), "max_images": None}
+    return run_training(tiny_config(workdir, "full", eval=evaluation))
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +121,15 @@ def test_loss_goes_down_below_chance(full_run):
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.5, losses
     assert last < math.log(2 * BATCH), f"no better than chance ({math.log(2 * BATCH):.2f}): {losses}"
+
+
+def test_periodic_zero_shot_evaluation_is_recorded_with_the_step(full_run):
+    evaluated = {r["step"]: r for r in metrics(full_run) if "eval/top1" in r}
+    assert sorted(evaluated) == [STOP_AT, STEPS]
+    for record in evaluated.values():
+        assert 0.0 <= record["eval/top1"] <= record["eval/top5"] <= 1.0
+    # 8 colour classes, chance is 1/8: the model has learnt the colours by the end.
+    assert evaluated[STEPS]["eval/top1"] > 2 / len(COLOURS)
 
 
 def test_logit_scale_is_clamped_to_its_maximum_after_every_step(full_run):
