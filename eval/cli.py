@@ -150,21 +150,16 @@ def run_zeroshot(args) -> int:
 # ---- retrieval ------------------------------------------------------------------
 
 
-def _caption_batches(loader):
-    for batch in loader:
-        yield batch["images"], batch["captions"]
-
-
 @_user_errors
 def run_retrieval(args) -> int:
     from data_pipelines import build_eval_loader
 
     from .files import write_json
-    from .retrieval import evaluate_retrieval
+    from .retrieval import caption_batches, evaluate_retrieval
 
     model, _, tokenizer = _load_model(args)
     loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers)
-    result = evaluate_retrieval(model, tokenizer, _caption_batches(loader), max_images=args.max_images,
+    result = evaluate_retrieval(model, tokenizer, caption_batches(loader), max_images=args.max_images,
                                 progress=True)
     doc = {"task": "retrieval", "model": {"export": str(args.model), "name": model.config.name},
            "data": {"path": str(args.data)}, **result,
@@ -183,29 +178,17 @@ def run_retrieval(args) -> int:
 # ---- routing --------------------------------------------------------------------
 
 
-def _pair_batches(loader):
-    import torch
-
-    for batch in loader:
-        has_caption = [bool(c) for c in batch["captions"]]
-        if all(has_caption):
-            yield batch["images"], batch["tokens"]
-        elif any(has_caption):
-            keep = torch.tensor(has_caption)
-            yield batch["images"][keep], batch["tokens"][keep]
-
-
 @_user_errors
 def run_routing(args) -> int:
     from data_pipelines import build_eval_loader
 
     from .files import write_json
-    from .routing import analyze_routing, plot_routing
+    from .routing import analyze_routing, pair_batches, plot_routing
 
     model, _, tokenizer = _load_model(args)
     loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers,
                                tokenizer=tokenizer)
-    result = analyze_routing(model, _pair_batches(loader), capacity_factor=args.capacity_factor,
+    result = analyze_routing(model, pair_batches(loader), capacity_factor=args.capacity_factor,
                              max_pairs=args.num_pairs, progress=True)
     result["batch_size"] = args.batch_size
     result["data"] = str(args.data)

@@ -86,6 +86,12 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
     return out
 
 
+def caption_batches(eval_batches: Iterable[dict]):
+    """(images, caption lists) from `data_pipelines.build_eval_loader` batches."""
+    for batch in eval_batches:
+        yield batch["images"], batch["captions"]
+
+
 def encode_caption_pairs(model, tokenizer, batches: Iterable, device: torch.device | str | None = None,
                          max_images: int | None = None, text_batch_size: int = 1024,
                          progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

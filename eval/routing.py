@@ -73,6 +73,17 @@ def expert_roles(image: dict, text: dict, num_experts: int) -> list[str]:
     return roles
 
 
+def pair_batches(eval_batches: Iterable[dict]):
+    """(images, tokens of the first caption) from `build_eval_loader(..., tokenizer=...)` batches,
+    leaving out samples without captions."""
+    for batch in eval_batches:
+        has_caption = torch.tensor([bool(c) for c in batch["captions"]])
+        if has_caption.all():
+            yield batch["images"], batch["tokens"]
+        elif has_caption.any():
+            yield batch["images"][has_caption], batch["tokens"][has_caption]
+
+
 def analyze_routing(model, batches: Iterable, capacity_factor: float | None = None,
                     max_pairs: int | None = None, device: torch.device | str | None = None,
                     progress: bool = False) -> dict:
