@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "eval.cli",
     "launch.commands_serve",
     "data_pipelines.cli",
+    "launch.demo",
 ]
 
 
@@ -33,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for run records and reports
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
