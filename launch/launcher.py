@@ -163,8 +163,10 @@ def launch_env(config: TrainConfig) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = ""
     elif p.accelerator == "cuda":
         env["DS_ACCELERATOR"] = "cuda"
-    threads = p.threads_per_proc or max(1, (os.cpu_count() or 1) // p.num_procs)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+    if p.threads_per_proc:
+        env["OMP_NUM_THREADS"] = str(p.threads_per_proc)
+    else:  # one share of the cores per rank, unless the user already chose
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.num_procs)))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -300,8 +302,8 @@ def register(subparsers) -> None:
                         "or from a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the command; run nothing")
     p.add_argument("--prepare-only", action="store_true",
-                   help="also write the run directory (tokenizer, config.yaml, ds_config.json), then stop; "
-                        "for launching the printed command yourself (launch/slurm.sh does)")
+                   help="check, train the tokenizer if missing, write the run directory (config.yaml, "
+                        "ds_config.json) and print the command, but start nothing (launch/slurm.sh uses this)")
     p.add_argument("--node-rank", type=int, default=None,
                    help="(multi-node without ssh, e.g. SLURM) start only this node's ranks; "
                         "the run directory must already be prepared")

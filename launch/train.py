@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     add_override_flags(parser)
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, overrides_from_args(args))
+        config = load_config(args.config, overrides_from_args(args), fill_name=False)
         check_files(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

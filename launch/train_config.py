@@ -312,12 +312,14 @@ OVERRIDE_FLAGS = {
 def add_override_flags(parser) -> None:
     """Add the config-override flags to an argparse parser (shared by `limoe train` and train.py)."""
     group = parser.add_argument_group("config overrides (open_clip-style names)")
-    group.add_argument("--train-data", default=None,
+    group.add_argument("--train-data", default=None, metavar="SHARDS",
                        help="training shards; several sources joined with '::' (open_clip style)")
-    group.add_argument("--train-data-upsampling-factors", default=None,
+    group.add_argument("--train-data-upsampling-factors", default=None, metavar="W::W",
                        help="sampling weight of each --train-data source, joined with '::'")
-    for dest, (_, tp, help_text) in OVERRIDE_FLAGS.items():
-        group.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, help=help_text)
+    for dest, (key, tp, help_text) in OVERRIDE_FLAGS.items():
+        metavar = {int: "N", float: "X"}.get(tp, "VALUE")
+        group.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar,
+                           help=f"{help_text} ({key})")
     group.add_argument("--grad-checkpointing", action="store_true", default=None,
                        help="recompute activations in backward (saves memory)")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -390,9 +392,10 @@ def find_config(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file {str(path)!r} not found (shipped configs: {shipped})")
 
 
-def load_config(source: str | os.PathLike | dict, overrides=()) -> TrainConfig:
+def load_config(source: str | os.PathLike | dict, overrides=(), fill_name: bool = True) -> TrainConfig:
     """Read a YAML file (or take a dict), apply overrides, parse and check everything
-    that does not touch the file system."""
+    that does not touch the file system. A missing name becomes a timestamp
+    (`fill_name=False`: an error, for the ranks, which must agree on it)."""
     if isinstance(source, dict):
         raw = source
     else:
@@ -403,6 +406,8 @@ def load_config(source: str | os.PathLike | dict, overrides=()) -> TrainConfig:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
     raw = apply_overrides(raw, overrides)
     config = _from_dict(TrainConfig, raw)
+    if config.name is None and not fill_name:
+        raise ConfigError("'name': required when train.py is started directly (limoe train fills in a timestamp)")
     if config.name is None:
         preset = str(config.model.get("preset", "model")) if isinstance(config.model, dict) else "model"
         config.name = datetime.datetime.now().strftime("%Y_%m_%d-%H_%M_%S") + f"-{preset}"

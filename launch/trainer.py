@@ -337,9 +337,10 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     from .eval_hook import zero_shot_eval
 
     # -- processes ---------------------------------------------------------------------
-    threads = config.parallel.threads_per_proc or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
-    if threads:
-        torch.set_num_threads(threads)
+    # A share of the cores per rank (2 ranks on 2 cores: 1 thread each); LOCAL_SIZE is set by the launcher.
+    threads = (config.parallel.threads_per_proc or int(os.environ.get("OMP_NUM_THREADS", "0"))
+               or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    torch.set_num_threads(threads)
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

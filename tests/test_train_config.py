@@ -309,3 +309,10 @@ def test_resumed_metrics_drop_records_past_the_checkpoint_into_a_side_file(tmp_p
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
     discarded = (tmp_path / "metrics.discarded.jsonl").read_text()
     assert '"step": 6' in discarded and '"step": 7' in discarded and '{"step": 8, "lo' in discarded
+
+
+def test_ranks_started_by_hand_need_a_run_name():
+    """Every rank resolves the config itself, so a timestamp name could differ between them."""
+    with pytest.raises(ConfigError, match=r"'name': required when train.py is started directly"):
+        load_config(minimal(name=None), fill_name=False)
+    assert load_config(minimal(name=None)).name.endswith("-limoe-nano")

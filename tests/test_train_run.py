@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40),
            "purple": (150, 40, 180), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245)}
-STEPS, EVERY, STOP_AT, BATCH = 24, 8, 12, 8
+STEPS, EVERY, STOP_AT, BATCH, ACCUM = 24, 8, 12, 8, 2
 
 
 def free_port() -> int:
@@ -75,7 +75,7 @@ def tiny_config(root: Path, name: str, **sections) -> dict:
                   "logit_scale_init": 5.0},  # exp(5) = 148 > 100: the clamp must hold it at 100
         "data": {"train": [{"shards": str(root / "shards")}], "tokenizer": str(root / "tokenizer.model"),
                  "tokenizer_vocab_size": 40, "workers": 0, "shuffle_buffer": 32},
-        "train": {"batch_size": BATCH, "steps": STEPS},
+        "train": {"batch_size": BATCH, "accum_freq": ACCUM, "steps": STEPS},
         "optimizer": {"lr": 3e-3, "wd": 0.01},
         "schedule": {"warmup": 3},
         "parallel": {"num_procs": 2, "ep_size": 2, "zero_stage": 1, "accelerator": "cpu",
@@ -121,6 +121,7 @@ def test_loss_goes_down_below_chance(full_run):
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.5, losses
     assert last < math.log(2 * BATCH), f"no better than chance ({math.log(2 * BATCH):.2f}): {losses}"
+    assert records[-1]["samples_seen"] == STEPS * ACCUM * 2 * BATCH  # 2 micro-batches per step on 2 ranks
 
 
 def test_periodic_zero_shot_evaluation_is_recorded_with_the_step(full_run):
