@@ -1,0 +1,40 @@
+"""`limoe demo` end to end on the fake emoji packages: the same code path, a tiny budget."""
+import json
+
+import pytest
+
+from launch.cli import main
+
+TINY_MODEL = ["model.width=32", "model.depth=2", "model.heads=2", "model.mlp_dim=64", "model.embed_dim=16",
+              "model.image_size=16", "model.patch_size=4", "data.workers=0"]
+
+
+@pytest.mark.slow
+def test_demo_produces_every_artifact_and_prints_the_table(tmp_path, fake_emoji_tarballs, capsys):
+    out = tmp_path / "demo"
+    tarballs = fake_emoji_tarballs["google"].parent
+    argv = ["demo", "--out", str(out), "--tarball-dir", str(tarballs), "--steps", "3", "--batch-size", "8",
+            "--vocab-size", "60", "--compare-dense"]
+    for item in TINY_MODEL:
+        argv += ["--set", item]
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "Zero-shot on the unseen Twemoji style" in printed
+    for granularity in ("name", "subcategory", "category"):
+        assert f"| limoe | {granularity} |" in printed and f"| dense | {granularity} |" in printed
+    assert "limoe serve --model" in printed
+
+    for name in ("report.md", "loss.png", "routing.png", "routing.json", "results.json"):
+        assert (out / name).is_file(), name
+    for run in ("limoe", "dense"):
+        export = out / run / "export"
+        assert (export / "model.safetensors").is_file() and (export / "tokenizer.model").is_file()
+        assert (out / run / "metrics.jsonl").is_file()
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["granularity"]: r for r in results["results"]["limoe"]}
+    assert rows["category"]["classes"] == 3 and rows["subcategory"]["classes"] == 6
+    assert rows["name"]["images"] == 30  # one fake entry has no image
+    assert 0.0 <= rows["name"]["top1"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "never saw" in report and "![routing](routing.png)" in report
