@@ -147,7 +147,9 @@ class GroupedExperts(Experts):
         if x.is_cuda if self.batched is None else self.batched:
             y = type(self.deepspeed_experts[0]).grouped_forward(list(self.deepspeed_experts), x)
         else:
-            y = torch.stack([expert(x[i]) for i, expert in enumerate(self.deepspeed_experts)])
+            # unbind, not x[i]: its backward stacks the E gradients once instead of
+            # adding E full-size zero-padded ones.
+            y = torch.stack([expert(xe) for xe, expert in zip(x.unbind(0), self.deepspeed_experts)])
         return y.reshape(L, G, C, D).transpose(0, 1)
 
 
