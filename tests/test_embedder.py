@@ -12,7 +12,7 @@ from PIL import Image
 import limoe
 from limoe.embedder import ImageError, average_prompt_embeddings, label_probabilities, load_image
 
-from conftest import make_tiny_model, tiny_texts
+from conftest import tiny_texts
 
 
 def png_bytes(color=(200, 30, 30), size=(20, 12), mode="RGB") -> bytes:

@@ -34,7 +34,9 @@ def reference(shared_tiny_export):
 @pytest.fixture(scope="module")
 def server(shared_tiny_export):
     embedder = limoe.Embedder(shared_tiny_export, batch_size=32)
-    with BackgroundServer(create_app(embedder, ServeSettings(max_batch_size=32, max_wait_ms=20))) as running:
+    # One torch thread: on a busy shared CPU, OpenMP barriers cost more than the tiny model's math.
+    settings = ServeSettings(max_batch_size=32, max_wait_ms=20, torch_threads=1)
+    with BackgroundServer(create_app(embedder, settings)) as running:
         yield running
 
 

@@ -17,7 +17,8 @@ from limoe.serve import BackgroundServer, ServeSettings, create_app
 
 from test_embedder import png_bytes, png_claiming_size
 
-LIMITS = ServeSettings(max_items=4, max_prompts=6, max_request_bytes=20_000, max_image_pixels=64 * 64)
+LIMITS = ServeSettings(max_items=4, max_prompts=6, max_request_bytes=20_000, max_image_pixels=64 * 64,
+                       torch_threads=1)
 
 
 def b64(data: bytes) -> str:
@@ -138,7 +139,7 @@ def test_openai_client_raises_its_bad_request_error_with_our_message(server):
 
 @pytest.fixture(scope="module")
 def locked_server(shared_tiny_export):
-    settings = ServeSettings(api_key="s3cret")
+    settings = ServeSettings(api_key="s3cret", torch_threads=1)
     with BackgroundServer(create_app(limoe.Embedder(shared_tiny_export), settings)) as running:
         yield running
 

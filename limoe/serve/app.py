@@ -12,6 +12,7 @@ runs the model on coalesced batches.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -33,12 +34,13 @@ from starlette.datastructures import UploadFile
 
 from ..embedder import Embedder, ImageError, average_prompt_embeddings, fill_template, label_probabilities
 from .batcher import DynamicBatcher, QueueFull
-from .errors import APIError, error_response, install_error_handlers
+from .errors import INTERNAL_ERROR, APIError, error_response, install_error_handlers
 from .settings import ServeSettings
 from .schemas import ClassifyRequest, ClassifyResponse, EmbeddingResponse, ErrorResponse, \
     ImageEmbeddingRequest, TextEmbeddingRequest
 
 log = logging.getLogger("limoe.serve")
+INLINE_TOKENIZE_CHARS = 20_000  # smaller requests are tokenized on the event loop
 
 
 class BodyTooLarge(HTTPException):
@@ -165,12 +167,26 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
             raise APIError(400, f"too many {what}s: {len(items)} > the limit of {limit} per request",
                            param=param, code="too_many_items")
 
-    async def embed(kind: str, inputs: torch.Tensor) -> np.ndarray:
+    def submit(kind: str, inputs: torch.Tensor) -> asyncio.Future:
+        """Queue prepared inputs for the model worker; await the result outside `batcher.incoming()`."""
         try:
-            return await batcher.embed(kind, inputs)
+            return asyncio.wrap_future(batcher.submit(kind, inputs))
         except QueueFull:
             raise APIError(503, f"the server is busy ({settings.queue_size} requests queued); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except RuntimeError as e:  # shutting down
+            raise APIError(503, str(e), code="unavailable") from None
+
+    async def model_result(pending: asyncio.Future) -> np.ndarray:
+        try:
+            return await pending
+        except Exception:  # the model failed (logged by the batcher): answer 500, keep the connection
+            raise APIError(500, INTERNAL_ERROR, code="internal_error") from None
+
+    async def tokenize(texts: list[str]):
+        if sum(map(len, texts)) < INLINE_TOKENIZE_CHARS:
+            return embedder.tokenize(texts)  # microseconds: cheaper than a hop to the thread pool
+        return await run_in_threadpool(embedder.tokenize, texts)
 
     async def read_images(request: Request, schema: type[ImageEmbeddingRequest]):
         """Multipart uploads or base64 JSON -> (image bytes, the validated request fields)."""
@@ -237,8 +253,10 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
             raise APIError(400, f"this model's embeddings have {embedder.embed_dim} dimensions; "
                                 f"dimensions={body.dimensions} is not supported", param="dimensions",
                            code="invalid_value")
-        tokenized = await run_in_threadpool(embedder.tokenize, texts)
-        embeddings = await embed("text", tokenized.tokens)
+        with batcher.incoming():
+            tokenized = await tokenize(texts)
+            pending = submit("text", tokenized.tokens)
+        embeddings = await model_result(pending)
         tokens = sum(tokenized.num_tokens)
         return JSONResponse({
             "object": "list",
@@ -267,7 +285,9 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
               tags=["embeddings"], summary="Embed images (uploads or base64)", openapi_extra=image_body_docs)
     async def create_image_embeddings(request: Request):
         blobs, body = await read_images(request, ImageEmbeddingRequest)
-        embeddings = await embed("image", await prepare_images(blobs))
+        with batcher.incoming():
+            pending = submit("image", await prepare_images(blobs))
+        embeddings = await model_result(pending)
         return JSONResponse({
             "object": "list",
             "data": _embedding_data(embeddings, body.encoding_format),
@@ -291,10 +311,12 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
         if len(prompts) > settings.max_prompts:
             raise APIError(400, f"too many prompts: {len(labels)} labels x {len(templates)} templates > the limit "
                                 f"of {settings.max_prompts}", param="labels", code="too_many_items")
-        pixels = await prepare_images(blobs)
-        tokenized = await run_in_threadpool(embedder.tokenize, prompts)
-        image_embeddings = await embed("image", pixels)
-        classes = average_prompt_embeddings(await embed("text", tokenized.tokens), len(labels))
+        with batcher.incoming():
+            pixels = await prepare_images(blobs)
+            tokenized = await tokenize(prompts)
+            pending_images, pending_prompts = submit("image", pixels), submit("text", tokenized.tokens)
+        image_embeddings = await model_result(pending_images)
+        classes = average_prompt_embeddings(await model_result(pending_prompts), len(labels))
         probs = label_probabilities(image_embeddings, classes, embedder.logit_scale)
         top_k = min(body.top_k or len(labels), len(labels))
         data = []

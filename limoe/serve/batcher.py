@@ -1,23 +1,27 @@
 """Dynamic batching: concurrent requests become shared model batches on one worker thread.
 
 Request handlers `submit` a job (one modality, a tensor of prepared inputs)
-to a bounded queue and await its future; the event loop never runs the
+to a bounded queue and await its future (`asyncio.wrap_future`); the event loop never runs the
 model. The worker takes the oldest job, keeps collecting jobs of the same
 modality until `max_batch_size` items or `max_wait_ms` have passed, runs one
 forward pass over all of them and hands each job its rows. A job larger
 than `max_batch_size` runs alone (the encoder splits it into passes).
+
+The worker only waits while more work is on its way: handlers hold
+`incoming()` while they tokenize or decode, so a lone request runs at once
+instead of paying `max_wait_ms`.
 
 Coalescing cannot change results because routing is dropless at inference.
 A full queue raises `QueueFull` at once instead of growing without bound.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +32,7 @@ log = logging.getLogger("limoe.serve")
 
 Encoder = Callable[[torch.Tensor], np.ndarray]  # [N, ...] prepared inputs -> [N, D] embeddings
 QueueFull = queue.Full
+POLL_S = 0.001  # while waiting for company, re-check every millisecond whether any is coming
 
 
 @dataclass
@@ -54,6 +59,8 @@ class DynamicBatcher:
         self._forward_passes = forward_passes
         self.torch_threads = torch_threads
         self._carry: Job | None = None  # a job of the other modality that ended the last batch
+        self._incoming = 0  # requests being prepared that will submit soon
+        self._incoming_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.counts = {"requests": 0, "items": 0, "batches": 0, "rejected": 0, "failed": 0, "largest_batch": 0}
@@ -98,8 +105,16 @@ class DynamicBatcher:
             raise
         return job.future
 
-    async def embed(self, kind: str, inputs: torch.Tensor) -> np.ndarray:
-        return await asyncio.wrap_future(self.submit(kind, inputs))
+    @contextmanager
+    def incoming(self):
+        """Hold while preparing inputs you are about to submit: the worker waits for them."""
+        with self._incoming_lock:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._incoming_lock:
+                self._incoming -= 1
 
     def stats(self) -> dict:
         out = dict(self.counts)
@@ -142,9 +157,14 @@ class DynamicBatcher:
         batch, size = [first], len(first)
         deadline = time.perf_counter() + self.max_wait
         while size < self.max_batch_size and not self._stopping.is_set():
-            job = self._next_job(timeout=deadline - time.perf_counter())
+            job = self._next_job(timeout=0)  # whatever is already queued joins without waiting
             if job is None:
-                break
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._incoming == 0:
+                    break  # the wait is over, or nobody is on the way
+                job = self._next_job(timeout=min(remaining, POLL_S))
+                if job is None:
+                    continue
             if job.kind != first.kind or size + len(job) > self.max_batch_size:
                 self._carry = job  # starts the next batch
                 break

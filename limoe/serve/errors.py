@@ -27,6 +27,9 @@ ERROR_TYPES = {
 }
 
 
+INTERNAL_ERROR = "internal server error (see the server log)"
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None):
@@ -87,4 +90,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error (see the server log)", code="internal_error")
+        return error_response(500, INTERNAL_ERROR, code="internal_error")
