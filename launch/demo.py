@@ -123,13 +123,14 @@ def evaluate(export_dir: Path, eval_dir: Path) -> list[dict]:
 def analyze(export_dir: Path, eval_dir: Path, out: Path) -> dict:
     import limoe
     from data_pipelines import build_eval_loader
-    from eval.routing import analyze_routing, plot_routing
+    from eval.files import write_json
+    from eval.routing import analyze_routing, pair_batches, plot_routing
 
     model, _, tokenizer = limoe.load(export_dir)
     loader = build_eval_loader(str(eval_dir / "shards"), model.config.image_size, 128, tokenizer=tokenizer)
-    result = analyze_routing(model, ((b["images"], b["tokens"]) for b in loader), max_pairs=1024)
+    result = analyze_routing(model, pair_batches(loader), max_pairs=1024)
     plot_routing(result, out / "routing.png")
-    (out / "routing.json").write_text(json.dumps(result, indent=2))
+    write_json(result, out / "routing.json")
     return result
 
 
@@ -236,6 +237,7 @@ def run_demo(args) -> int:
 
 
 def demo(args) -> int:
+    from eval.files import write_json
     from launch.train_config import parse_set
 
     t0 = time.time()
@@ -266,7 +268,7 @@ def demo(args) -> int:
     stage("6/6 plots and report")
     plot_losses(runs, out / "loss.png")
     routing = analyze(runs["limoe"] / "export", data["eval"], out)
-    (out / "results.json").write_text(json.dumps({"steps": steps, "results": results}, indent=2))
+    write_json({"steps": steps, "results": results}, out / "results.json")
     report = write_report(out, args, results, routing, runs, time.time() - t0, steps)
 
     print("\nZero-shot on the unseen Twemoji style:\n")
