@@ -194,9 +194,14 @@ def main() -> int:
                     latencies, wall = asyncio.run(run_clients(url, make_request, concurrency, args.requests))
                     after = httpx.get(url + "/health").json()["batching"]
                     batches = after["batches"] - before["batches"]
+                    requests = after["requests"] - before["requests"]
                     rows.append({"mode": "http", "modality": modality, "concurrency": concurrency,
                                  **summarize(latencies, wall), "model_batches": batches,
-                                 "mean_batch": (after["items"] - before["items"]) / max(batches, 1)})
+                                 "mean_batch": (after["items"] - before["items"]) / max(batches, 1),
+                                 "model_ms_per_batch": 1000 * (after["model_seconds"] - before["model_seconds"])
+                                 / max(batches, 1),
+                                 "queue_wait_ms": 1000 * (after["queue_wait_seconds"] - before["queue_wait_seconds"])
+                                 / max(requests, 1)})
             model_card = httpx.get(url + "/v1/models").json()["data"][0]
         finally:
             server.terminate()
@@ -207,13 +212,16 @@ def main() -> int:
           f"{model_card['details']['num_experts']} experts), one item per request, "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms, device {args.device}")
     header = f"{'mode':<11}{'modality':<9}{'clients':>8}{'requests':>9}{'p50 ms':>9}{'p95 ms':>9}" \
-             f"{'p99 ms':>9}{'req/s':>9}{'items/batch':>12}"
+             f"{'p99 ms':>9}{'req/s':>9}{'items/batch':>12}{'model ms/batch':>15}{'queue ms':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        batch = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"
+        http = "mean_batch" in r
+        batch = f"{r['mean_batch']:.1f}" if http else "-"
+        model = f"{r['model_ms_per_batch']:.1f}" if http else "-"
+        wait = f"{r['queue_wait_ms']:.1f}" if http else "-"
         print(f"{r['mode']:<11}{r['modality']:<9}{r['concurrency']:>8}{r['requests']:>9}{r['p50_ms']:>9.1f}"
-              f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['throughput_rps']:>9.1f}{batch:>12}")
+              f"{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['throughput_rps']:>9.1f}{batch:>12}{model:>15}{wait:>9}")
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

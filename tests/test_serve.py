@@ -194,7 +194,7 @@ def test_models_lists_the_model_with_its_embedding_size(http):
 def test_health_reports_status_limits_and_counters(http):
     body = http.get("/health").json()
     assert body["status"] == "ok" and body["model"] == "limoe-nano"
-    assert {"requests", "batches", "forward_passes", "queued", "rejected"} <= set(body["batching"])
+    assert {"requests", "batches", "forward_passes", "queued", "rejected", "model_seconds"} <= set(body["batching"])
     assert body["limits"]["max_batch_size"] == 32
     assert "api_key" not in body["limits"]
 

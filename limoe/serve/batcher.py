@@ -64,6 +64,7 @@ class DynamicBatcher:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.counts = {"requests": 0, "items": 0, "batches": 0, "rejected": 0, "failed": 0, "largest_batch": 0}
+        self.seconds = {"model": 0.0, "queue_wait": 0.0}  # sums: forward passes; submit -> batch start per job
         self.counts_by_kind = {kind: {"requests": 0, "items": 0, "batches": 0} for kind in encoders}
 
     # -- lifecycle --------------------------------------------------------------
@@ -118,6 +119,7 @@ class DynamicBatcher:
 
     def stats(self) -> dict:
         out = dict(self.counts)
+        out.update({f"{name}_seconds": round(value, 6) for name, value in self.seconds.items()})
         out["queued"] = self.queue.qsize()
         out["by_kind"] = {k: dict(v) for k, v in self.counts_by_kind.items()}
         out["max_batch_size"] = self.max_batch_size
@@ -182,6 +184,7 @@ class DynamicBatcher:
 
     def _run(self, batch: list[Job]) -> None:
         kind = batch[0].kind
+        start = time.perf_counter()
         try:
             inputs = batch[0].inputs if len(batch) == 1 else torch.cat([job.inputs for job in batch])
             embeddings = self.encoders[kind](inputs)
@@ -191,10 +194,12 @@ class DynamicBatcher:
             for job in batch:
                 job.future.set_exception(e)
             return
-        start = 0
+        self.seconds["model"] += time.perf_counter() - start
+        self.seconds["queue_wait"] += sum(start - job.submitted for job in batch)
+        row = 0
         for job in batch:
-            job.future.set_result(embeddings[start:start + len(job)])
-            start += len(job)
+            job.future.set_result(embeddings[row:row + len(job)])
+            row += len(job)
         n = len(embeddings)
         self.counts["requests"] += len(batch)
         self.counts["items"] += n
