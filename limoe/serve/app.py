@@ -108,7 +108,7 @@ def _embedding_data(embeddings: np.ndarray, encoding_format: str) -> list[dict]:
 def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> FastAPI:
     """The service over `embedder`; the batching worker starts and stops with the app's lifespan."""
     settings = settings or ServeSettings()
-    embedder.max_image_pixels = settings.max_image_pixels
+    embedder.max_image_pixels = settings.max_image_pixels  # the app owns the embedder from here on
     model_id = settings.model_name or embedder.config.name
     info = embedder.info()
     created = int(embedder.model_dir.joinpath("model.safetensors").stat().st_mtime)
@@ -192,10 +192,11 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
         """Multipart uploads or base64 JSON -> (image bytes, the validated request fields)."""
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            form = await request.form(max_files=settings.max_items + 1, max_fields=settings.max_items + 100)
-            blobs = [await value.read() for _, value in form.multi_items() if isinstance(value, UploadFile)]
-            fields = {key: form.getlist(key) if key in ("labels", "templates") else form.get(key)
-                      for key in form.keys() if not isinstance(form.get(key), UploadFile)}
+            # The context manager closes the spooled upload files when done.
+            async with request.form(max_files=settings.max_items + 1, max_fields=settings.max_items + 100) as form:
+                blobs = [await value.read() for _, value in form.multi_items() if isinstance(value, UploadFile)]
+                fields = {key: form.getlist(key) if key in ("labels", "templates") else form.get(key)
+                          for key in form.keys() if not isinstance(form.get(key), UploadFile)}
             fields.pop("input", None)
         elif content_type.startswith("application/json"):
             try:

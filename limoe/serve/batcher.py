@@ -190,17 +190,14 @@ class DynamicBatcher:
             embeddings = self.encoders[kind](inputs)
         except Exception as e:  # a model failure is the server's, not the client's: each job gets a 500
             log.exception("embedding a %s batch of %d failed", kind, sum(len(j) for j in batch))
-            self.counts["failed"] += len(batch)
+            self.counts["failed"] += len(batch)  # before answering, as below
             for job in batch:
                 job.future.set_exception(e)
             return
+        # Count before answering, so a client that reads /health after its reply sees its batch.
+        n = len(embeddings)
         self.seconds["model"] += time.perf_counter() - start
         self.seconds["queue_wait"] += sum(start - job.submitted for job in batch)
-        row = 0
-        for job in batch:
-            job.future.set_result(embeddings[row:row + len(job)])
-            row += len(job)
-        n = len(embeddings)
         self.counts["requests"] += len(batch)
         self.counts["items"] += n
         self.counts["batches"] += 1
@@ -209,3 +206,7 @@ class DynamicBatcher:
         by_kind["requests"] += len(batch)
         by_kind["items"] += n
         by_kind["batches"] += 1
+        row = 0
+        for job in batch:
+            job.future.set_result(embeddings[row:row + len(job)])
+            row += len(job)
