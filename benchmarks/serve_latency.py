@@ -70,6 +70,16 @@ def make_export(preset: str, out_dir: Path) -> Path:
     return limoe.save(model, tokenizer, out_dir / "export", metadata={"note": "random weights (benchmark)"})
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,6 +171,18 @@ def _time_direct_calls(embedder, texts, images, n: int, rows: list, threads: int
     return rows
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The table as docs/serving.md shows it."""
+    lines = ["| mode | modality | clients | p50 ms | p95 ms | req/s | items/batch | model ms/batch | queue ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        extra = [f"{r['mean_batch']:.1f}", f"{r['model_ms_per_batch']:.1f}", f"{r['queue_wait_ms']:.1f}"] \
+            if "mean_batch" in r else ["-", "-", "-"]
+        lines.append("| " + " | ".join([r["mode"], r["modality"], str(r["concurrency"]), f"{r['p50_ms']:.1f}",
+                                         f"{r['p95_ms']:.1f}", f"{r['throughput_rps']:.1f}", *extra]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,7 +248,7 @@ def main() -> int:
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": cpu_model(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": load_after,
                     "note": "client and server on the same machine, loopback"},
@@ -239,6 +261,7 @@ def main() -> int:
                      "threads": args.threads},
         "results": rows,
     }
+    print("\n" + markdown_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
