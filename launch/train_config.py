@@ -56,7 +56,9 @@ class DataSection:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 1000
     workers: int = 1  # DataLoader workers per rank
-    augment: bool = False  # random-resized-crop + flip (transforms.AugmentConfig defaults)
+    # Training augmentation: false = none (resize only), true = limoe.transforms.AugmentConfig's
+    # defaults (random resized crop), or a mapping of AugmentConfig fields (scale_min, hflip, ...).
+    augment: bool | dict = False
     shuffle_buffer: int = 1000
 
 
@@ -171,7 +173,12 @@ def _coerce(tp, value, key: str):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, key)
+        for arg in args[:-1]:  # bool | dict and the like: the first type that accepts the value
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                pass
+        return _coerce(args[-1], value, key)
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key + ".")
     if origin is list:
@@ -446,6 +453,9 @@ def check_config(config: TrainConfig) -> None:
     _check(p.zero_stage != 3, "parallel.zero_stage",
            "ZeRO stage 3 is not supported with DeepSpeed's native MoE layers (expert parallelism); use 0, 1 or 2")
     _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage}")
+    _check(p.zero_stage != 0 or t.grad_clip == 0, "parallel.zero_stage",
+           "stage 0 with train.grad_clip > 0 fails in DeepSpeed 0.19.8 (its stage-0 clipping cannot scale the "
+           "0-dim logit_scale gradient); use zero_stage 1, or set train.grad_clip: 0")
     _check(p.threads_per_proc is None or p.threads_per_proc >= 1, "parallel.threads_per_proc", "must be >= 1")
     _check(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
     _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
@@ -456,6 +466,7 @@ def check_config(config: TrainConfig) -> None:
     for i, src in enumerate(config.data.train):
         _check(src.weight > 0, f"data.train[{i}].weight", f"must be > 0, got {src.weight}")
     _check(config.data.workers >= 0, "data.workers", f"must be >= 0, got {config.data.workers}")
+    augment_config(config.data.augment)
 
     model = config.model_config()
     experts = model.moe.num_experts
@@ -467,6 +478,20 @@ def check_config(config: TrainConfig) -> None:
     _check(config.world_size % p.ep_size == 0, "parallel.ep_size",
            f"{p.ep_size} does not divide the world size {config.world_size} "
            f"(parallel.num_nodes={p.num_nodes} x parallel.num_procs={p.num_procs})")
+
+
+def augment_config(augment: bool | dict):
+    """data.augment -> limoe.transforms.AugmentConfig (false: a full-image crop, i.e. resize only)."""
+    from limoe.transforms import AugmentConfig
+
+    if augment is False or augment is None:
+        return AugmentConfig(scale_min=1.0, scale_max=1.0, hflip=False, color_jitter=0.0)
+    if augment is True:
+        return AugmentConfig()
+    if not isinstance(augment, dict):
+        raise ConfigError(f"'data.augment' must be true, false or a mapping, got {augment!r}")
+    return AugmentConfig(**_merge_checked(dataclasses.asdict(AugmentConfig()), augment, AugmentConfig,
+                                          "data.augment."))
 
 
 def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, list[str]]:

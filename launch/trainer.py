@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .export import CLIENT_KEY, MODEL_STATES
-from .train_config import TrainConfig, save_config
+from .train_config import TrainConfig, augment_config, save_config
 
 log = logging.getLogger("limoe.train")
 
@@ -330,7 +330,6 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     from data_pipelines.loader import DataSource, build_train_loader, stable_seed
     from limoe.losses import LIMoELoss
     from limoe.tokenizer import Tokenizer
-    from limoe.transforms import AugmentConfig
 
     from .deepspeed_compat import patch_broadcast_of_scalar_parameters
     from .ds_config import build_ds_config, write_ds_config
@@ -415,7 +414,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         image_size=model_config.image_size, batch_size=config.train.batch_size,
         batches_per_epoch=state.batches_per_epoch, rank=rank, world_size=world_size,
         num_workers=config.data.workers, seed=config.seed,
-        augment=AugmentConfig() if config.data.augment else None,
+        augment=augment_config(config.data.augment),
         shuffle_buffer=config.data.shuffle_buffer, pin_memory=device.type == "cuda")
     batches = data_batches(loader, state)
 

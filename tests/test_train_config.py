@@ -316,3 +316,19 @@ def test_ranks_started_by_hand_need_a_run_name():
     with pytest.raises(ConfigError, match=r"'name': required when train.py is started directly"):
         load_config(minimal(name=None), fill_name=False)
     assert load_config(minimal(name=None)).name.endswith("-limoe-nano")
+
+
+def test_augmentation_is_off_on_or_given_field_by_field():
+    from launch.train_config import augment_config
+
+    assert (augment_config(False).scale_min, augment_config(False).scale_max) == (1.0, 1.0)
+    assert augment_config(True).scale_min < 1.0
+    assert load_config(minimal(data={"train": [{"shards": "a.tar"}], "augment": {"hflip": True}})).data.augment == {"hflip": True}
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.augment\.flip'"):
+        load_config(minimal(data={"train": [{"shards": "a.tar"}], "augment": {"flip": True}}))
+
+
+def test_zero_stage_0_needs_gradient_clipping_off():
+    with pytest.raises(ConfigError, match=r"'parallel\.zero_stage': stage 0 with train\.grad_clip > 0"):
+        load_config(minimal(parallel={"zero_stage": 0}))
+    assert load_config(minimal(parallel={"zero_stage": 0}, train={"grad_clip": 0.0})).parallel.zero_stage == 0

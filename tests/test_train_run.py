@@ -217,8 +217,9 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_exits(workdir):
     # One DataLoader worker per rank: the workers must not die of the signal meant for the ranks.
+    # (ZeRO stage 2 here, so its checkpoint path runs too.)
     config = tiny_config(workdir, "interrupted", train={"batch_size": BATCH, "steps": 2000},
-                         data={"workers": 1})
+                         data={"workers": 1}, parallel={"zero_stage": 2})
     config_path = workdir / "interrupted.yaml"
     config_path.write_text(yaml.safe_dump(config))
     limoe_cli = Path(sys.executable).with_name("limoe")
