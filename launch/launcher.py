@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import signal
 import subprocess
 import sys
@@ -136,6 +137,19 @@ def deepspeed_executable() -> str:
     return str(beside_python) if beside_python.is_file() else "deepspeed"
 
 
+def master_port(config: TrainConfig) -> int:
+    """The configured port; else a free one on a single node (two jobs on one box must not
+    collide), else DeepSpeed's usual 29500, which every node must agree on."""
+    p = config.parallel
+    if p.master_port is not None:
+        return p.master_port
+    if p.num_nodes > 1 or p.hostfile:
+        return 29500
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def build_command(config: TrainConfig, config_path: Path, resume: str | None = None,
                   node_rank: int | None = None) -> list[str]:
     """The deepspeed launcher command for this run (one process per GPU / CPU rank)."""
@@ -143,7 +157,7 @@ def build_command(config: TrainConfig, config_path: Path, resume: str | None = N
     cmd = [deepspeed_executable()]
     if p.hostfile:
         cmd += ["--hostfile", p.hostfile, "--num_nodes", str(p.num_nodes)]
-    cmd += ["--num_gpus", str(p.num_procs), "--master_port", str(p.master_port)]
+    cmd += ["--num_gpus", str(p.num_procs), "--master_port", str(master_port(config))]
     if p.master_addr:
         cmd += ["--master_addr", p.master_addr]
     if node_rank is not None:  # one launcher per node (SLURM): no ssh/pdsh fan-out

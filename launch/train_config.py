@@ -101,7 +101,7 @@ class ParallelSection:
     accelerator: str = "auto"  # auto (DeepSpeed detects), cpu, cuda
     hostfile: str | None = None  # DeepSpeed/MPI-style hostfile for multi-node runs
     master_addr: str | None = None
-    master_port: int = 29500
+    master_port: int | None = None  # None: a free port on one node, 29500 across nodes
     # A ds_config JSON template; null picks ds_configs/<cpu|gpu>-<precision>-zero<stage>.json.
     ds_config: str | None = None
     threads_per_proc: int | None = None  # torch/OMP threads per rank; null = cores / local ranks

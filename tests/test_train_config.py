@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def test_dry_run_prints_the_deepspeed_command_and_writes_nothing(tmp_path, shard
             str(tmp_path / "logs"), "--name", "demo", "--dry-run"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "deepspeed --num_gpus 2 --master_port 29500" in out
+    assert re.search(r"deepspeed --num_gpus 2 --master_port \d+ ", out)
     assert f"launch/train.py --config {tmp_path / 'logs' / 'demo' / 'config.yaml'}" in out
     assert "DS_ACCELERATOR=cpu" in out and "OMP_NUM_THREADS=" in out
     assert not (tmp_path / "logs").exists()
@@ -332,3 +333,13 @@ def test_zero_stage_0_needs_gradient_clipping_off():
     with pytest.raises(ConfigError, match=r"'parallel\.zero_stage': stage 0 with train\.grad_clip > 0"):
         load_config(minimal(parallel={"zero_stage": 0}))
     assert load_config(minimal(parallel={"zero_stage": 0}, train={"grad_clip": 0.0})).parallel.zero_stage == 0
+
+
+def test_single_node_runs_get_a_free_master_port_unless_one_is_set(tmp_path, shards):
+    from launch.launcher import master_port
+    from launch.train_config import load_config
+
+    config = load_config("cpu-demo", [("data.train", [{"shards": str(Path(shards[0]).parent)}])])
+    assert config.parallel.master_port is None and master_port(config) != 29500
+    config = load_config("cpu-demo", [("parallel.master_port", 6001)])
+    assert master_port(config) == 6001
