@@ -2,7 +2,10 @@
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +193,12 @@ def test_loading_never_unpickles(shared_tiny_export, monkeypatch):
 def test_missing_export_is_an_export_error(tmp_path):
     with pytest.raises(limoe.ExportError, match="config.json"):
         limoe.Embedder(tmp_path / "nope")
+
+
+def test_import_limoe_and_serve_settings_do_not_import_fastapi():
+    # FastAPI/uvicorn are the optional `serve` extra: only limoe.serve's app and server need them.
+    code = ("import sys, limoe, limoe.serve.settings, launch.cli; launch.cli.build_parser(); "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
