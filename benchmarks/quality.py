@@ -1,0 +1,779 @@
+"""Quality ablation: does limoe learn like LIMoE? Sparse vs dense at equal compute, and what
+the routing losses and Batch Priority Routing do, on the emoji data (issue 9).
+
+Every variant is a real training run of the `cpu-demo` config through the `deepspeed`
+launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
+steps, batch size, data and seeds; only the overrides in VARIANTS differ. Each run is then
+measured on the Twemoji (twitter) style, which no run ever trains on:
+
+- zero-shot top-1 / top-5 at three granularities (emoji name, subcategory, category),
+  with `limoe demo`'s caption-like prompts (`launch.demo.evaluate`);
+- routing health per modality on Twemoji image-caption pairs, routed as in training
+  (no router noise, capacity-limited at the run's capacity factor, batches of the
+  per-rank training batch size so capacity sees as many tokens as in training):
+  share of the modality's tokens on its busiest expert (worst MoE layer), number of
+  experts receiving at least 1/(2E) of them (worst layer), and the drop rate.
+  Dense runs have no routing (n/a).
+
+Results: one JSON per run in OUT/results/ (a run whose file exists is finished; with
+--resume it is skipped), each also appended to OUT/results.jsonl; then mean, std, min and
+max over seeds per variant and metric (OUT/summary.json), seed-paired differences for the
+three claims, a table, a plot, and the generated section of the report (docs/quality.md,
+between its `<!-- generated:start -->` / `<!-- generated:end -->` markers).
+
+    python benchmarks/quality.py                                    # the full ablation (~1 h on 2 idle cores)
+    python benchmarks/quality.py --resume                           # after an interruption: skip finished runs
+    python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense e4 \\
+        --out /tmp/quality-smoke --report /tmp/quality-smoke/quality.md   # a smoke test (minutes)
+    python benchmarks/quality.py --report-only                      # re-render table, plot and doc from OUT
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python benchmarks/quality.py`
+    sys.path.insert(0, str(REPO))
+
+from launch.demo import GRANULARITIES, build_data, evaluate, train, train_tokenizer  # noqa: E402 (light imports)
+
+MODALITIES = ("image", "text")
+GENERATED_START = "<!-- generated:start -->"
+GENERATED_END = "<!-- generated:end -->"
+
+# -- the variants: every override each run adds to cpu-demo, spelled out ------------------------
+
+# The preset defaults (limoe/config.py), written out so a variant's table row says everything.
+IMAGE_LOSSES = {"importance": 0.005, "load": 0.005, "local_entropy": 0.01, "global_entropy": 0.0, "zloss": 0.0}
+TEXT_LOSSES = {"importance": 0.005, "load": 0.005, "local_entropy": 0.01, "global_entropy": 0.05, "zloss": 0.0}
+BALANCE_ONLY = {"importance": 0.005, "load": 0.005, "local_entropy": 0.0, "global_entropy": 0.0, "zloss": 0.0}
+NO_AUX = {"importance": 0.0, "load": 0.0, "local_entropy": 0.0, "global_entropy": 0.0, "zloss": 0.0}
+
+LIMOE_E4 = {
+    "model.preset": "limoe-nano",
+    "model.moe.num_experts": 4,
+    "model.moe.k": 1,
+    "model.moe.capacity_factor": 1.0,
+    "model.moe.batch_priority_routing": True,
+    "model.moe.image": IMAGE_LOSSES,
+    "model.moe.text": TEXT_LOSSES,
+}
+
+# name: (what it tests, overrides). The dense twin replaces each MoE MLP by one MLP of the
+# same shape, so with k=1 every variant spends the same FLOPs per token.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "dense": ("dense twin (limoe-nano-dense): same backbone, one MLP where the experts were",
+              {"model.preset": "limoe-nano-dense"}),
+    "e4": ("LIMoE, 4 experts, all routing losses, BPR, capacity factor 1.0 (also the BPR pair of e4-no-bpr)",
+           LIMOE_E4),
+    "e8": ("LIMoE, 8 experts, otherwise as e4", {**LIMOE_E4, "model.moe.num_experts": 8}),
+    "e4-no-entropy": ("e4 without the per-modality entropy losses (importance + load only)",
+                      {**LIMOE_E4, "model.moe.image": BALANCE_ONLY, "model.moe.text": BALANCE_ONLY}),
+    "e4-no-aux": ("e4 without any auxiliary loss", {**LIMOE_E4, "model.moe.image": NO_AUX, "model.moe.text": NO_AUX}),
+    "e4-no-bpr": ("e4 without Batch Priority Routing, at the same capacity factor 1.0",
+                  {**LIMOE_E4, "model.moe.batch_priority_routing": False}),
+    # Not in the default set: a tighter capacity, where BPR decides which half of the tokens is kept.
+    "e4-cf0.5": ("e4 at capacity factor 0.5 (tight), BPR on", {**LIMOE_E4, "model.moe.capacity_factor": 0.5}),
+    "e4-cf0.5-no-bpr": ("e4 at capacity factor 0.5 (tight), BPR off",
+                        {**LIMOE_E4, "model.moe.capacity_factor": 0.5, "model.moe.batch_priority_routing": False}),
+}
+DEFAULT_VARIANTS = ("dense", "e4", "e8", "e4-no-entropy", "e4-no-aux", "e4-no-bpr")
+
+# Seed-paired differences (first minus second) for the issue's three claims.
+CONTRASTS = [
+    ("sparse vs dense at equal compute", "e4", "dense", [f"zeroshot/{g}/top1" for g in GRANULARITIES]),
+    ("sparse vs dense at equal compute", "e8", "dense", [f"zeroshot/{g}/top1" for g in GRANULARITIES]),
+    ("routing losses: text routing", "e4-no-entropy", "e4",
+     ["routing/text/busiest_expert_share", "routing/text/experts_used", "routing/text/drop_rate",
+      "zeroshot/name/top1"]),
+    ("routing losses: text routing", "e4-no-aux", "e4",
+     ["routing/text/busiest_expert_share", "routing/text/experts_used", "routing/text/drop_rate",
+      "zeroshot/name/top1"]),
+    ("BPR at capacity factor 1.0", "e4-no-bpr", "e4",
+     [f"zeroshot/{g}/top1" for g in GRANULARITIES] + ["routing/image/drop_rate", "routing/text/drop_rate"]),
+    ("BPR at capacity factor 0.5", "e4-cf0.5-no-bpr", "e4-cf0.5",
+     [f"zeroshot/{g}/top1" for g in GRANULARITIES] + ["routing/image/drop_rate", "routing/text/drop_rate"]),
+]
+
+# Defaults sized for about an hour for 6 variants x 3 seeds on 2 idle cores (see docs/quality.md).
+DEFAULT_STEPS = 200
+DEFAULT_BATCH = 64
+DEFAULT_SEEDS = (0, 1, 2)
+# Settings that must agree between runs aggregated together (paths may move).
+SETTING_KEYS = ("config", "steps", "batch_size", "num_procs", "vocab_size", "extra_overrides")
+
+
+# -- running one variant x seed -------------------------------------------------------------------
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}-seed{seed}"
+
+
+def result_path(out: Path, variant: str, seed: int) -> Path:
+    return out / "results" / f"{run_name(variant, seed)}.json"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, so concurrent launches never share a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def write_json(path: Path, data) -> Path:
+    """Temp file then rename: a killed run never leaves half a result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, object]]:
+    """Everything this run adds to cpu-demo on top of `launch.demo.train`'s own overrides
+    (name, logs, data, tokenizer, steps, warmup = steps // 10, checkpoint at the end, export)."""
+    num_procs = settings["num_procs"]
+    return [
+        *VARIANTS[variant][1].items(),
+        ("seed", seed),
+        ("train.batch_size", settings["batch_size"] // num_procs),  # per rank: the global batch is equal
+        ("parallel.num_procs", num_procs),
+        ("parallel.ep_size", 1),  # every rank holds all experts: the same model whatever num_procs
+        ("parallel.threads_per_proc", max(1, (os.cpu_count() or 1) // num_procs)),
+        ("parallel.master_port", free_port()),
+        ("eval.every", 0),
+        ("checkpoint.keep", 1),
+        *[tuple(item) for item in settings["extra_overrides"]],
+    ]
+
+
+def training_summary(metrics_path: Path) -> dict:
+    """Training losses and drop rates averaged over the last tenth of the steps, and throughput."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        raise ValueError(f"{metrics_path}: no training steps recorded")
+    tail = rows[-max(1, len(rows) // 10):]
+    out = {"steps_logged": len(rows), "tail_steps": len(tail),
+           "samples_per_s": statistics.median(r["samples_per_s"] for r in rows)}
+    for key in ("loss", "contrastive_loss", "aux_loss", "drop_rate/image", "drop_rate/text"):
+        if key in tail[0]:
+            out[key] = statistics.fmean(r[key] for r in tail)
+    return out
+
+
+def routing_health(export_dir: Path, eval_dir: Path, batch_size: int, max_pairs: int | None) -> dict:
+    """Parameter counts, and for a sparse model the routing of Twemoji caption pairs at the training
+    capacity factor, in batches of the per-rank training batch (capacity is per routing call)."""
+    import limoe
+    from data_pipelines import build_eval_loader
+    from eval.routing import analyze_routing, pair_batches
+    from limoe.flops import count_parameters
+
+    model, _, tokenizer = limoe.load(export_dir)
+    health = {"parameters": count_parameters(model), "routing": None}
+    if model.config.is_dense:
+        return health
+    loader = build_eval_loader(str(eval_dir / "shards"), model.config.image_size, batch_size, tokenizer=tokenizer)
+    result = analyze_routing(model, pair_batches(loader), max_pairs=max_pairs)
+    health["routing"] = {
+        "num_experts": result["num_experts"],
+        "capacity_factor": result["capacity_factor"],
+        "pairs": result["pairs"],
+        "batch_size": batch_size,
+        "summary": result["summary"],
+        "layers": [{"block": layer["block"], "expert_roles": layer["expert_roles"],
+                    **{m: {k: layer[m][k] for k in ("tokens", "drop_rate", "tokens_per_expert",
+                                                      "busiest_expert_share", "experts_used", "mean_entropy")}
+                       for m in MODALITIES}}
+                   for layer in result["layers"]],
+    }
+    return health
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """True if the run's training is already complete (its export exists). A run directory
+    left by an interrupted training is moved aside (never deleted) under --resume."""
+    if (run_dir / "export" / "config.json").is_file():
+        return True
+    if run_dir.exists():
+        if not resume:
+            raise SystemExit(f"error: {run_dir} exists from an earlier ablation; pass --resume to continue "
+                             "it, or choose another --out")
+        aside = run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"{run_dir}: training did not finish; moved to {aside}, training again from the start")
+        run_dir.rename(aside)
+    return False
+
+
+def run_one(variant: str, seed: int, settings: dict, data: dict, tokenizer: Path, out: Path,
+            resume: bool, max_pairs: int | None) -> dict:
+    name = run_name(variant, seed)
+    runs = out / "runs"
+    run_dir = runs / name
+    load_start = load_average()
+    t0 = time.time()
+    if prepare_run_dir(run_dir, resume):
+        print(f"{name}: training finished earlier ({run_dir / 'export'}); evaluating it")
+        train_seconds = None
+    else:
+        preset = VARIANTS[variant][1]["model.preset"]
+        run_dir = train(name, preset, data, tokenizer, runs, settings["steps"], run_overrides(variant, seed, settings))
+        train_seconds = time.time() - t0
+    t1 = time.time()
+    rows = evaluate(run_dir / "export", data["eval"])
+    health = routing_health(run_dir / "export", data["eval"], settings["batch_size"] // settings["num_procs"],
+                            max_pairs)
+    eval_seconds = time.time() - t1
+    result = {
+        "variant": variant,
+        "seed": seed,
+        "description": VARIANTS[variant][0],
+        "overrides": VARIANTS[variant][1],
+        "settings": settings,
+        "run_dir": str(run_dir),
+        "zeroshot": {r["granularity"]: r for r in rows},
+        **health,
+        "training": training_summary(run_dir / "metrics.jsonl"),
+        "seconds": {"train": train_seconds, "evaluate": eval_seconds, "total": time.time() - t0},
+        "load_average": {"start": load_start, "end": load_average()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+    write_json(result_path(out, variant, seed), result)
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu_count": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__}
+
+
+# -- aggregation ------------------------------------------------------------------------------------
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """One run's numbers under flat keys ("zeroshot/name/top1", "routing/text/drop_rate", ...)."""
+    m = {}
+    for g, row in result["zeroshot"].items():
+        for k in ("top1", "top5"):
+            if row.get(k) is not None:
+                m[f"zeroshot/{g}/{k}"] = row[k]
+    if result.get("routing"):
+        for modality, s in result["routing"]["summary"].items():
+            m[f"routing/{modality}/busiest_expert_share"] = s["busiest_expert_share"]
+            m[f"routing/{modality}/experts_used"] = s["min_experts_used"]
+            m[f"routing/{modality}/drop_rate"] = s["drop_rate"]
+            m[f"routing/{modality}/mean_entropy"] = s["mean_entropy"]
+        m["routing/num_experts"] = result["routing"]["num_experts"]
+    for k, v in result.get("training", {}).items():
+        if isinstance(v, (int, float)) and k not in ("steps_logged", "tail_steps"):
+            m[f"train/{k}"] = v
+    for k, v in result.get("seconds", {}).items():
+        if v is not None:
+            m[f"seconds/{k}"] = v
+    return m
+
+
+def describe(values: list[float]) -> dict:
+    """Mean, sample std (None for one seed), min, max and count."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def aggregate(results: list[dict]) -> dict[str, dict]:
+    """{variant: {"seeds": [...], "metrics": {key: describe(values over seeds)}}}, in VARIANTS order."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in sorted(results, key=lambda r: (variant_order(r["variant"]), r["seed"])):
+        by_variant.setdefault(r["variant"], []).append(r)
+    summary = {}
+    for variant, runs in by_variant.items():
+        values: dict[str, list[float]] = {}
+        for r in runs:
+            for k, v in flat_metrics(r).items():
+                values.setdefault(k, []).append(v)
+        summary[variant] = {"seeds": [r["seed"] for r in runs],
+                            "metrics": {k: describe(v) for k, v in values.items()}}
+    return summary
+
+
+def variant_order(name: str) -> tuple[int, str]:
+    names = list(VARIANTS)
+    return (names.index(name), "") if name in names else (len(names), name)
+
+
+def paired_differences(results: list[dict], first: str, second: str, metric: str) -> dict | None:
+    """first - second, seed by seed, over the seeds both have; None if they share none."""
+    a = {r["seed"]: flat_metrics(r).get(metric) for r in results if r["variant"] == first}
+    b = {r["seed"]: flat_metrics(r).get(metric) for r in results if r["variant"] == second}
+    seeds = sorted(s for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None)
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    return {**describe(diffs), "seeds": seeds, "first_higher": sum(d > 0 for d in diffs)}
+
+
+def contrasts(results: list[dict]) -> list[dict]:
+    rows = []
+    for claim, first, second, metrics in CONTRASTS:
+        for metric in metrics:
+            d = paired_differences(results, first, second, metric)
+            if d is not None:
+                rows.append({"claim": claim, "first": first, "second": second, "metric": metric, **d})
+    return rows
+
+
+def check_settings(results: list[dict]) -> dict:
+    """The settings every result shares; mixing settings in one table would be meaningless."""
+    if not results:
+        raise SystemExit("error: no results to report")
+    first = {k: results[0]["settings"].get(k) for k in SETTING_KEYS}
+    for r in results[1:]:
+        other = {k: r["settings"].get(k) for k in SETTING_KEYS}
+        if other != first:
+            diff = {k: (first[k], other[k]) for k in SETTING_KEYS if first[k] != other[k]}
+            raise SystemExit(f"error: {run_name(r['variant'], r['seed'])} was run with other settings than "
+                             f"{run_name(results[0]['variant'], results[0]['seed'])}: {diff}")
+    return first
+
+
+def load_results(out: Path) -> list[dict]:
+    results = []
+    for path in sorted((out / "results").glob("*.json")):
+        try:
+            results.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path} is not valid JSON ({e}); delete it to rerun that run") from e
+    return results
+
+
+# -- tables, plot, report ----------------------------------------------------------------------------
+
+
+def pct(stat: dict | None) -> str:
+    if stat is None:
+        return "n/a"
+    spread = f" ± {100 * stat['std']:.1f}" if stat["std"] is not None else ""
+    return f"{100 * stat['mean']:.1f}{spread}"
+
+
+def num(stat: dict | None, digits: int = 2) -> str:
+    if stat is None:
+        return "n/a"
+    spread = f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else ""
+    return f"{stat['mean']:.{digits}f}{spread}"
+
+
+def zeroshot_table(summary: dict, results: list[dict]) -> str:
+    head = "| variant | seeds | " + " | ".join(f"{g} top-1 | {g} top-5" for g in GRANULARITIES) + " |"
+    lines = [head, "|---|---:|" + "---:|" * (2 * len(GRANULARITIES))]
+    for variant, s in summary.items():
+        cells = [pct(s["metrics"].get(f"zeroshot/{g}/{k}")) for g in GRANULARITIES for k in ("top1", "top5")]
+        lines.append(f"| {variant} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    chance = []
+    any_run = results[0]["zeroshot"]
+    for g in GRANULARITIES:
+        row = any_run.get(g, {})
+        chance += [f"{100 * row['chance_top1']:.1f}" if row else "-", f"{100 * row['chance_top5']:.1f}" if row else "-"]
+    lines.append("| chance | | " + " | ".join(chance) + " |")
+    classes = ", ".join(f"{g} {any_run[g]['classes']}" for g in GRANULARITIES if g in any_run)
+    return "\n".join(lines) + f"\n\nPercent, mean ± sample std over seeds. Classes: {classes}; " \
+                              f"{any_run[GRANULARITIES[0]]['images']} Twemoji images."
+
+
+def routing_table(summary: dict) -> str:
+    lines = ["| variant | experts | " + " | ".join(
+        f"{m}: busiest expert | {m}: experts used | {m}: dropped" for m in MODALITIES) + " | train drop image / text |",
+        "|---|---:|" + "---:|" * (3 * len(MODALITIES)) + "---:|"]
+    for variant, s in summary.items():
+        m = s["metrics"]
+        experts = m.get("routing/num_experts")
+        cells = []
+        for mod in MODALITIES:
+            cells += [pct(m.get(f"routing/{mod}/busiest_expert_share")),
+                      num(m.get(f"routing/{mod}/experts_used"), 1),
+                      pct(m.get(f"routing/{mod}/drop_rate"))]
+        train_drop = (f"{pct(m['train/drop_rate/image'])} / {pct(m['train/drop_rate/text'])}"
+                      if "train/drop_rate/image" in m else "n/a")
+        lines.append(f"| {variant} | {int(experts['mean']) if experts else 'n/a'} | " + " | ".join(cells)
+                     + f" | {train_drop} |")
+    return "\n".join(lines)
+
+
+def training_table(summary: dict) -> str:
+    lines = ["| variant | params total / active per token | final contrastive loss | final aux loss | "
+             "train pairs/s | train s | eval s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for variant, s in summary.items():
+        m = s["metrics"]
+        params = s.get("parameters")
+        p = f"{params['total'] / 1e6:.2f}M / {params['active_per_token'] / 1e6:.2f}M" if params else "-"
+        lines.append(f"| {variant} | {p} | {num(m.get('train/contrastive_loss'), 3)} | "
+                     f"{num(m.get('train/aux_loss'), 4)} | {num(m.get('train/samples_per_s'), 0)} | "
+                     f"{num(m.get('seconds/train'), 0)} | {num(m.get('seconds/evaluate'), 0)} |")
+    return "\n".join(lines)
+
+
+def metric_label(metric: str) -> str:
+    return metric.replace("zeroshot/", "zero-shot ").replace("routing/", "").replace("/", " ")
+
+
+def contrast_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no pair of variants with common seeds)"
+    lines = ["| claim | difference | metric | mean ± std over seeds | min … max | first higher |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        counted = r["metric"].endswith("experts_used")
+        fmt = (lambda x: f"{x:+.2f}") if counted else (lambda x: f"{100 * x:+.1f} pt")  # noqa: E731
+        spread = f" ± {fmt(r['std'])[1:]}" if r["std"] is not None else ""  # a std has no sign
+        lines.append(f"| {r['claim']} | {r['first']} − {r['second']} | {metric_label(r['metric'])} | "
+                     f"{fmt(r['mean'])}{spread} | {fmt(r['min'])} … {fmt(r['max'])} | "
+                     f"{r['first_higher']}/{r['n']} |")
+    return "\n".join(lines)
+
+
+def overrides_table(variants: list[str]) -> str:
+    def weights(w: dict) -> str:
+        return "/".join(f"{w[k]:g}" for k in ("importance", "load", "local_entropy", "global_entropy", "zloss"))
+
+    lines = ["| variant | preset | experts | k | capacity factor | BPR | image losses | text losses | what it is |",
+             "|---|---|---:|---:|---:|---|---|---|---|"]
+    for v in variants:
+        description, o = VARIANTS.get(v, ("(not in this version of the script)", {}))
+        if o.get("model.preset", "").endswith("-dense"):
+            cells = [o["model.preset"], "0 (dense)", "-", "-", "-", "-", "-"]
+        elif o:
+            cells = [o["model.preset"], str(o["model.moe.num_experts"]), str(o["model.moe.k"]),
+                     f"{o['model.moe.capacity_factor']:g}", "on" if o["model.moe.batch_priority_routing"] else "off",
+                     weights(o["model.moe.image"]), weights(o["model.moe.text"])]
+        else:
+            cells = ["?"] * 7
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {description} |")
+    return "\n".join(lines) + ("\n\nLoss weights: importance/load/local entropy/global entropy/z-loss "
+                               "(LIMOE.md); the global-entropy threshold keeps the preset's "
+                               "log(2).")
+
+
+def plot_summary(summary: dict, results: list[dict], path: Path) -> Path:
+    """Zero-shot top-1/top-5 per granularity (bars = mean, whiskers = std, dots = seeds, dashes = chance),
+    and routing health per modality (busiest-expert share, experts used, drop rate)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    variants = list(summary)
+    seeds_of = {v: [flat_metrics(r) for r in results if r["variant"] == v] for v in variants}
+    fig = Figure(figsize=(max(12.0, 1.4 * len(variants) * 3), 8.0))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    x = list(range(len(variants)))
+
+    def bars(ax, keys_labels, scale, offset_width=0.38):
+        n = len(keys_labels)
+        for i, (key, label, color) in enumerate(keys_labels):
+            shift = (i - (n - 1) / 2) * offset_width
+            stats = [summary[v]["metrics"].get(key) for v in variants]
+            means = [scale * s["mean"] if s else float("nan") for s in stats]  # nan: no bar
+            errs = [scale * s["std"] if s and s["std"] is not None else 0.0 for s in stats]
+            ax.bar([xi + shift for xi in x], means, width=offset_width, yerr=errs, capsize=3, color=color,
+                   label=label, alpha=0.85, error_kw={"elinewidth": 1})
+            for xi, v in zip(x, variants):
+                points = [scale * m[key] for m in seeds_of[v] if key in m]
+                ax.scatter([xi + shift] * len(points), points, s=10, color="black", zorder=3)
+        for xi, v in zip(x, variants):
+            if all(summary[v]["metrics"].get(key) is None for key, _, _ in keys_labels):
+                ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=8, color="gray")
+        ax.set_xticks(x)
+        ax.set_xlim(-0.6, len(variants) - 0.4)  # nan bars do not count for autoscaling
+        ax.set_xticklabels(variants, rotation=30, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+
+    any_run = results[0]["zeroshot"]
+    for ax, g in zip(axes[0], GRANULARITIES):
+        bars(ax, [(f"zeroshot/{g}/top1", "top-1", "tab:blue"), (f"zeroshot/{g}/top5", "top-5", "tab:cyan")], 100)
+        if g in any_run:
+            ax.axhline(100 * any_run[g]["chance_top1"], color="tab:blue", ls="--", lw=1)
+            ax.axhline(100 * any_run[g]["chance_top5"], color="tab:cyan", ls="--", lw=1)
+            ax.set_title(f"zero-shot on Twemoji: {g} ({any_run[g]['classes']} classes)", fontsize=10)
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8)
+    health = [("busiest_expert_share", "share of tokens on the busiest expert (%)", 100),
+              ("experts_used", "experts with >= 1/(2E) of the tokens (of E)", 1),
+              ("drop_rate", "tokens dropped at capacity (%)", 100)]
+    for ax, (key, title, scale) in zip(axes[1], health):
+        bars(ax, [(f"routing/image/{key}", "image", "tab:green"), (f"routing/text/{key}", "text", "tab:orange")],
+             scale)
+        ax.set_title(title + ", worst layer" if key != "drop_rate" else title, fontsize=10)
+        ax.legend(fontsize=8)
+    s = results[0]["settings"]
+    seed_counts = sorted({len(v["seeds"]) for v in summary.values()})
+    seeds = str(seed_counts[0]) if len(seed_counts) == 1 else f"{seed_counts[0]}-{seed_counts[-1]}"
+    fig.suptitle(f"limoe quality ablation: {s['steps']} steps x batch {s['batch_size']} on Noto emoji, evaluated on "
+                 f"unseen Twemoji; {seeds} seed(s) per variant (bars: mean, whiskers: std, dots: seeds, "
+                 "dashes: chance)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def render_generated(summary: dict, results: list[dict], contrast_rows: list[dict], plot: Path | None,
+                     report_dir: Path, session: dict) -> str:
+    settings = check_settings(results)
+    run_seconds = sum(r["seconds"]["total"] for r in results)
+    untimed = sum(r["seconds"]["train"] is None for r in results)
+    loads = [x for r in results for x in r["load_average"].values() if x is not None]
+    cores = {r["machine"]["cpu_count"] for r in results}
+    cpus = {r["machine"]["cpu"] for r in results}
+    dates = sorted(r["date"] for r in results)
+    pairs = settings["steps"] * settings["batch_size"]
+    train_size = results[0]["settings"].get("train_pairs")
+    lines = [
+        GENERATED_START,
+        "<!-- Written by benchmarks/quality.py; edits between these markers are replaced on the next run. -->",
+        "",
+        "### Setting",
+        "",
+        f"- command: `{session['command']}`",
+        f"- each run: `cpu-demo` config, {settings['steps']} steps x batch {settings['batch_size']} "
+        f"({settings['num_procs']} x {settings['batch_size'] // settings['num_procs']} per DeepSpeed rank) = "
+        f"{pairs:,} Noto image-caption pairs" + (f" ({pairs / train_size:.1f} passes over {train_size})"
+                                                  if train_size else "")
+        + f"; warmup {settings['steps'] // 10} steps; extra overrides: {settings['extra_overrides'] or 'none'}",
+        f"- {len(results)} runs: " + ", ".join(f"{v} (seeds {', '.join(map(str, s['seeds']))})"
+                                               for v, s in summary.items()),
+        f"- machine: {', '.join(sorted(cpus))}, {', '.join(map(str, sorted(cores)))} CPU cores; 1-minute load "
+        f"average at the start and end of the runs: "
+        + (f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not measured"),
+        f"- dates: {dates[0]} to {dates[-1]} (UTC)",
+        f"- total run time: {run_seconds / 60:.1f} min summed over runs (training + evaluation"
+        + (f"; {untimed} run(s) trained in an earlier invocation count their evaluation only" if untimed else "")
+        + f"); this invocation {session['seconds'] / 60:.1f} min",
+        "",
+        "### Variants (overrides of `launch/configs/cpu-demo.yaml`)",
+        "",
+        overrides_table(list(summary)),
+        "",
+        "### Zero-shot on the unseen Twemoji style",
+        "",
+        zeroshot_table(summary, results),
+        "",
+        "### Routing health on Twemoji caption pairs",
+        "",
+        routing_table(summary),
+        "",
+        "Busiest expert: share of the modality's tokens whose first choice is one expert (worst MoE layer; "
+        "1/E is perfectly even). Experts used: experts receiving at least 1/(2E) of the modality's tokens "
+        "(fewest over layers). Dropped: routes past capacity at the training capacity factor, batches of the "
+        "per-rank training batch, no router noise. Train drop: the same during the last tenth of training "
+        "(with router noise). Percent, mean ± std over seeds.",
+        "",
+        "### Seed-paired differences for the three claims",
+        "",
+        contrast_table(contrast_rows),
+        "",
+        "First minus second, seed by seed (pt = percentage points); \"first higher\": in how many seeds.",
+        "",
+        "### Training",
+        "",
+        training_table(summary),
+        "",
+    ]
+    if plot is not None:
+        lines += [f"![quality ablation]({os.path.relpath(plot, report_dir)})", ""]
+    lines.append(GENERATED_END)
+    return "\n".join(lines)
+
+
+REPORT_HEADER = """# Quality: does limoe learn like LIMoE?
+
+Generated results of `benchmarks/quality.py` (issue 9) follow; see the script's `--help`.
+
+"""
+
+
+def update_report(path: Path, generated: str) -> Path:
+    """Replace the text between the generated markers (or add the section at the end); the rest of
+    the document (how to run, conclusions) is kept as written. Temp file, then rename."""
+    text = path.read_text() if path.is_file() else REPORT_HEADER
+    start, end = text.find(GENERATED_START), text.find(GENERATED_END)
+    if start != -1 and end > start:
+        text = text[:start] + generated + text[end + len(GENERATED_END):]
+    elif start != -1 or end != -1:
+        raise SystemExit(f"error: {path} has only one of the markers {GENERATED_START} / {GENERATED_END}; "
+                         "fix the file so both are there (or neither)")
+    else:
+        text = text.rstrip("\n") + "\n\n## Results\n\n" + generated + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def report(out: Path, report_path: Path | None, plot_path: Path | None, session: dict) -> dict:
+    results = load_results(out)
+    check_settings(results)
+    summary = aggregate(results)
+    for variant, s in summary.items():  # parameter counts are the same for every seed
+        s["parameters"] = next((r["parameters"] for r in results if r["variant"] == variant), None)
+    contrast_rows = contrasts(results)
+    write_json(out / "summary.json", {"command": session["command"], "settings": results[0]["settings"],
+                                      "variants": summary, "contrasts": contrast_rows,
+                                      "runs": [run_name(r["variant"], r["seed"]) for r in results]})
+    plot = plot_summary(summary, results, plot_path) if plot_path else None
+    print("\nZero-shot on the unseen Twemoji style (top-1 / top-5, %, mean ± std over seeds):\n")
+    print(zeroshot_table(summary, results))
+    print("\nRouting health (Twemoji pairs):\n")
+    print(routing_table(summary))
+    print("\nSeed-paired differences:\n")
+    print(contrast_table(contrast_rows))
+    written = [out / "summary.json"] + ([plot] if plot else [])
+    if report_path:
+        generated = render_generated(summary, results, contrast_rows, plot, report_path.parent, session)
+        written.append(update_report(report_path, generated))
+    print("\nwrote " + ", ".join(map(str, written)))
+    return summary
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def variants_help() -> str:
+    width = max(map(len, VARIANTS))
+    return "variants (default: " + " ".join(DEFAULT_VARIANTS) + "):\n" + "\n".join(
+        f"  {name.ljust(width)}  {description}" for name, (description, _) in VARIANTS.items())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=variants_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"training steps per run (default {DEFAULT_STEPS})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="B",
+                   help=f"image-text pairs per step over all processes (default {DEFAULT_BATCH})")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
+                   help="seeds; each variant is trained once per seed (default 0 1 2)")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                   metavar="VARIANT", help="which variants to run (listed below)")
+    p.add_argument("--num-procs", type=int, default=1, choices=[1, 2],
+                   help="DeepSpeed CPU ranks per run, data parallel; threads per rank = cores / ranks (default 1)")
+    p.add_argument("--out", default="runs/quality", metavar="DIR",
+                   help="runs/, results/, results.jsonl, summary.json, quality.png go here (default runs/quality)")
+    p.add_argument("--report", default="docs/quality.md", metavar="MD",
+                   help="markdown file whose generated section is (re)written; '' for none (default docs/quality.md)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="plot path (default: quality.png beside --report, or OUT/quality.png without a report)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an ablation in OUT: skip runs with a results file, evaluate finished trainings, "
+                        "retrain interrupted ones (their folder is moved aside)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: re-render from OUT/results")
+    p.add_argument("--data", default="data", metavar="DIR",
+                   help="folder holding emoji-google/ and emoji-twitter/ (built there if missing; default data)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="npm tarball cache for building the data (default ~/.cache/limoe/npm)")
+    p.add_argument("--tarball-dir", default=None, metavar="DIR",
+                   help="read emoji-datasource-*.tgz from this folder instead of npm (offline)")
+    p.add_argument("--vocab-size", type=int, default=1000, metavar="N",
+                   help="SentencePiece vocabulary, trained on Noto captions if missing (default 1000)")
+    p.add_argument("--routing-pairs", type=int, default=None, metavar="N",
+                   help="Twemoji pairs for routing health (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra training config override for every run, e.g. --set data.workers=0 (repeatable)")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.batch_size % args.num_procs:
+        p.error(f"--batch-size {args.batch_size} is not divisible by --num-procs {args.num_procs}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out).resolve()
+    report_path = Path(args.report).resolve() if args.report else None
+    plot_path = Path(args.plot).resolve() if args.plot else (
+        report_path.with_suffix(".png") if report_path else out / "quality.png")
+    if args.report_only:
+        report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0})
+        return 0
+
+    import limoe
+    import torch
+    from launch.launcher import TrainingFailed, TrainingInterrupted
+    from launch.train_config import ConfigError, parse_set
+
+    torch.set_num_threads(os.cpu_count() or 1)  # evaluation runs here, between trainings
+    if args.tarball_dir:
+        os.environ["LIMOE_NPM_TARBALL_DIR"] = str(Path(args.tarball_dir).resolve())
+    settings = {"config": "cpu-demo", "steps": args.steps, "batch_size": args.batch_size,
+                "num_procs": args.num_procs, "vocab_size": args.vocab_size,
+                "extra_overrides": [list(parse_set(item)) for item in args.set],
+                "data": str(Path(args.data).resolve())}
+    planned = [(v, s) for v in args.variants for s in args.seeds]
+    done = [(v, s) for v, s in planned if result_path(out, v, s).is_file()]
+    if done and not args.resume:
+        names = ", ".join(run_name(*d) for d in done[:3]) + (", ..." if len(done) > 3 else "")
+        raise SystemExit(f"error: {out} already has results for {len(done)} of these runs ({names}); pass "
+                         "--resume to skip them, --report-only to re-render, or choose another --out")
+    for v, s in done:
+        earlier = json.loads(result_path(out, v, s).read_text())["settings"]
+        if any(earlier.get(k) != settings[k] for k in SETTING_KEYS):
+            raise SystemExit(f"error: {result_path(out, v, s)} was run with other settings "
+                             f"({ {k: earlier.get(k) for k in SETTING_KEYS} }); use another --out")
+
+    print(f"=== emoji data in {settings['data']}; tokenizer ===", flush=True)
+    data = build_data(Path(settings["data"]), args.cache)
+    tokenizer = train_tokenizer(data["train"], args.vocab_size, limoe.get_config("limoe-nano").context_length)
+    settings["train_pairs"] = json.loads((data["train"] / "shards" / "sizes.json").read_text())["total"]
+    todo = [(v, s) for v, s in planned if (v, s) not in done]
+    print(f"{len(planned)} runs planned, {len(done)} already done, {len(todo)} to run", flush=True)
+    try:
+        for i, (variant, seed) in enumerate(todo, 1):
+            print(f"\n=== run {i}/{len(todo)}: {run_name(variant, seed)} ({VARIANTS[variant][0]}); "
+                  f"{(time.time() - t0) / 60:.1f} min so far ===", flush=True)
+            r = run_one(variant, seed, settings, data, tokenizer, out, args.resume, args.routing_pairs)
+            print(f"{run_name(variant, seed)}: " + ", ".join(
+                f"{g} top-1 {100 * r['zeroshot'][g]['top1']:.1f}%" for g in GRANULARITIES)
+                  + f"; {r['seconds']['total']:.0f} s", flush=True)
+    except (ConfigError, TrainingFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"{e}\nThe ablation stopped; finished runs are kept: continue with the same command and --resume",
+              file=sys.stderr)
+        return 128 + e.signum
+    report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0})
+    print(f"total time {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
