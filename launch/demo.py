@@ -167,13 +167,15 @@ def results_table(results: dict[str, list[dict]]) -> str:
 
 
 def serve_lines(export_dir: Path) -> str:
+    name = "limoe-demo"
     return f"""Try the embedding API on the result:
 
-    limoe serve --model {export_dir} --port 8000
+    limoe serve --model {export_dir} --model-name {name} --port 8000
     curl -s http://127.0.0.1:8000/v1/embeddings -H 'Content-Type: application/json' \\
-         -d '{{"input": ["grinning face", "red heart"], "model": "limoe"}}' | head -c 300
+         -d '{{"input": ["grinning face", "red heart"], "model": "{name}"}}' | head -c 300
+    curl -s http://127.0.0.1:8000/v1/classify -F input=@some-emoji.png -F labels="red heart" -F labels="grinning face"
     python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
-print(len(c.embeddings.create(model='limoe', input=['grinning face']).data[0].embedding))"
+print(len(c.embeddings.create(model='{name}', input=['grinning face']).data[0].embedding))"
 """
 
 
