@@ -106,7 +106,7 @@ def profile_table(step: Callable[[], None], device: torch.device, reps: int = 3,
         for _ in range(reps):
             step()
         synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 

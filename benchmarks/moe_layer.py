@@ -16,8 +16,8 @@ multiple of 4 for every token count here), so their expert matmuls do the
 dense MLP's FLOPs. Tokens are 92% image / 8% text, as in a B/16 batch (196
 patches + 16 text tokens per pair); only LIMoE's gate looks at modality.
 
-    python benchmarks/moe_layer.py                    # CPU fp32 grid (a few minutes)
-    python benchmarks/moe_layer.py --tokens 8192 --d-model 256 --reps 40
+    python benchmarks/moe_layer.py --d-model 256      # CPU fp32, 4k..64k tokens (a few minutes)
+    python benchmarks/moe_layer.py --tokens 8192 --d-model 256 --reps 40 --threads 1
     python benchmarks/moe_layer.py --device cuda      # bf16 by default on CUDA
 """
 from __future__ import annotations
@@ -130,9 +130,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="+", default=None,
                         help="tokens per call (default cpu: 4096..65536 at d 256, 4096..16384 at d 768; "
                              "cuda: 4096..65536 at both)")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=30, help="repetitions for the smallest configurations")
-    parser.add_argument("--min-reps", type=int, default=7, help="repetitions for the largest")
+    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
+    parser.add_argument("--reps", type=int, default=20, help="repetitions for the smallest configurations")
+    parser.add_argument("--min-reps", type=int, default=5, help="repetitions for the largest")
     parser.add_argument("--reps-flops", type=float, default=2.6e10,
                         help="configurations up to this many FLOPs per step get --reps repetitions; "
                              "bigger ones proportionally fewer")

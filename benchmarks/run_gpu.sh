@@ -22,6 +22,6 @@ mkdir -p "$OUT"
     | tee "$OUT/moe_layer.txt"
 "$PYTHON" benchmarks/moe_layer.py --device cuda --dtype bf16 --d-model 768 --tokens 16384 --reps 50 --profile \
     --out "$OUT/moe_layer_d768_16k_profile.json" | tee "$OUT/moe_layer_d768_16k_profile.txt"
-"$PYTHON" benchmarks/train_step.py --device cuda --dtype bf16 --reps 20 --out "$OUT/train_step.json" \
+"$PYTHON" benchmarks/train_step.py --device cuda --dtype bf16 --adamw fused --reps 20 --out "$OUT/train_step.json" \
     | tee "$OUT/train_step.txt"
 echo "results in $OUT"

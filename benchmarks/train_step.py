@@ -11,7 +11,8 @@ the same width and depth.
   It has two towers (twice the backbone parameters of the dense twin) and pools
   with a class token and the argmax token instead of MAP and EOS.
 
-All run in one process without DeepSpeed (plain AdamW), on the same random
+All run in one process without DeepSpeed (torch AdamW, as the trainer uses;
+--adamw fused for the fused kernel), on the same random
 batch, interleaved every repetition. On CUDA models and data are bf16 (as the
 trainer's bf16 precision casts them; the LIMoE router still runs in fp32), and
 model FLOPs utilisation is reported: 3 x forward FLOPs (limoe.flops, active
@@ -61,8 +62,9 @@ def make_batch(config: LIMoEConfig, batch_size: int, device, dtype):
     return images.to(device=device, dtype=dtype), tokens.to(device)
 
 
-def make_step(kind: str, model: torch.nn.Module, images, tokens):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def make_step(kind: str, model: torch.nn.Module, images, tokens, adamw: str = "default"):
+    options = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **options)
     loss_fn = LIMoELoss("clip") if kind != "open_clip" else open_clip.ClipLoss()
 
     def step():
@@ -96,7 +98,7 @@ def run_preset(preset: str, batch_size: int, args, device, dtype) -> dict:
     steps = {}
     for name, (kind, model) in models.items():
         model.to(device=device, dtype=dtype).train()
-        steps[name] = make_step(kind, model, images, tokens)
+        steps[name] = make_step(kind, model, images, tokens, args.adamw)
     times = time_interleaved(steps, device, warmup=args.warmup, reps=args.reps)
     dense = times[f"{preset}-dense"]
     step_flops = {preset: 3 * flops_per_pair(config)["total"] * batch_size}
@@ -137,6 +139,8 @@ def main(argv=None):
                         help="LIMoE presets (default cpu: limoe-nano limoe-ti-16; cuda: + limoe-b-16)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"pairs per step (default cpu {CPU_BATCH}, cuda {GPU_BATCH})")
+    parser.add_argument("--adamw", default="default", choices=["default", "foreach", "fused"],
+                        help="torch AdamW implementation (default: torch's choice, as launch/trainer.py uses)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -153,7 +157,7 @@ def main(argv=None):
     batches = GPU_BATCH if device.type == "cuda" else CPU_BATCH
     presets = args.models or list(batches)
     result = header("Training step: LIMoE presets vs dense twins vs open_clip dense ViT CLIP")
-    result.update(device=str(device), dtype=str(dtype).replace("torch.", ""), optimizer="torch AdamW",
+    result.update(device=str(device), dtype=str(dtype).replace("torch.", ""), optimizer=f"torch AdamW ({args.adamw})",
                   timing="median seconds per step, models interleaved every repetition", rows=[])
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()}")
     for preset in presets:
