@@ -57,7 +57,7 @@ def summarise(metrics_path: Path, warmup_steps: int) -> dict:
 
 COLUMNS = [("config", "config"), ("ranks", "ranks"), ("batch_per_rank", "batch/rank"), ("steps_timed", "steps timed"),
            ("samples_per_s", "samples/s"), ("median_step_samples_per_s", "median step samples/s"),
-           ("data_wait_fraction", "data wait"), ("median_step_data_wait_fraction", "median step data wait")]
+           ("data_wait", "data wait"), ("median_step_data_wait", "median step data wait")]
 
 
 def main(argv=None):
@@ -92,6 +92,8 @@ def main(argv=None):
     row = {"config": args.config, "ranks": config["parallel"]["num_procs"],
            "batch_per_rank": config["train"]["batch_size"], "wall_s_including_startup": wall}
     row.update(summarise(run_dir / "metrics.jsonl", args.warmup_steps))
+    row["data_wait"] = f"{100 * row['data_wait_fraction']:.1f}%"
+    row["median_step_data_wait"] = f"{100 * row['median_step_data_wait_fraction']:.1f}%"
     result.update(run_dir=str(run_dir), resolved_config=config, rows=[row])
     write_json(args.out, result)
     print()
