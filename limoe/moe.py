@@ -140,17 +140,23 @@ class GroupedExperts(Experts):
                 if isinstance(m, nn.Linear):
                     m.reset_parameters()
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        # inputs: [ep_size, num_local_experts, capacity, d] -> expert-major batches
+    def forward(self, inputs: torch.Tensor, filled: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: [ep_size, num_local_experts, capacity, d]. `filled` [num_local_experts]
+        (only with ep_size 1): expert e's slots past filled[e] are empty, so the loop skips
+        them; dropless inference sizes every buffer for the busiest expert."""
         G, L, C, D = inputs.shape
         x = inputs.transpose(0, 1).reshape(L, G * C, D)
         if x.is_cuda if self.batched is None else self.batched:
             y = type(self.deepspeed_experts[0]).grouped_forward(list(self.deepspeed_experts), x)
-        else:
-            # unbind, not x[i]: its backward stacks the E gradients once instead of
-            # adding E full-size zero-padded ones.
-            y = torch.stack([expert(xe) for xe, expert in zip(x.unbind(0), self.deepspeed_experts)])
-        return y.reshape(L, G, C, D).transpose(0, 1)
+            return y.reshape(L, G, C, D).transpose(0, 1)
+        rows = [G * C] * L if filled is None or G != 1 else filled.tolist()
+        # unbind, not x[i]: its backward stacks the E gradients once instead of
+        # adding E full-size zero-padded ones.
+        outs = []
+        for xe, expert, n in zip(x.unbind(0), self.deepspeed_experts, rows):
+            ye = expert(xe[:n]) if n < G * C else expert(xe)
+            outs.append(ye if n == G * C else torch.cat([ye, ye.new_zeros(G * C - n, D)]))
+        return torch.stack(outs).reshape(L, G, C, D).transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +259,8 @@ class ExpertDispatch(MOELayer):
         buffer = DispatchTokens.apply(tokens, slots)
         if self.ep_size > 1:
             buffer = _AllToAll.apply(self.ep_group, buffer.view(num_experts, -1, d_model))
-        out = self.experts(buffer.view(self.ep_size, self.num_local_experts, -1, d_model))
+        filled = self.exp_counts if self.ep_size == 1 else None
+        out = self.experts(buffer.view(self.ep_size, self.num_local_experts, -1, d_model), filled)
         if self.ep_size > 1:
             out = _AllToAll.apply(self.ep_group, out.reshape(num_experts, -1, d_model))
         y = CombineExperts.apply(out.reshape(-1, d_model), gate, slots)

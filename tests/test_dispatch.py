@@ -247,3 +247,18 @@ def test_expert_parallel_layer_matches_one_process_layer():
         for name, g in grads.items():
             expected = owned[name] if ".deepspeed_experts." in name else grads_ref[name]
             torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cpu_expert_loop_skips_empty_slots_and_matches_the_full_buffer():
+    from limoe.layers import MLP
+    from limoe.moe import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(MLP(8, 16), 3, "ep_size_1", batched=False)
+    buffer = torch.randn(1, 3, 6, 8)
+    filled = torch.tensor([6, 2, 0])
+    full = experts(buffer)
+    skipped = experts(buffer, filled)
+    for e, n in enumerate(filled.tolist()):
+        torch.testing.assert_close(skipped[0, e, :n], full[0, e, :n])
+        assert torch.all(skipped[0, e, n:] == 0)
