@@ -86,6 +86,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "e4-cf0.5": ("e4 at capacity factor 0.5 (tight), BPR on", {**LIMOE_E4, "model.moe.capacity_factor": 0.5}),
     "e4-cf0.5-no-bpr": ("e4 at capacity factor 0.5 (tight), BPR off",
                         {**LIMOE_E4, "model.moe.capacity_factor": 0.5, "model.moe.batch_priority_routing": False}),
+    # Not in the default set: more room per expert, so fewer tokens ride the residual.
+    "e4-cf1.25": ("e4 at capacity factor 1.25", {**LIMOE_E4, "model.moe.capacity_factor": 1.25}),
 }
 DEFAULT_VARIANTS = ("dense", "e4", "e8", "e4-no-entropy", "e4-no-aux", "e4-no-bpr")
 
