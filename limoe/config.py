@@ -42,10 +42,11 @@ class MoEConfig:
     noise_std: float = 1.0  # router noise sigma = noise_std / num_experts, training only
     renormalize_gates: bool = False  # for k > 1; V-MoE does not renormalise
     expert_type: str = "mlp"  # "mlp" (GELU) or "swiglu"
-    image: AuxLossWeights = field(default_factory=lambda: AuxLossWeights(
-        local_entropy=0.01, global_entropy=0.0))
-    text: AuxLossWeights = field(default_factory=lambda: AuxLossWeights(
-        local_entropy=0.01, global_entropy=0.05))
+    # Defaults from the emoji ablation (docs/quality.md): per-modality importance + load
+    # keep both modalities balanced; the entropy losses showed no benefit at that scale,
+    # so they are off here and set explicitly in the large-model training configs.
+    image: AuxLossWeights = field(default_factory=AuxLossWeights)
+    text: AuxLossWeights = field(default_factory=AuxLossWeights)
 
     def moe_layers(self, depth: int) -> list[int]:
         if self.num_experts == 0:
