@@ -39,6 +39,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from common import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue yellow purple orange grinning smiling face cat dog heart star moon sun tree "
          "flower car house fish bird hand thumbs up arrow circle square emoji animal food").split()
@@ -68,16 +70,6 @@ def make_export(preset: str, out_dir: Path) -> Path:
     torch.manual_seed(0)
     model = limoe.create_model(preset, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
     return limoe.save(model, tokenizer, out_dir / "export", metadata={"note": "random weights (benchmark)"})
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:
