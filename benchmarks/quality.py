@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python benchmarks/quality.py`
     sys.path.insert(0, str(REPO))
 
-from launch.demo import GRANULARITIES, build_data, evaluate, train, train_tokenizer  # noqa: E402 (light imports)
+from launch.demo import (GRANULARITIES, build_data, evaluate, train, train_tokenizer,  # noqa: E402 (light imports)
+                         twemoji_routing)
 
 MODALITIES = ("image", "text")
 GENERATED_START = "<!-- generated:start -->"
@@ -183,16 +184,13 @@ def routing_health(export_dir: Path, eval_dir: Path, batch_size: int, max_pairs:
     """Parameter counts, and for a sparse model the routing of Twemoji caption pairs at the training
     capacity factor, in batches of the per-rank training batch (capacity is per routing call)."""
     import limoe
-    from data_pipelines import build_eval_loader
-    from eval.routing import analyze_routing, pair_batches
     from limoe.flops import count_parameters
 
     model, _, tokenizer = limoe.load(export_dir)
     health = {"parameters": count_parameters(model), "routing": None}
     if model.config.is_dense:
         return health
-    loader = build_eval_loader(str(eval_dir / "shards"), model.config.image_size, batch_size, tokenizer=tokenizer)
-    result = analyze_routing(model, pair_batches(loader), max_pairs=max_pairs)
+    result = twemoji_routing(model, tokenizer, eval_dir, batch_size, max_pairs)
     health["routing"] = {
         "num_experts": result["num_experts"],
         "capacity_factor": result["capacity_factor"],
