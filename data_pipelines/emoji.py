@@ -10,8 +10,8 @@ Output, under `--out DIR`:
 
     shards/emoji-<style>-%06d.tar    one sample per emoji, several captions:
                                      "grinning face", each short name ("grinning"),
-                                     "grinning face, a face-smiling emoji from smileys and emotion",
-                                     "an emoji of grinning face";
+                                     "an emoji of grinning face", "a face-smiling emoji",
+                                     "an emoji from smileys and emotion";
                                      cls = index of the name class, json = the entry's fields
     zeroshot/{name,subcategory,category}/<class:05d>/<key>.png + classnames.txt
                                      the same images on white, folder per class
@@ -45,6 +45,10 @@ from .writer import Record, ShardSetWriter, WriteSummary, replace_directory
 STYLES = ("google", "twitter")
 DEFAULT_VERSION = "16.0.0"  # pinned so class lists and numbers stay comparable; "latest" to follow npm
 GRANULARITIES = ("name", "subcategory", "category")
+# Bumped whenever the samples this builder writes change (captions, labels, layout);
+# stored in shards/build.json so that caches built by an older version are rebuilt.
+BUILD_FORMAT = 2
+BUILD_FILE = "build.json"
 TARBALL_DIR_ENV = "LIMOE_NPM_TARBALL_DIR"
 
 
@@ -177,18 +181,22 @@ def subcategory_words(subcategory: str) -> str:
 
 
 def emoji_captions(entry: dict) -> list[str]:
-    """Name, short names, and templated sentences naming subcategory and category.
+    """Name, short names, a templated sentence with the name, and one short
+    sentence each for the subcategory and the category.
 
     The templates matter: zero-shot prompts only work if they look like
     training captions, and category-level zero-shot needs category words in
-    some captions (see shared/DEMO_DATA.md).
+    some captions (see shared/DEMO_DATA.md). The coarse sentences are separate
+    and short on purpose: an earlier "<name>, a <subcategory> emoji from
+    <category>" lost its category words to the demo's 16-token context in
+    two captions out of three.
     """
     name = emoji_name(entry)
     captions = [name]
     captions += [_words(short) for short in entry.get("short_names") or []]
-    subcategory, category = subcategory_words(entry["subcategory"]), category_words(entry["category"])
-    captions.append(f"{name}, a {subcategory} emoji from {category}")
     captions.append(f"an emoji of {name}")
+    captions.append(f"a {subcategory_words(entry['subcategory'])} emoji")
+    captions.append(f"an emoji from {category_words(entry['category'])}")
     return list(dict.fromkeys(c for c in captions if c))  # dedupe, keep order
 
 
@@ -217,6 +225,22 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 # ---- building ---------------------------------------------------------------------
+
+
+def build_stamp(style: str, tarball: str | os.PathLike) -> dict:
+    return {"builder": "emoji", "format": BUILD_FORMAT, "style": style, "package": Path(tarball).name}
+
+
+def is_current_build(out_dir: str | os.PathLike) -> bool:
+    """True when `out_dir` holds a complete build by this version of the builder:
+    shards/ and zeroshot/ are each committed whole, with a stamp, and both stamps agree."""
+    stamps = []
+    for part in ("shards", "zeroshot"):
+        try:
+            stamps.append(json.loads((Path(out_dir) / part / BUILD_FILE).read_text()))
+        except (OSError, ValueError):
+            return False
+    return stamps[0] == stamps[1] and stamps[0].get("format") == BUILD_FORMAT
 
 
 @dataclass
@@ -303,6 +327,8 @@ def build_emoji_dataset(
                     else:
                         _link_or_copy(first, path)  # same image in three layouts: link, don't triple the disk use
             writer.add_file("classnames.txt", "\n".join(classes["name"]) + "\n")  # names of the cls labels
+            writer.add_file(BUILD_FILE, json.dumps(build_stamp(style, tarball)) + "\n")
+        (zeroshot_tmp / BUILD_FILE).write_text(json.dumps(build_stamp(style, tarball)) + "\n")
         replace_directory(zeroshot_tmp, out_dir / "zeroshot")
     except BaseException:
         shutil.rmtree(zeroshot_tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 STYLES = {"train": "google", "eval": "twitter"}
 GRANULARITIES = ("name", "subcategory", "category")
 # Prompts that look like the training captions (see data_pipelines/emoji.py):
-# "grinning face", "an emoji of grinning face", "grinning face, a face-smiling emoji from smileys and emotion".
+# "grinning face", "an emoji of grinning face", "a face-smiling emoji", "an emoji from smileys and emotion".
 TEMPLATES = {
     "name": ["{}", "an emoji of {}"],
     "subcategory": ["a {} emoji"],
@@ -45,15 +45,17 @@ def budget_steps(minutes: float) -> int:
 
 
 def build_data(data_dir: Path, cache_dir: str | None) -> dict[str, Path]:
-    from data_pipelines.emoji import build_emoji_dataset
+    from data_pipelines.emoji import build_emoji_dataset, is_current_build
 
     out = {}
     for role, style in STYLES.items():
         target = data_dir / f"emoji-{style}"
-        if (target / "shards" / "sizes.json").is_file() and (target / "zeroshot" / "category").is_dir():
+        if is_current_build(target):
             print(f"{style}: cached at {target}")
         else:
             print(build_emoji_dataset(style, target, cache_dir=cache_dir))
+            for stale in target.glob("tokenizer.model*"):  # trained on the captions of an older build
+                stale.unlink()
         out[role] = target
     return out
 

@@ -14,6 +14,7 @@ from data_pipelines.emoji import (
     category_words,
     emoji_captions,
     find_emoji_tarball,
+    is_current_build,
     read_emoji_package,
 )
 from data_pipelines.shards import read_shard, resolve_shards
@@ -36,14 +37,15 @@ def raw_samples(folder):
     return raws
 
 
-def test_captions_name_short_names_and_a_sentence_with_subcategory_and_category():
+def test_captions_name_short_names_and_short_sentences_for_subcategory_and_category():
     entry = {"name": "GRINNING FACE", "short_names": ["grinning", "grinning_face"], "unified": "1F600",
              "category": "Smileys & Emotion", "subcategory": "face-smiling"}
     assert emoji_captions(entry) == [
         "grinning face",
         "grinning",
-        "grinning face, a face-smiling emoji from smileys and emotion",
         "an emoji of grinning face",
+        "a face-smiling emoji",
+        "an emoji from smileys and emotion",
     ]
     assert emoji_captions({**entry, "name": ""})[0] == "grinning"  # empty names fall back to short names
     assert category_words("Travel & Places") == "travel and places"
@@ -67,7 +69,7 @@ def test_shard_samples_keep_the_original_png_and_all_captions(built, fake_emoji_
     assert raws["e000"]["png"] == images["e000.png"]  # the base image, not the skin tone variant
     assert "e000-1f3fb" not in raws
     captions = json.loads(raws["e000"]["captions.json"])
-    assert captions[0] == "red smile" and "red smile, a face-smiling emoji from smileys and emotion" in captions
+    assert captions[0] == "red smile" and "an emoji from smileys and emotion" in captions
     metadata = json.loads(raws["e000"]["json"])
     classnames = (folder / "shards" / "classnames.txt").read_text().splitlines()
     assert classnames[int(raws["e000"]["cls"])] == "red smile" == metadata["name"]
@@ -105,6 +107,21 @@ def test_google_and_twitter_share_class_lists_but_not_pixels(built):
     assert [r["__key__"] for r in g] == [r["__key__"] for r in t]
     assert [r["cls"] for r in g] == [r["cls"] for r in t]
     assert g[0]["png"] != t[0]["png"]
+
+
+def test_a_build_is_current_only_with_both_stamps_of_this_format(built, tmp_path):
+    _, folder = built["google"]
+    assert is_current_build(folder)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    stamp = json.loads((copy / "shards" / "build.json").read_text())
+    (copy / "shards" / "build.json").write_text(json.dumps({**stamp, "format": stamp["format"] - 1}))
+    assert not is_current_build(copy)  # built by an older builder: rebuild
+    (copy / "shards" / "build.json").write_text(json.dumps(stamp))
+    assert is_current_build(copy)
+    (copy / "zeroshot" / "build.json").unlink()
+    assert not is_current_build(copy)  # interrupted between committing the shards and the folders
+    assert not is_current_build(tmp_path / "missing")
 
 
 def test_emoji_shards_feed_the_eval_loader(built):
