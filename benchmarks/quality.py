@@ -157,6 +157,7 @@ def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, ob
         ("train.batch_size", settings["batch_size"] // num_procs),  # per rank: the global batch is equal
         ("parallel.num_procs", num_procs),
         ("parallel.ep_size", 1),  # every rank holds all experts: the same model whatever num_procs
+        ("parallel.threads_per_proc", max(1, (os.cpu_count() or 1) // num_procs)),
         ("parallel.master_port", free_port()),
         ("eval.every", 0),
         ("checkpoint.keep", 1),
@@ -681,7 +682,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                    metavar="VARIANT", help="which variants to run (listed below)")
     p.add_argument("--num-procs", type=int, default=1, choices=[1, 2],
-                   help="DeepSpeed CPU ranks per run, data parallel; threads per rank: the trainer's default (default 1)")
+                   help="DeepSpeed CPU ranks per run, data parallel; threads per rank = cores / ranks (default 1)")
     p.add_argument("--out", default="runs/quality", metavar="DIR",
                    help="runs/, results/, results.jsonl, summary.json, quality.png go here (default runs/quality)")
     p.add_argument("--report", default="docs/quality.md", metavar="MD",

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from .ds_config import build_ds_config, write_ds_config
 from .train_config import (
-    ConfigError, TrainConfig, add_override_flags, check_files, default_threads_per_proc, load_config,
-    overrides_from_args, save_config,
+    ConfigError, TrainConfig, add_override_flags, check_files, load_config, overrides_from_args, save_config,
 )
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
@@ -180,8 +179,8 @@ def launch_env(config: TrainConfig) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cuda"
     if p.threads_per_proc:
         env["OMP_NUM_THREADS"] = str(p.threads_per_proc)
-    else:  # a share of the cores per rank, unless the user already chose
-        env.setdefault("OMP_NUM_THREADS", str(default_threads_per_proc(p.num_procs, config.data.workers)))
+    else:  # one share of the cores per rank, unless the user already chose
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.num_procs)))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

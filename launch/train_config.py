@@ -104,21 +104,7 @@ class ParallelSection:
     master_port: int | None = None  # None: a free port on one node, 29500 across nodes
     # A ds_config JSON template; null picks ds_configs/<cpu|gpu>-<precision>-zero<stage>.json.
     ds_config: str | None = None
-    # torch/OMP threads per rank; null = default_threads_per_proc(): the cores left after one
-    # core per rank for its data workers, shared among the ranks (at least 1).
-    threads_per_proc: int | None = None
-
-
-def default_threads_per_proc(local_ranks: int, workers: int, cores: int | None = None) -> int:
-    """Torch/OpenMP threads per rank when the config leaves threads_per_proc null.
-
-    Each rank with data workers keeps one core for them: on a 2-core box a single rank
-    with 2 compute threads plus a busy decoding worker oversubscribes the cores, and
-    OpenMP's spinning threads then ran a step ~10x slower (13 vs 170 samples/s).
-    """
-    cores = cores or os.cpu_count() or 1
-    reserved = local_ranks if workers > 0 else 0
-    return max(1, (cores - reserved) // max(1, local_ranks))
+    threads_per_proc: int | None = None  # torch/OMP threads per rank; null = cores / local ranks
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .export import CLIENT_KEY, MODEL_STATES
-from .train_config import TrainConfig, augment_config, default_threads_per_proc, save_config
+from .train_config import TrainConfig, augment_config, save_config
 
 log = logging.getLogger("limoe.train")
 
@@ -338,7 +338,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     # -- processes ---------------------------------------------------------------------
     # A share of the cores per rank (2 ranks on 2 cores: 1 thread each); LOCAL_SIZE is set by the launcher.
     threads = (config.parallel.threads_per_proc or int(os.environ.get("OMP_NUM_THREADS", "0"))
-               or default_threads_per_proc(int(os.environ.get("LOCAL_SIZE", "1")), config.data.workers))
+               or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     torch.set_num_threads(threads)
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -11,10 +11,8 @@ import torch
 import yaml
 
 from launch.ds_config import build_ds_config
-from launch.launcher import build_command, check_hosts, check_run_dir, launch_env
-from launch.train_config import (
-    CONFIG_DIR, ConfigError, check_files, default_threads_per_proc, load_config, overrides_from_args,
-)
+from launch.launcher import build_command, check_hosts, check_run_dir
+from launch.train_config import CONFIG_DIR, ConfigError, check_files, load_config, overrides_from_args
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -51,25 +49,6 @@ def test_cpu_demo_is_limoe_nano_on_two_ranks_with_ep_size_2():
     assert config.model["preset"] == "limoe-nano"
     assert (config.parallel.num_procs, config.parallel.ep_size, config.train.precision) == (2, 2, "fp32")
     assert "emoji-google" in config.data.train[0].shards
-
-
-def test_default_threads_leave_a_core_per_rank_for_its_data_workers():
-    assert default_threads_per_proc(1, workers=1, cores=2) == 1  # not 2 threads next to a busy worker
-    assert default_threads_per_proc(1, workers=0, cores=2) == 2
-    assert default_threads_per_proc(2, workers=1, cores=2) == 1
-    assert default_threads_per_proc(8, workers=4, cores=96) == 11
-    assert default_threads_per_proc(4, workers=1, cores=2) == 1  # never 0
-
-
-def test_launch_env_sets_threads_unless_the_user_chose(monkeypatch):
-    config = load_config("cpu-demo", [("parallel.num_procs", 1), ("parallel.ep_size", 1)])
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert launch_env(config)["OMP_NUM_THREADS"] == "1"
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert launch_env(config)["OMP_NUM_THREADS"] == "2"
-    config = load_config("cpu-demo", [("parallel.threads_per_proc", 3)])
-    assert launch_env(config)["OMP_NUM_THREADS"] == "3"
 
 
 def test_unknown_key_is_named_with_a_suggestion():
