@@ -20,7 +20,7 @@ def test_demo_produces_every_artifact_and_prints_the_table(tmp_path, fake_emoji_
     assert main(argv) == 0
 
     printed = capsys.readouterr().out
-    assert "Zero-shot on the unseen Twemoji style" in printed
+    assert "Zero-shot on the unseen Twemoji style" in printed and "| mean per-class recall |" in printed
     for granularity in ("name", "subcategory", "category"):
         assert f"| limoe | {granularity} |" in printed and f"| dense | {granularity} |" in printed
     assert "limoe serve --model" in printed
