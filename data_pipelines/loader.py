@@ -3,8 +3,9 @@
 Training (`build_train_loader`), per rank and per DataLoader worker:
 
     shards --ResampledShards(seed, source, rank, worker, epoch)--> tar samples
-      --shuffle buffer--> [mix sources by weight] --decode, RGB, augment,
-      pick one caption at random--> fixed-size batches --tokenize--> (images, tokens)
+      --shuffle buffer--> [mix sources by weight] --decode, RGB, augment--> fixed-size
+      batches, one caption per sample at random (one no other sample of the batch
+      has, when it can) --tokenize--> (images, tokens)
 
 Each rank yields exactly `batches_per_epoch` batches per pass, shared out
 over its workers; everything random (shard draws, shuffle, caption choice,
@@ -89,15 +90,14 @@ def mix_by_weight(streams: list[Iterator], weights: list[float], rng: random.Ran
 
 
 def train_samples(raws: Iterable[dict], skips: SkipCounter, transform: Callable, rng: random.Random):
-    """(image tensor, one caption chosen at random) per usable sample."""
+    """(image tensor, all its captions) per usable sample; train_batches picks the caption."""
     for raw in raws:
         sample = parse_sample(raw, skips)
         if sample is None:
             continue
-        caption = rng.choice(sample.captions)
         image = _seeded_transform(transform, sample.image, rng.getrandbits(63), skips, sample.key)
         if image is not None:
-            yield image, caption
+            yield image, sample.captions
 
 
 def eval_samples(raws: Iterable[dict], skips: SkipCounter, transform: Callable, require_captions: bool = False):
@@ -132,12 +132,25 @@ def _seeded_transform(transform, image, seed: int, skips: SkipCounter, key: str)
             torch.set_num_threads(threads)
 
 
-def train_batches(samples: Iterable, batch_size: int, tokenizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def pick_caption(captions: Sequence[str], taken: set[str], rng: random.Random) -> str:
+    """One of a sample's captions at random, preferring one no other sample in the batch has.
+
+    Two identical captions in one contrastive batch are false negatives: each image
+    is pushed away from a text that describes it. Shared captions are common when
+    captions name a class ("an emoji from animals and nature"), so a sample with
+    another caption to offer uses that one instead.
+    """
+    fresh = [c for c in captions if c not in taken]
+    return rng.choice(fresh or captions)
+
+
+def train_batches(samples: Iterable, batch_size: int, tokenizer,
+                  rng: random.Random) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Full batches only: a short last batch would change the contrastive loss's scale."""
     images, captions = [], []
-    for image, caption in samples:
+    for image, options in samples:
         images.append(image)
-        captions.append(caption)
+        captions.append(pick_caption(options, set(captions), rng))
         if len(images) == batch_size:
             yield torch.stack(images), tokenizer(captions)
             images, captions = [], []
@@ -239,7 +252,7 @@ class TrainStream(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: mix_by_weight(streams, [w for _, w in self.sources], rng),
             lambda raws: train_samples(raws, skips, self.transform, rng),
-            lambda samples: train_batches(samples, self.batch_size, self.tokenizer),
+            lambda samples: train_batches(samples, self.batch_size, self.tokenizer, rng),
             lambda batches: with_skip_reports(batches, skips, limit),
         )
         yield from pipeline

@@ -138,6 +138,26 @@ def test_captions_are_drawn_from_each_samples_caption_list(shards, tokenizer):
     assert set(kinds) == {"sample", "colour", "picture"}  # not always the first caption
 
 
+def test_a_batch_avoids_captions_another_sample_already_has(tmp_path, tokenizer):
+    # Every sample: its own caption, plus one all samples share (a class sentence).
+    records = [Record(f"s{i}", png_bytes(solid_image(i)), [f"alpha {i}", "beta beta"]) for i in range(24)]
+    shards = [str(tmp_path / "s" / name) for name in write_shards(records, tmp_path / "s", "s", maxcount=8).shards]
+    per_batch = []
+    for epoch in range(4):  # plain epochs: no sample twice in a batch (resampling may draw one twice)
+        loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=8, batches_per_epoch=None,
+                                    resampled=False, seed=0, epoch=epoch)
+        per_batch += [tokenizer.decode(tokens) for _, tokens in loader]
+    assert len(per_batch) == 12
+    shared = [sum(t == "beta beta" for t in texts) for texts in per_batch]
+    assert max(shared) == 1 and sum(shared) >= 9  # once per batch at most (a uniform choice: ~4 times)
+    assert all(len(set(texts)) == len(texts) for texts in per_batch)
+    # A sample with nothing else to offer keeps its caption, duplicate or not.
+    only_shared = [Record(f"o{i}", png_bytes(solid_image(i)), ["beta beta"]) for i in range(8)]
+    shards = [str(tmp_path / "o" / name) for name in write_shards(only_shared, tmp_path / "o", "o").shards]
+    loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=4, batches_per_epoch=2, seed=0)
+    assert {t for _, tokens in loader for t in tokenizer.decode(tokens)} == {"beta beta"}
+
+
 def test_plain_epochs_read_every_sample_once_and_drop_short_batches(tmp_path, tokenizer):
     shards = single_caption_shards(tmp_path / "s", "sample", 40, per_shard=10)
     seen = []
