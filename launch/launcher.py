@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .deepspeed_compat import remove_shm_buffers
 from .ds_config import build_ds_config, write_ds_config
 from .train_config import (
     ConfigError, TrainConfig, add_override_flags, check_files, load_config, overrides_from_args, save_config,
@@ -237,6 +238,8 @@ def run_command(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if proc.poll() is not None and "--master_port" in cmd:  # the launcher waits for its ranks
+            remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
 
 
 def run_training(config: str | os.PathLike | dict | TrainConfig, overrides=(), num_procs: int | None = None,

@@ -19,6 +19,7 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -331,7 +332,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     from limoe.losses import LIMoELoss
     from limoe.tokenizer import Tokenizer
 
-    from .deepspeed_compat import patch_broadcast_of_scalar_parameters
+    from .deepspeed_compat import patch_broadcast_of_scalar_parameters, remove_shm_buffers
     from .ds_config import build_ds_config, write_ds_config
     from .eval_hook import zero_shot_eval
 
@@ -342,6 +343,8 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     torch.set_num_threads(threads)
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if "MASTER_PORT" in os.environ:  # DeepSpeed's CPU all-reduce buffer outlives the process otherwise
+        atexit.register(remove_shm_buffers, os.environ["MASTER_PORT"], rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accelerator = get_accelerator()
     accelerator.set_device(local_rank)

@@ -117,9 +117,15 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
     env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", str(EP), "--master_port", str(free_port()), __file__, "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parent.parent)
+    port = free_port()
+    cmd = [str(deepspeed), "--num_gpus", str(EP), "--master_port", str(port), __file__, "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        from launch.deepspeed_compat import remove_shm_buffers
+
+        remove_shm_buffers(port)  # what launch.launcher does after every job
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from safetensors.torch import load_file
 

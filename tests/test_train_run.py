@@ -124,6 +124,28 @@ def test_loss_goes_down_below_chance(full_run):
     assert records[-1]["samples_seen"] == STEPS * ACCUM * 2 * BATCH  # 2 micro-batches per step on 2 ranks
 
 
+def test_the_ranks_shared_memory_buffers_are_gone_after_the_run(full_run):
+    from launch.deepspeed_compat import SHM_BUFFER_PREFIX, SHM_DIR
+
+    port = yaml.safe_load((full_run / "config.yaml").read_text())["parallel"]["master_port"]
+    left = [p.name for p in Path(SHM_DIR).glob(f"{SHM_BUFFER_PREFIX}_*_{port}_*")] if Path(SHM_DIR).is_dir() else []
+    assert left == []
+
+
+def test_shm_buffer_cleanup_removes_only_that_jobs_buffers(tmp_path):
+    from launch.deepspeed_compat import remove_shm_buffers
+
+    uid = os.getuid()
+    names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_41000_0", f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_41000_1",
+             f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_41001_0", f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_41000_0",
+             "unrelated_41000_0"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert [Path(p).name for p in remove_shm_buffers(41000, rank=1, shm_dir=str(tmp_path))] == [names[1]]
+    assert [Path(p).name for p in remove_shm_buffers(41000, shm_dir=str(tmp_path))] == [names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+
+
 def test_periodic_zero_shot_evaluation_is_recorded_with_the_step(full_run):
     evaluated = {r["step"]: r for r in metrics(full_run) if "eval/top1" in r}
     assert sorted(evaluated) == [STOP_AT, STEPS]
@@ -245,6 +267,10 @@ def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_exits(workdir):
     assert "--resume latest" in output
 
 
+def build_command_port(cmd: list[str]) -> str:
+    return cmd[cmd.index("--master_port") + 1]
+
+
 def test_ctrl_c_on_the_printed_deepspeed_command_writes_a_checkpoint(workdir):
     """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the
     deepspeed launcher, the ranks and their DataLoader workers. The ranks must still
@@ -273,6 +299,8 @@ def test_ctrl_c_on_the_printed_deepspeed_command_writes_a_checkpoint(workdir):
     last_step = metrics(run_dir)[-1]["step"]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step:08d}"
     assert f"stopped by SIGINT at step {last_step}" in (run_dir / "out.log").read_text()
+    port = build_command_port(cmd)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # the ranks removed theirs
 
 
 def test_too_many_non_finite_losses_stop_the_run_with_a_checkpoint(workdir):
