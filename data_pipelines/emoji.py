@@ -290,6 +290,7 @@ def build_emoji_dataset(
                 (folder / f"{index:05d}").mkdir(parents=True)
             (folder / "classnames.txt").write_text("\n".join(names) + "\n")
 
+        stamp = json.dumps(build_stamp(style, tarball)) + "\n"  # the same in shards/ and zeroshot/
         with ShardSetWriter(out_dir / "shards", f"emoji-{style}", maxcount=maxcount) as writer:
             for entry in entries:
                 source_id = entry.get("unified") or entry.get("image") or emoji_name(entry)
@@ -327,8 +328,8 @@ def build_emoji_dataset(
                     else:
                         _link_or_copy(first, path)  # same image in three layouts: link, don't triple the disk use
             writer.add_file("classnames.txt", "\n".join(classes["name"]) + "\n")  # names of the cls labels
-            writer.add_file(BUILD_FILE, json.dumps(build_stamp(style, tarball)) + "\n")
-        (zeroshot_tmp / BUILD_FILE).write_text(json.dumps(build_stamp(style, tarball)) + "\n")
+            writer.add_file(BUILD_FILE, stamp)
+        (zeroshot_tmp / BUILD_FILE).write_text(stamp)
         replace_directory(zeroshot_tmp, out_dir / "zeroshot")
     except BaseException:
         shutil.rmtree(zeroshot_tmp, ignore_errors=True)

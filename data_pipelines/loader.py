@@ -147,13 +147,14 @@ def pick_caption(captions: Sequence[str], taken: set[str], rng: random.Random) -
 def train_batches(samples: Iterable, batch_size: int, tokenizer,
                   rng: random.Random) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Full batches only: a short last batch would change the contrastive loss's scale."""
-    images, captions = [], []
+    images, captions, taken = [], [], set()
     for image, options in samples:
         images.append(image)
-        captions.append(pick_caption(options, set(captions), rng))
+        captions.append(pick_caption(options, taken, rng))
+        taken.add(captions[-1])
         if len(images) == batch_size:
             yield torch.stack(images), tokenizer(captions)
-            images, captions = [], []
+            images, captions, taken = [], [], set()
 
 
 def eval_batches(samples: Iterable[dict], batch_size: int, tokenizer=None) -> Iterator[dict]:

@@ -151,6 +151,11 @@ def master_port(config: TrainConfig) -> int:
         return s.getsockname()[1]
 
 
+def command_master_port(cmd: list[str]) -> str | None:
+    """The `--master_port` of a deepspeed launcher command from build_command (None if absent)."""
+    return cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd[:-1] else None
+
+
 def build_command(config: TrainConfig, config_path: Path, resume: str | None = None,
                   node_rank: int | None = None) -> list[str]:
     """The deepspeed launcher command for this run (one process per GPU / CPU rank)."""
@@ -238,8 +243,9 @@ def run_command(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if proc.poll() is not None and "--master_port" in cmd:  # the launcher waits for its ranks
-            remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+        port = command_master_port(cmd)
+        if proc.poll() is not None and port is not None:  # the launcher waits for its ranks
+            remove_shm_buffers(port)
 
 
 def run_training(config: str | os.PathLike | dict | TrainConfig, overrides=(), num_procs: int | None = None,
