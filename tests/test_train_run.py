@@ -237,6 +237,16 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
+def wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 180) -> None:
+    """Until the running job has logged `steps` steps; it must still be running then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= steps:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+
+
 def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_exits(workdir):
     # One DataLoader worker per rank: the workers must not die of the signal meant for the ranks.
     # (ZeRO stage 2 here, so its checkpoint path runs too.)
@@ -249,12 +259,7 @@ def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_exits(workdir):
                             stderr=subprocess.STDOUT, text=True)
     run_dir = workdir / "logs" / "interrupted"
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read()
+        wait_for_steps(proc, run_dir, 3)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -267,15 +272,11 @@ def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_exits(workdir):
     assert "--resume latest" in output
 
 
-def build_command_port(cmd: list[str]) -> str:
-    return cmd[cmd.index("--master_port") + 1]
-
-
 def test_ctrl_c_on_the_printed_deepspeed_command_writes_a_checkpoint(workdir):
     """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the
     deepspeed launcher, the ranks and their DataLoader workers. The ranks must still
     agree to checkpoint (the workers must not die first and abort them)."""
-    from launch.launcher import build_command, launch_env, prepare_run
+    from launch.launcher import build_command, command_master_port, launch_env, prepare_run
     from launch.train_config import load_config
 
     config = load_config(tiny_config(workdir, "ctrl-c", train={"batch_size": BATCH, "steps": 2000},
@@ -286,12 +287,7 @@ def test_ctrl_c_on_the_printed_deepspeed_command_writes_a_checkpoint(workdir):
                             text=True, start_new_session=True)  # its own group, like a terminal job
     run_dir = config.run_dir
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read()
+        wait_for_steps(proc, run_dir, 3)
         os.killpg(proc.pid, signal.SIGINT)
         proc.communicate(timeout=120)
     finally:
@@ -299,7 +295,7 @@ def test_ctrl_c_on_the_printed_deepspeed_command_writes_a_checkpoint(workdir):
     last_step = metrics(run_dir)[-1]["step"]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step:08d}"
     assert f"stopped by SIGINT at step {last_step}" in (run_dir / "out.log").read_text()
-    port = build_command_port(cmd)
+    port = command_master_port(cmd)
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # the ranks removed theirs
 
 
