@@ -19,6 +19,14 @@ patches + 16 text tokens per pair); only LIMoE's gate looks at modality.
     python benchmarks/moe_layer.py --d-model 256      # CPU fp32, 4k..64k tokens (a few minutes)
     python benchmarks/moe_layer.py --tokens 8192 --d-model 256 --reps 40 --threads 1
     python benchmarks/moe_layer.py --device cuda      # bf16 by default on CUDA
+
+`--dropless` measures inference instead (eval mode, no gradient, dropless
+routing, LIMoE only): the same layer and tokens under a balanced router and
+under a skewed one that sends about 70% of the tokens to expert 0. Dropless
+dispatch sorts the routes by expert and computes exactly the routed rows, so
+the skewed call should cost about what the balanced one costs.
+
+    python benchmarks/moe_layer.py --dropless --tokens 16384 --d-model 256 --threads 1
 """
 from __future__ import annotations
 
@@ -109,6 +117,65 @@ def run_config(d_model: int, num_tokens: int, args, device, dtype) -> dict:
     return row
 
 
+def skew_router(layer: LIMoELayer, x: torch.Tensor, share: float) -> torch.Tensor:
+    """Inputs for which about `share` of the tokens pick expert 0: the router's expert-0 row
+    points along a direction u, those tokens get 3u added, and the others lose their u part."""
+    u = torch.nn.functional.normalize(torch.ones(x.shape[1], device=x.device, dtype=x.dtype), dim=0)
+    with torch.no_grad():
+        layer.gate.wg.weight[0] = 4.0 * u.to(layer.gate.wg.weight.dtype)
+    skewed = x - (x @ u).unsqueeze(1) * u
+    skewed[: round(share * x.shape[0])] += 3.0 * u
+    return skewed
+
+
+def busiest_share(layer: LIMoELayer, x: torch.Tensor, modality: torch.Tensor) -> float:
+    with torch.no_grad():
+        layer(x, modality)
+    counts = layer.deepspeed_moe.exp_counts.float()
+    return float(counts.max() / counts.sum())
+
+
+def run_dropless(d_model: int, num_tokens: int, args, device, dtype) -> dict:
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=args.experts, k=1)
+    layers = {name: LIMoELayer(d_model, MLP(d_model, 4 * d_model), config).to(device=device, dtype=dtype).eval()
+              for name in ("balanced", "skewed")}
+    layers["skewed"].load_state_dict(layers["balanced"].state_dict())
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(num_tokens, d_model, generator=g).to(device=device, dtype=dtype)
+    modality = torch.full((num_tokens,), IMAGE, device=device)
+    modality[round(num_tokens * 196 / 212):] = TEXT
+    inputs = {"balanced": x, "skewed": skew_router(layers["skewed"], x, 0.7)}
+
+    def step(name):
+        def run():
+            with torch.no_grad():
+                layers[name](inputs[name], modality)
+        return run
+
+    steps = {name: step(name) for name in layers}
+    flops = 2 * num_tokens * d_model * 4 * d_model * 2
+    reps = min(args.reps, max(args.min_reps, round(args.reps * args.reps_flops / flops)))
+    times = time_interleaved(steps, device, warmup=args.warmup, reps=reps)
+    row = {"d_model": d_model, "tokens": num_tokens, "experts": args.experts, "reps": reps}
+    for name in layers:
+        row[f"{name}_busiest_share"] = busiest_share(layers[name], inputs[name], modality)
+        row[f"{name}_ms"] = median(times[name]) * 1e3
+        row[f"{name}_peak_mib"] = peak_step_memory(steps[name], device) / 2 ** 20
+    row["skewed_vs_balanced_time"] = paired_ratio(times["skewed"], times["balanced"])
+    row["skewed_vs_balanced_mem"] = row["skewed_peak_mib"] / row["balanced_peak_mib"]
+    return row
+
+
+DROPLESS_COLUMNS = [
+    ("d_model", "d"), ("tokens", "tokens"), ("reps", "reps"),
+    ("balanced_busiest_share", "balanced: busiest expert"), ("skewed_busiest_share", "skewed: busiest expert"),
+    ("balanced_ms", "balanced ms"), ("skewed_ms", "skewed ms"), ("skewed_vs_balanced_time", "skewed/balanced time"),
+    ("balanced_peak_mib", "balanced peak MiB"), ("skewed_peak_mib", "skewed peak MiB"),
+    ("skewed_vs_balanced_mem", "skewed/balanced mem"),
+]
+
+
 COLUMNS = [
     ("d_model", "d"), ("tokens", "tokens"), ("reps", "reps"),
     ("limoe_ms", "LIMoE ms"), ("stock_ms", "stock ms"), ("dense_ms", "dense ms"),
@@ -139,8 +206,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per variant")
-    parser.add_argument("--out", default="benchmarks/results/moe_layer.json")
+    parser.add_argument("--dropless", action="store_true",
+                        help="measure dropless inference under a balanced and a 70%%-skewed router instead")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/moe_layer.json, or moe_layer_dropless.json)")
     args = parser.parse_args(argv)
+    args.out = args.out or f"benchmarks/results/moe_layer{'_dropless' if args.dropless else ''}.json"
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,6 +228,22 @@ def main(argv=None):
         else:
             tokens = [4096, 8192, 16384, 32768, 65536]
         grid += [(d, s) for s in tokens]
+
+    if args.dropless:
+        result = header("LIMoE layer dropless inference: balanced vs 70%-skewed router")
+        result.update(device=str(device), dtype=str(dtype).replace("torch.", ""), rows=[],
+                      timing="median seconds per eval-mode forward (no grad), variants interleaved")
+        print(f"device={device} dtype={dtype} threads={torch.get_num_threads()}")
+        for d, s in grid:
+            row = run_dropless(d, s, args, device, dtype)
+            result["rows"].append(row)
+            print(f"d={d} tokens={s}: balanced {row['balanced_ms']:.1f} ms, skewed {row['skewed_ms']:.1f} ms "
+                  f"(busiest expert {100 * row['skewed_busiest_share']:.0f}%)", flush=True)
+            write_json(args.out, result)
+        print()
+        print(format_table(result["rows"], DROPLESS_COLUMNS))
+        print(f"\nwrote {args.out}")
+        return
 
     result = header("MoE layer forward+backward: LIMoE vs DeepSpeed stock MoE vs dense MLP")
     result.update(device=str(device), dtype=str(dtype).replace("torch.", ""),

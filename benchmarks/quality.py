@@ -56,7 +56,8 @@ GENERATED_END = "<!-- generated:end -->"
 
 # The preset defaults (limoe/config.py), written out so a variant's table row says everything.
 IMAGE_LOSSES = {"importance": 0.005, "load": 0.005, "local_entropy": 0.01, "global_entropy": 0.0, "zloss": 0.0}
-TEXT_LOSSES = {"importance": 0.005, "load": 0.005, "local_entropy": 0.01, "global_entropy": 0.05, "zloss": 0.0}
+TEXT_LOSSES = {"importance": 0.005, "load": 0.005, "local_entropy": 0.01, "global_entropy": 0.05, "zloss": 0.0,
+               "global_entropy_experts": 2.0}
 BALANCE_ONLY = {"importance": 0.005, "load": 0.005, "local_entropy": 0.0, "global_entropy": 0.0, "zloss": 0.0}
 NO_AUX = {"importance": 0.0, "load": 0.0, "local_entropy": 0.0, "global_entropy": 0.0, "zloss": 0.0}
 

@@ -282,7 +282,7 @@ def step_numbers(losses: dict, out: dict) -> dict[str, torch.Tensor]:
         "aux_loss": torch.as_tensor(losses["aux_loss"]).detach().float(),
     }
     for name, value in sorted(out["aux_terms"].items()):
-        numbers[f"aux/{name}"] = value.detach().float()
+        numbers[f"aux_layer_mean/{name}"] = value.detach().float()  # unweighted, mean over MoE layers
     for modality in ("image", "text"):
         if out["routing"]:
             numbers[f"dropped/{modality}"] = sum(s[modality]["dropped"] for s in out["routing"]).float()

@@ -12,21 +12,46 @@ import math
 from dataclasses import dataclass, field
 
 MODALITIES = ("image", "text")
-AUX_LOSS_NAMES = ("importance", "load", "local_entropy", "global_entropy", "zloss")
+AUX_LOSS_NAMES = ("importance", "load", "switch_load", "local_entropy", "global_entropy", "zloss")
 
 
 @dataclass
 class AuxLossWeights:
-    """Weights of the auxiliary routing losses for one modality (0 turns a term off)."""
+    """Weights of the auxiliary routing losses for one modality (0 turns a term off).
 
-    importance: float = 0.005
-    load: float = 0.005
+    Each weight applies per MoE layer; the model sums the weighted terms over its MoE
+    layers, as V-MoE does (so its 0.005 per layer means the same at any depth).
+    Formulas: limoe/routing.py and docs/model.md."""
+
+    importance: float = 0.005  # V-MoE importance loss
+    load: float = 0.005  # V-MoE load loss (needs router noise)
+    switch_load: float = 0.0  # Switch/GShard E * sum_e f_e P_e (noise-free alternative to load)
     local_entropy: float = 0.0
     global_entropy: float = 0.0
     zloss: float = 0.0
-    # Global-entropy threshold tau = log(global_entropy_experts): the modality is
-    # pushed to spread over at least about this many experts, and no further.
-    global_entropy_experts: float = 2.0
+    # S_m of the global-entropy threshold tau = log(S_m): the modality is pushed to spread
+    # over at least about S_m experts, and no further. Required (1 < S_m <= num_experts)
+    # wherever global_entropy > 0; there is no default.
+    global_entropy_experts: float | None = None
+
+
+def validate_aux_weights(w: AuxLossWeights, key: str, num_experts: int, noise_std: float) -> None:
+    for term in AUX_LOSS_NAMES:
+        value = getattr(w, term)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key}.{term} must be a finite number >= 0, got {value!r}")
+    if w.load and noise_std <= 0:
+        raise ValueError(f"{key}.load={w.load} needs router noise: V-MoE's load loss is the probability of each "
+                         "expert winning if the noise were drawn again, undefined without noise. Set "
+                         f"moe.noise_std > 0, or use {key}.switch_load (the noise-free Switch form) instead")
+    s_m = w.global_entropy_experts
+    if w.global_entropy and s_m is None:
+        raise ValueError(f"{key}.global_entropy={w.global_entropy} needs {key}.global_entropy_experts: the soft "
+                         f"minimum number of experts S_m the modality should spread over (tau = log S_m), "
+                         f"1 < S_m <= num_experts={num_experts}")
+    if s_m is not None and not 1 < s_m <= num_experts:
+        raise ValueError(f"{key}.global_entropy_experts must satisfy 1 < S_m <= num_experts={num_experts}, "
+                         f"got {s_m}")
 
 
 @dataclass
@@ -120,7 +145,12 @@ class LIMoEConfig:
             raise ValueError(f"moe.expert_type must be 'mlp' or 'swiglu', got {moe.expert_type!r}")
         if moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0:
             raise ValueError("capacity factors must be positive")
+        if moe.noise_std < 0:
+            raise ValueError(f"moe.noise_std must be >= 0, got {moe.noise_std}")
         moe.moe_layers(self.depth)
+        if moe.num_experts:
+            for m in MODALITIES:
+                validate_aux_weights(getattr(moe, m), f"moe.{m}", moe.num_experts, moe.noise_std)
 
     @property
     def num_patches(self) -> int:

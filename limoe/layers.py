@@ -27,6 +27,26 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, N, D))
 
 
+# Grouped-GEMM kernels want every expert's group of rows to start 16-byte aligned:
+# a multiple of 8 rows in bf16 (torchtitan pads its token groups the same way).
+GROUP_ALIGN = 8
+
+
+def align_groups(rows: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy rows [R, d] (sizes[e] rows per group) into a buffer whose groups start at
+    multiples of GROUP_ALIGN. Returns (buffer, int32 group end offsets, each row's place in
+    the buffer, each buffer row's group). At most GROUP_ALIGN - 1 padding rows per group."""
+    padded = [-(-n // GROUP_ALIGN) * GROUP_ALIGN for n in sizes]
+    starts = [sum(padded[:e]) for e in range(len(sizes))]
+    device = rows.device
+    place = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes)]).to(device)
+    buffer = rows.new_zeros(sum(padded), rows.shape[1]).index_copy_(0, place, rows)
+    offsets = torch.tensor(padded, device=device).cumsum(0).to(torch.int32)
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(padded, device=device),
+                                    output_size=sum(padded))
+    return buffer, offsets, place, group
+
+
 class MLP(nn.Module):
     """GELU MLP: the dense block MLP and the default expert."""
 
@@ -48,6 +68,18 @@ class MLP(nn.Module):
         h = F.gelu(torch.baddbmm(b1, x, w1.transpose(1, 2)))
         return torch.baddbmm(b2, h, w2.transpose(1, 2))
 
+    @staticmethod
+    def grouped_rows_forward(experts: list["MLP"], rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Expert e on its sizes[e] consecutive rows of rows [R, width], as grouped matmuls (CUDA, bf16)."""
+        buffer, offsets, place, group = align_groups(rows, sizes)
+        w1 = torch.stack([e.fc1.weight for e in experts])  # [E, hidden, width]
+        w2 = torch.stack([e.fc2.weight for e in experts])
+        b1 = torch.stack([e.fc1.bias for e in experts])
+        b2 = torch.stack([e.fc2.bias for e in experts])
+        h = F.gelu(F.grouped_mm(buffer, w1.transpose(-2, -1), offs=offsets) + b1[group])
+        y = F.grouped_mm(h, w2.transpose(-2, -1), offs=offsets) + b2[group]
+        return y.index_select(0, place)
+
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP (as in mmLiT / LLaMA): silu(x W_gate) * (x W_up) W_down, no biases."""
@@ -67,6 +99,15 @@ class SwiGLU(nn.Module):
         w3 = torch.stack([e.down.weight for e in experts])
         gate, up = torch.bmm(x, w12.transpose(1, 2)).chunk(2, dim=-1)
         return torch.bmm(F.silu(gate) * up, w3.transpose(1, 2))
+
+    @staticmethod
+    def grouped_rows_forward(experts: list["SwiGLU"], rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Expert e on its sizes[e] consecutive rows of rows [R, width], as grouped matmuls (CUDA, bf16)."""
+        buffer, offsets, place, _ = align_groups(rows, sizes)
+        w12 = torch.stack([e.gate_up.weight for e in experts])
+        w3 = torch.stack([e.down.weight for e in experts])
+        gate, up = F.grouped_mm(buffer, w12.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, w3.transpose(-2, -1), offs=offsets).index_select(0, place)
 
 
 def make_mlp(kind: str, width: int, hidden: int) -> nn.Module:

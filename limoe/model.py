@@ -2,7 +2,9 @@
 
 Images and texts are separate sequences (attention never mixes them) that go
 through the same blocks. In MoE blocks the tokens of both modalities are
-routed together, in one call, each carrying its modality id.
+routed together, in one call, each carrying its modality id; the tokens are
+grouped by modality once per forward (routing.TokenGroups) and every MoE layer
+shares that grouping.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import LIMoEConfig, MODALITIES
 from .layers import Attention, MAPHead, make_mlp
 from .moe import LIMoELayer
-from .routing import IGNORE, IMAGE, TEXT
+from .routing import IGNORE, IMAGE, TEXT, TokenGroups
 
 PAD_ID = 0  # the tokenizer pads with id 0
 
@@ -31,13 +33,13 @@ class Block(nn.Module):
         self.mlp = LIMoELayer(config.width, expert, config.moe, ep_size) if moe else expert
         self.is_moe = moe
 
-    def forward(self, seqs: list[torch.Tensor], causal: list[bool], modality: torch.Tensor):
+    def forward(self, seqs: list[torch.Tensor], causal: list[bool], token_groups: TokenGroups):
         seqs = [x + self.attn(self.norm1(x), causal=c) for x, c in zip(seqs, causal)]
         shapes = [x.shape for x in seqs]
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in seqs])
         h = self.norm2(flat)
         if self.is_moe:
-            h, aux = self.mlp(h, modality)
+            h, aux = self.mlp(h, token_groups)
         else:
             h, aux = self.mlp(h), None
         flat = flat + h
@@ -123,13 +125,13 @@ class LIMoE(nn.Module):
             seqs.append(self._embed_text(tokens))
             causal.append(True)  # causal text attention: padding after the end token cannot leak in
             modality.append(torch.where(tokens.reshape(-1) == PAD_ID, IGNORE, TEXT))
-        modality = torch.cat(modality)
+        token_groups = TokenGroups.from_modality(torch.cat(modality))
         auxes = []
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                seqs, aux = checkpoint(block, seqs, causal, modality, use_reentrant=False)
+                seqs, aux = checkpoint(block, seqs, causal, token_groups, use_reentrant=False)
             else:
-                seqs, aux = block(seqs, causal, modality)
+                seqs, aux = block(seqs, causal, token_groups)
             if aux is not None:
                 auxes.append(aux)
         return seqs, auxes
@@ -148,8 +150,8 @@ class LIMoE(nn.Module):
         """Joint pass: both modalities' tokens share each routing call.
 
         Returns normalised features, the logit scale (exp'd, clamped), the
-        weighted auxiliary loss (mean over MoE layers), each unweighted term,
-        and per-layer routing statistics.
+        weighted auxiliary loss (summed over MoE layers, as V-MoE does), each
+        unweighted term as its mean over MoE layers, and per-layer routing statistics.
         """
         (xi, xt), auxes = self._run_blocks(images, tokens)
         out = {
@@ -168,7 +170,9 @@ class LIMoE(nn.Module):
 
 
 def summarize_aux(auxes: list[dict], zero: torch.Tensor) -> dict:
-    """Average aux losses over MoE layers; keep per-layer stats and overall drop rates."""
+    """The weighted aux losses summed over MoE layers (V-MoE, vit_moe.py: "Sum auxiliary losses
+    from all blocks"; the per-layer weights assume that sum); each unweighted term as its mean
+    over layers ("aux_terms", logged as aux_layer_mean/...), per-layer stats, overall drop rates."""
     if not auxes:
         return {"aux_loss": zero, "aux_terms": {}, "routing": [], "drop_rate": {}}
     n = len(auxes)
@@ -179,7 +183,7 @@ def summarize_aux(auxes: list[dict], zero: torch.Tensor) -> dict:
         dropped = sum(a["stats"][m]["dropped"] for a in auxes)
         drop_rate[m] = dropped.float() / routes.clamp_min(1)
     return {
-        "aux_loss": sum(a["loss"] for a in auxes) / n,
+        "aux_loss": sum(a["loss"] for a in auxes),
         "aux_terms": terms,
         "routing": [a["stats"] for a in auxes],
         "drop_rate": drop_rate,

@@ -3,18 +3,25 @@
 `LIMoELayer` is a `deepspeed.moe.layer.MoE`, so the DeepSpeed engine finds
 it: experts live in expert-parallel groups (`ep_size`), their gradients are
 reduced over the expert-data-parallel group, and engine checkpoints save
-them per expert. Two parts are replaced:
+them per expert. Three parts are replaced:
 
-- the gate, `LIMoEGate`, routes as LIMOE.md says (routing.py) and returns
-  the 7-tuple DeepSpeed 0.19.8 expects with `sparse_routes=True`;
+- the gate, `LIMoEGate`, routes as docs/model.md says (routing.py): fp32
+  router, noisy top-k, capacity from the routed tokens, Batch Priority
+  Routing, per-modality auxiliary losses and statistics;
 - the experts, `GroupedExperts`, run all local experts with batched matmuls
-  instead of a Python loop over small ones;
-- the dispatch, `ExpertDispatch` (a DeepSpeed `MOELayer`): tokens go into
-  [E, C, d] expert buffers, through DeepSpeed's all-to-all over the
-  expert-parallel group, and back, as in DeepSpeed, but every data movement,
-  forward and backward, is a single row gather (`DispatchTokens`,
-  `CombineExperts`). A slot holds at most one route, so the adjoint of each
-  gather is again a gather: no zero-filled scatter-add, no padded copies.
+  on CUDA and one after another on CPU;
+- the dispatch, `ExpertDispatch` (a DeepSpeed `MOELayer`):
+  * with a capacity (training, or capacity-limited eval) tokens go into
+    [E, C, d] expert buffers, through DeepSpeed's all-to-all over the
+    expert-parallel group, and back, and every data movement, forward and
+    backward, is a single row gather (`DispatchTokens`, `CombineExperts`);
+    the buffer size C is a function of the batch shape only, so ranks agree
+    on it without talking and the step never waits for the GPU;
+  * dropless (inference): the routes are sorted by expert and each expert
+    runs on exactly its rows (row slices on CPU, a grouped matmul on CUDA,
+    an all-to-all with per-rank sizes across an expert-parallel group), so
+    skewed routing costs what the routed tokens cost, not E times the
+    busiest expert's buffer.
 
 Without a process group (ep_size=1) the layer runs as a plain module, for
 inference, evaluation and the API.
@@ -26,100 +33,98 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import MOELayer, TopKGate, _AllToAll
+from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
 from . import routing
 from .config import MODALITIES, MoEConfig
-from .routing import IGNORE
+from .routing import RouterOutput, Routes, TokenGroups
 
 
-class LIMoEGate(TopKGate):
-    """fp32 router with noisy top-k, capacity, BPR and per-modality aux losses."""
+class LIMoEGate(nn.Module):
+    """fp32 router with noisy top-k, capacity, BPR and per-modality aux losses.
+
+    `wg` is named as in DeepSpeed's TopKGate, so checkpoints keep their names."""
 
     def __init__(self, width: int, config: MoEConfig):
-        super().__init__(width, config.num_experts, k=config.k, capacity_factor=config.capacity_factor,
-                         eval_capacity_factor=config.eval_capacity_factor, min_capacity=0,
-                         noisy_gate_policy=None, drop_tokens=True, use_rts=False)
+        super().__init__()
         self.config = config
+        self.k = config.k
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
         self.dropless_eval = config.eval_dropless
+        self.wg = nn.Linear(width, config.num_experts, bias=False)
         nn.init.normal_(self.wg.weight, std=0.02)
+        self.ep_group = None
 
-    def capacity(self, num_tokens: int) -> int | None:
-        if self.training:
-            return routing.expert_capacity(num_tokens, self.num_experts, self.k, self.capacity_factor)
-        if self.dropless_eval:
-            return None
-        return routing.expert_capacity(num_tokens, self.num_experts, self.k, self.eval_capacity_factor)
+    def _set_ep_group(self, ep_group) -> None:  # called by DeepSpeed's MOELayer
+        self.ep_group = ep_group
 
     @property
     def num_experts(self) -> int:
         return self.wg.weight.shape[0]
 
-    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None,
-                sparse_routes: bool = True, use_tutel: bool = False):
-        """`used_token` carries each token's modality id (routing.IMAGE/TEXT/IGNORE)."""
-        if not sparse_routes or use_tutel:
-            raise ValueError("LIMoEGate only supports DeepSpeed's sparse-route dispatch")
-        modality = used_token
-        if modality is None:
-            modality = torch.zeros(input.shape[0], dtype=torch.long, device=input.device)
-        logits = torch.nn.functional.linear(input.float(), self.wg.weight.float())
-        probs = routing.router_probs(logits, self.config.noise_std, self.training)
-        valid = modality != IGNORE
-        routes = routing.assign_routes(probs, self.k, self.capacity(input.shape[0]),
-                                       batch_priority=self.config.batch_priority_routing,
-                                       valid=valid, renormalize=self.config.renormalize_gates)
-        capacity = routes.capacity
-        if self.ep_group is not None and dist.is_initialized() and dist.get_world_size(self.ep_group) > 1:
-            # Every rank of an expert-parallel group must agree on the buffer size.
-            c = torch.tensor(capacity, device=input.device)
-            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=self.ep_group)
-            capacity = int(c.item())
-        aux = self.aux(logits, probs, modality, routes)
-        return (aux, capacity, self.num_experts, routes.expert.int(), routes.position.int(), routes.gate,
-                routes.counts)
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor routing uses now; None for dropless eval."""
+        if self.training:
+            return self.capacity_factor
+        return None if self.dropless_eval else self.eval_capacity_factor
 
-    def aux(self, logits, probs, modality, routes) -> dict:
+    def buffer_capacity(self, num_tokens: int) -> int:
+        """Slots per expert in the dispatch buffer: the capacity of `num_tokens` routed tokens,
+        padding counted. A Python int of the batch shape, so every expert-parallel rank gets
+        the same one without communication; the capacity routing enforces (from the tokens
+        actually routed) is never larger."""
+        return routing.expert_capacity(num_tokens, self.num_experts, self.k, self.active_capacity_factor())
+
+    def forward(self, x: torch.Tensor, token_groups: TokenGroups) -> tuple[Routes, dict]:
+        """Route the tokens x [S, d]. Returns the routes and this layer's aux dict
+        (weighted loss, unweighted terms, statistics), all without a host sync."""
+        logits = F.linear(x.float(), self.wg.weight.float())
+        router = routing.route_logits(logits, self.config.noise_std, self.training)
+        factor = self.active_capacity_factor()
+        capacity = None if factor is None else routing.expert_capacity_tensor(
+            token_groups.num_routed, self.num_experts, self.k, factor)
+        routes = routing.assign_routes(router.probs, self.k, capacity,
+                                       batch_priority=self.config.batch_priority_routing,
+                                       valid=token_groups.valid, renormalize=self.config.renormalize_gates)
+        return routes, self.aux(router, token_groups, routes)
+
+    def aux(self, router: RouterOutput, token_groups: TokenGroups, routes: Routes) -> dict:
         """Weighted aux loss for this layer, its unweighted terms and routing statistics."""
-        total = probs.sum() * 0.0
+        total = router.logits.sum() * 0.0
         terms, stats = {}, {}
-        # Group the tokens by modality with one sort and one host sync in all
-        # (a boolean mask per modality and statistic would sync a GPU each time).
-        ids = torch.arange(IGNORE, len(MODALITIES), device=modality.device)
-        sizes = (modality.unsqueeze(1) == ids).sum(0).tolist()  # [IGNORE, IMAGE, TEXT]
-        order = torch.argsort(modality, stable=True)
-        start = sizes[0]
-        for mid, name in enumerate(MODALITIES):
-            index = order[start:start + sizes[mid + 1]]
-            start += sizes[mid + 1]
+        first_choice = router.probs.argmax(-1)
+        kept = routes.expert >= 0  # [k, S]
+        for name in MODALITIES:
+            mask = token_groups.masks[name]
             weights = getattr(self.config, name)
-            p = probs.index_select(0, index)
-            mterms = routing.modality_aux_losses(p, logits.index_select(0, index), weights.global_entropy_experts)
-            for term, value in mterms.items():
+            for term, value in routing.modality_aux_losses(router, self.k, weights.global_entropy_experts,
+                                                           mask).items():
                 terms[f"{name}/{term}"] = value
-                total = total + getattr(weights, term) * value
+                if getattr(weights, term):
+                    total = total + getattr(weights, term) * value
             with torch.no_grad():
-                routes_m = routes.expert.index_select(1, index)
-                kept = routes_m >= 0
+                tokens = mask.sum()
                 stats[name] = {
-                    "tokens": torch.full((), index.numel(), dtype=torch.long, device=probs.device),
-                    "routes": torch.full((), routes_m.numel(), dtype=torch.long, device=probs.device),
-                    "dropped": (~kept).sum(),
-                    "assigned": self.count_per_expert(p.argmax(-1)),
-                    "kept": self.count_per_expert(routes_m, kept),
-                    "entropy_sum": routing.entropy(p).sum(),
+                    "tokens": tokens,
+                    "routes": tokens * self.k,
+                    "dropped": (~kept & mask).sum(),
+                    "assigned": self.count_per_expert(first_choice, mask),
+                    "kept": self.count_per_expert(routes.expert, kept & mask),
+                    "entropy_sum": (routing.entropy(router.probs) * mask).sum(),
                 }
         return {"loss": total, "terms": terms, "stats": stats}
 
-    def count_per_expert(self, expert: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def count_per_expert(self, expert: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Like bincount(expert[mask], minlength=E), without a host sync."""
-        ones = torch.ones_like(expert) if mask is None else mask.long()
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=expert.device)
-        return counts.scatter_add_(0, expert.clamp_min(0).reshape(-1), ones.reshape(-1))
+        mask = mask.expand_as(expert)
+        return counts.scatter_add_(0, expert.clamp_min(0).reshape(-1), mask.reshape(-1).long())
 
 
 class GroupedExperts(Experts):
@@ -140,29 +145,39 @@ class GroupedExperts(Experts):
                 if isinstance(m, nn.Linear):
                     m.reset_parameters()
 
-    def forward(self, inputs: torch.Tensor, filled: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs: [ep_size, num_local_experts, capacity, d]. `filled` [num_local_experts]
-        (only with ep_size 1): expert e's slots past filled[e] are empty, so the loop skips
-        them; dropless inference sizes every buffer for the busiest expert."""
+    def use_batched(self, x: torch.Tensor) -> bool:
+        return x.is_cuda if self.batched is None else self.batched
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs: [ep_size, num_local_experts, capacity, d] -> the same shape."""
         G, L, C, D = inputs.shape
         x = inputs.transpose(0, 1).reshape(L, G * C, D)
-        if x.is_cuda if self.batched is None else self.batched:
+        if self.use_batched(x):
             y = type(self.deepspeed_experts[0]).grouped_forward(list(self.deepspeed_experts), x)
-            return y.reshape(L, G, C, D).transpose(0, 1)
-        rows = [G * C] * L if filled is None or G != 1 else filled.tolist()
-        # unbind, not x[i]: its backward stacks the E gradients once instead of
-        # adding E full-size zero-padded ones.
-        outs = []
-        for xe, expert, n in zip(x.unbind(0), self.deepspeed_experts, rows):
-            ye = expert(xe[:n]) if n < G * C else expert(xe)
-            outs.append(ye if n == G * C else torch.cat([ye, ye.new_zeros(G * C - n, D)]))
-        return torch.stack(outs).reshape(L, G, C, D).transpose(0, 1)
+        else:
+            # unbind, not x[i]: its backward stacks the E gradients once instead of
+            # adding E full-size zero-padded ones.
+            y = torch.stack([expert(xe) for xe, expert in zip(x.unbind(0), self.deepspeed_experts)])
+        return y.reshape(L, G, C, D).transpose(0, 1)
+
+    def forward_rows(self, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """rows [R, d] sorted by local expert, sizes[e] of them for expert e -> [R, d].
+        Each expert computes exactly its rows: a grouped matmul on CUDA (bf16), slices elsewhere,
+        in chunks of at most an even share of the rows, so a busy expert's activations take no
+        more memory than a balanced router's would."""
+        kind = type(self.deepspeed_experts[0])
+        if self.use_batched(rows) and rows.dtype == torch.bfloat16 and hasattr(kind, "grouped_rows_forward"):
+            return kind.grouped_rows_forward(list(self.deepspeed_experts), rows, sizes)
+        chunk = max(256, -(-rows.shape[0] // max(1, len(sizes))))
+        outs = [expert(piece) for xe, expert in zip(rows.split(sizes), self.deepspeed_experts)
+                for piece in xe.split(chunk) if piece.shape[0]]
+        return torch.cat(outs) if outs else rows.clone()
 
 
 # ---------------------------------------------------------------------------
-# Token dispatch. The [E * C] slots of the expert buffer and the [k, S] routes
-# are matched one to one (dropped routes and empty slots are matched to
-# nothing), so moving rows either way, and both backward passes, are gathers.
+# Token dispatch with a capacity. The [E * C] slots of the expert buffer and the
+# [k, S] routes are matched one to one (dropped routes and empty slots are matched
+# to nothing), so moving rows either way, and both backward passes, are gathers.
 
 
 @dataclass
@@ -245,26 +260,110 @@ class CombineExperts(torch.autograd.Function):
         return grad_buffer.to(buffer.dtype), grad_gate, None
 
 
+# ---------------------------------------------------------------------------
+# Dropless dispatch (inference): routes sorted by expert, no buffers.
+
+
+@dataclass
+class SortedRoutes:
+    """The kept routes sorted by expert: route r reads token `token[r]`, is weighted by
+    `gate[r]`, and `sizes[e]` consecutive routes belong to expert e."""
+
+    token: torch.Tensor  # [R] int64
+    gate: torch.Tensor  # [R] fp32
+    sizes: list[int]  # [E] host ints: sorting for dropless inference reads the counts once
+
+    @classmethod
+    def build(cls, routes: Routes) -> "SortedRoutes":
+        k, num_tokens = routes.expert.shape
+        sizes = routes.counts.tolist()
+        flat = routes.expert.reshape(-1)
+        # Dropped (padding) routes have expert -1 and sort first; cut them off.
+        order = torch.argsort(flat, stable=True)[flat.numel() - sum(sizes):]
+        return cls(token=order % num_tokens, gate=routes.gate.reshape(-1)[order], sizes=sizes)
+
+    def combine(self, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """y[t] = sum over t's routes of gate * rows[route], accumulated in fp32."""
+        y = rows.new_zeros(num_tokens, rows.shape[1], dtype=torch.float32)
+        y.index_add_(0, self.token, rows.float() * self.gate.unsqueeze(1))
+        return y.to(rows.dtype)
+
+
+def exchange_rows(rows: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group) -> torch.Tensor:
+    """all_to_all with per-rank sizes: rows[sum(send_sizes[:q]) : ...] go to rank q."""
+    out = rows.new_empty(sum(recv_sizes), rows.shape[1])
+    dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv_sizes,
+                           input_split_sizes=send_sizes, group=group)
+    return out
+
+
 class ExpertDispatch(MOELayer):
     """DeepSpeed's MOELayer (gate, experts, all-to-all over the expert-parallel
-    group) with the gather-only token dispatch above."""
+    group) with the gather-only token dispatch above, and dropless inference."""
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_groups: TokenGroups) -> torch.Tensor:
         if bwc_tensor_model_parallel_world_size(groups.mpu) > 1:
             raise ValueError("LIMoE experts do not support tensor model parallelism")
         d_model = x.shape[-1]
         tokens = x.reshape(-1, d_model)
-        self.l_aux, capacity, num_experts, expert, position, gate, self.exp_counts = self.gate(tokens, modality)
-        slots = SlotMap.build(expert, position, gate, num_experts, int(capacity))
+        routes, self.l_aux = self.gate(tokens, token_groups)
+        self.exp_counts = routes.counts
+        if routes.capacity is None:
+            y = self.dropless(tokens, routes)
+        else:
+            y = self.with_capacity(tokens, routes)
+        return y.reshape(x.shape)
+
+    def with_capacity(self, tokens: torch.Tensor, routes: Routes) -> torch.Tensor:
+        d_model = tokens.shape[-1]
+        num_experts = self.gate.num_experts
+        slots = SlotMap.build(routes.expert, routes.position, routes.gate, num_experts,
+                              self.gate.buffer_capacity(tokens.shape[0]))
         buffer = DispatchTokens.apply(tokens, slots)
         if self.ep_size > 1:
             buffer = _AllToAll.apply(self.ep_group, buffer.view(num_experts, -1, d_model))
-        filled = self.exp_counts if self.ep_size == 1 else None
-        out = self.experts(buffer.view(self.ep_size, self.num_local_experts, -1, d_model), filled)
+        out = self.experts(buffer.view(self.ep_size, self.num_local_experts, -1, d_model))
         if self.ep_size > 1:
             out = _AllToAll.apply(self.ep_group, out.reshape(num_experts, -1, d_model))
-        y = CombineExperts.apply(out.reshape(-1, d_model), gate, slots)
-        return y.reshape(x.shape)
+        return CombineExperts.apply(out.reshape(-1, d_model), routes.gate, slots)
+
+    def dropless(self, tokens: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Every route reaches its expert; each expert computes exactly its rows."""
+        sorted_routes = SortedRoutes.build(routes)
+        rows = tokens.index_select(0, sorted_routes.token)
+        if self.ep_size == 1:
+            out = self.experts.forward_rows(rows, sorted_routes.sizes)
+        else:
+            out = self.dropless_expert_parallel(rows, sorted_routes.sizes, routes.counts)
+        return sorted_routes.combine(out, tokens.shape[0])
+
+    def dropless_expert_parallel(self, rows: torch.Tensor, sizes: list[int], counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by global expert -> the ranks that hold the experts -> back, with
+        per-rank sizes (no padding). Inference only: the exchange has no backward."""
+        if torch.is_grad_enabled() and rows.requires_grad:
+            raise RuntimeError("dropless routing across an expert-parallel group is for inference: "
+                               "run it under torch.no_grad(), or train with a capacity factor")
+        ep, local = self.ep_size, self.num_local_experts
+        # recv_counts[q, e]: rows rank q sends to this rank's local expert e.
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
+        recv = recv_counts.view(ep, local).tolist()
+        send_sizes = [sum(sizes[q * local:(q + 1) * local]) for q in range(ep)]
+        recv_sizes = [sum(r) for r in recv]
+        received = exchange_rows(rows, send_sizes, recv_sizes, self.ep_group)
+        # Received rows come grouped by source rank, then by local expert: regroup by expert.
+        starts, start = [], 0
+        for q in range(ep):
+            starts.append([])
+            for e in range(local):
+                starts[q].append(start)
+                start += recv[q][e]
+        index = torch.cat([torch.arange(starts[q][e], starts[q][e] + recv[q][e])
+                           for e in range(local) for q in range(ep)]).to(rows.device)
+        expert_sizes = [sum(recv[q][e] for q in range(ep)) for e in range(local)]
+        out = self.experts.forward_rows(received.index_select(0, index), expert_sizes)
+        back = torch.empty_like(out).index_copy_(0, index, out)
+        return exchange_rows(back, recv_sizes, send_sizes, self.ep_group)
 
 
 class LIMoELayer(MoE):
@@ -284,10 +383,17 @@ class LIMoELayer(MoE):
     def gate(self) -> LIMoEGate:
         return self.deepspeed_moe.gate
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor):
-        """x: [S, d] tokens of both modalities; modality: [S] ids. Returns (y, aux dict).
+    @property
+    def experts(self) -> GroupedExperts:
+        return self.deepspeed_moe.experts
+
+    def forward(self, x: torch.Tensor, token_groups: TokenGroups | torch.Tensor):
+        """x: [S, d] tokens of both modalities; `token_groups` from their modality ids (or the
+        [S] ids themselves). Returns (y, aux dict).
 
         Dropped routes contribute zero, so the caller's residual carries them on.
         """
-        y = self.deepspeed_moe(x, modality)
+        if isinstance(token_groups, torch.Tensor):
+            token_groups = TokenGroups.from_modality(token_groups)
+        y = self.deepspeed_moe(x, token_groups)
         return y, self.deepspeed_moe.l_aux

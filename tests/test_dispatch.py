@@ -16,7 +16,7 @@ from limoe.checkpoint import shard_experts
 from limoe.config import MoEConfig
 from limoe.layers import MLP, SwiGLU
 from limoe.moe import CombineExperts, DispatchTokens, LIMoELayer, SlotMap
-from limoe.routing import IGNORE, IMAGE, TEXT
+from limoe.routing import IGNORE, IMAGE, TEXT, TokenGroups
 
 WIDTH, HIDDEN = 16, 32
 
@@ -41,7 +41,8 @@ def make_tokens(num_tokens=40, seed=1):
 
 def reference_forward(layer, x, modality):
     """Per-token loop: y[t] = sum over t's kept routes of gate * expert(x[t])."""
-    _, _, _, expert, _, gate, _ = layer.gate(x, modality)
+    routes, _ = layer.gate(x, TokenGroups.from_modality(modality))
+    expert, gate = routes.expert, routes.gate
     experts = layer.deepspeed_moe.experts.deepspeed_experts
     rows = []
     for t in range(x.shape[0]):
@@ -120,7 +121,7 @@ def test_dropped_and_padding_tokens_get_exactly_zero_output_and_no_gradient():
     layer = make_layer(capacity_factor=0.5).train()
     x, modality = make_tokens()
     x.requires_grad_()
-    _, _, _, expert, _, _, _ = layer.gate(x, modality)
+    expert = layer.gate(x, TokenGroups.from_modality(modality))[0].expert
     dropped = (expert < 0).all(0)
     assert dropped[modality == IGNORE].all() and dropped[modality != IGNORE].any()
     y, _ = layer(x, modality)
@@ -203,8 +204,12 @@ def _expert_parallel_rank(rank, world_size, port, full_state, result_queue):
     layer.train()
     x, modality = make_tokens(seed=10 + rank)  # each rank has its own tokens
     y, gx, grads = outputs_and_grads(lambda m, a, b: m(a, b)[0], layer, x, modality)
+    # Dropless inference: the ranks route different numbers of tokens, exchanged without padding.
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(*make_tokens(num_tokens=30 + 17 * rank, seed=20 + rank))[0]
     # numpy pickles by value, so the results outlive this process.
-    result_queue.put((rank, y.numpy(), gx.numpy(), {n: g.numpy() for n, g in grads.items()}))
+    result_queue.put((rank, y.numpy(), gx.numpy(), {n: g.numpy() for n, g in grads.items()}, y_eval.numpy()))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -218,11 +223,12 @@ def test_expert_parallel_layer_matches_one_process_layer():
              for rank in range(2)]
     for p in procs:
         p.start()
-    results = {}
+    results, dropless = {}, {}
     for _ in procs:
-        rank, y, gx, grads = queue.get(timeout=180)
+        rank, y, gx, grads, y_eval = queue.get(timeout=180)
         results[rank] = (torch.from_numpy(y), torch.from_numpy(gx),
                          {n: torch.from_numpy(g) for n, g in grads.items()})
+        dropless[rank] = torch.from_numpy(y_eval)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -250,18 +256,60 @@ def test_expert_parallel_layer_matches_one_process_layer():
         for name, g in grads.items():
             expected = owned[name] if ".deepspeed_experts." in name else grads_ref[name]
             torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6, msg=name)
+    full.eval()
+    with torch.no_grad():
+        for rank in (0, 1):
+            want = full(*make_tokens(num_tokens=30 + 17 * rank, seed=20 + rank))[0]
+            torch.testing.assert_close(dropless[rank], want, rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_expert_loop_skips_empty_slots_and_matches_the_full_buffer():
-    from limoe.layers import MLP
-    from limoe.moe import GroupedExperts
+def test_dropless_experts_compute_only_their_own_rows():
+    """Dropless inference sorts the routes by expert: each expert runs on exactly the rows
+    routed to it, so the rows computed equal the routed tokens, however skewed the routing."""
+    layer = make_layer().eval()
+    with torch.no_grad():  # 70% of the tokens prefer expert 0
+        layer.gate.wg.weight.mul_(0.01)
+        layer.gate.wg.weight[0] += 0.5
+    x, modality = make_tokens(num_tokens=200)
+    x[:140] = x[:140].abs()
+    rows_seen = []
+    hooks = [expert.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+             for expert in layer.experts.deepspeed_experts]
+    with torch.no_grad():
+        y, _ = layer(x, modality)
+        for hook in hooks:
+            hook.remove()
+        y_ref, expert = reference_forward(layer, x, modality)
+    routed = int((modality != IGNORE).sum())
+    assert sum(rows_seen) == routed
+    assert max(rows_seen) >= 0.6 * routed, "the test needs a skewed router"
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
 
-    torch.manual_seed(0)
-    experts = GroupedExperts(MLP(8, 16), 3, "ep_size_1", batched=False)
-    buffer = torch.randn(1, 3, 6, 8)
-    filled = torch.tensor([6, 2, 0])
-    full = experts(buffer)
-    skipped = experts(buffer, filled)
-    for e, n in enumerate(filled.tolist()):
-        torch.testing.assert_close(skipped[0, e, :n], full[0, e, :n])
-        assert torch.all(skipped[0, e, n:] == 0)
+
+def test_aligned_groups_hold_every_row_once_at_aligned_starts():
+    from limoe.layers import GROUP_ALIGN, align_groups
+
+    rows = torch.arange(23, dtype=torch.float32).unsqueeze(1).repeat(1, 3)
+    sizes = [5, 0, 17, 1]
+    buffer, offsets, place, group = align_groups(rows, sizes)
+    assert offsets.dtype == torch.int32 and offsets.tolist() == [8, 8, 32, 40]
+    assert torch.equal(buffer.index_select(0, place), rows)
+    assert buffer.shape[0] - rows.shape[0] < GROUP_ALIGN * len(sizes)
+    assert group.tolist() == [0] * 8 + [2] * 24 + [3] * 8
+    padding = torch.ones(buffer.shape[0], dtype=torch.bool)
+    padding[place] = False
+    assert torch.all(buffer[padding] == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="grouped matmul kernels need CUDA")
+@pytest.mark.parametrize("expert", [MLP, SwiGLU])
+def test_cuda_grouped_dropless_matches_the_expert_loop(expert):
+    layer = make_layer(expert=expert).eval().to("cuda", torch.bfloat16)
+    x, modality = make_tokens(num_tokens=300)
+    x, modality = x.to("cuda", torch.bfloat16), modality.to("cuda")
+    with torch.no_grad():
+        layer.experts.batched = True
+        grouped, _ = layer(x, modality)
+        layer.experts.batched = False
+        loop, _ = layer(x, modality)
+    torch.testing.assert_close(grouped.float(), loop.float(), rtol=2e-2, atol=2e-2)

@@ -41,7 +41,7 @@ def model_config():
     # Aux weights 0: the loss is the contrastive loss alone, whose global value is the
     # mean of the ranks' local losses (the aux terms are still computed and compared).
     off = dict(importance=0.0, load=0.0, local_entropy=0.0, global_entropy=0.0, zloss=0.0)
-    config = get_config("limoe-nano", **TINY, moe=MOE)
+    config = get_config("limoe-nano", **TINY, moe={**MOE, "image": off, "text": off})
     config.moe.image, config.moe.text = AuxLossWeights(**off), AuxLossWeights(**off)
     return config
 
@@ -99,7 +99,7 @@ def run_worker(out_dir: str) -> None:
         "logit_scale": out["logit_scale"].detach(),
         "loss": loss["loss"].detach(),
         "ep_rank": torch.tensor(ep_rank),
-        **{f"aux/{k}": v.detach() for k, v in out["aux_terms"].items()},
+        **{f"aux_layer_mean/{k}": v.detach() for k, v in out["aux_terms"].items()},
         **{f"param/{k}": v.detach().clone() for k, v in engine.module.state_dict().items()},
     }
     save_file({k: v.contiguous() for k, v in result.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
@@ -159,7 +159,7 @@ def test_each_rank_outputs_equal_single_process_model_on_its_shard(ranks, refere
         torch.testing.assert_close(got["logit_scale"], want["logit_scale"])
         assert want["aux_terms"], "the tiny model has MoE layers"
         for name, value in want["aux_terms"].items():
-            torch.testing.assert_close(got[f"aux/{name}"], value, atol=1e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(got[f"aux_layer_mean/{name}"], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_each_rank_loss_equals_its_rows_of_the_single_process_loss(ranks, reference):

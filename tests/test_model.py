@@ -45,6 +45,45 @@ def test_forward_returns_features_losses_and_routing_stats(tiny_model, tiny_toke
     assert set(out["drop_rate"]) == {"image", "text"}
 
 
+def test_aux_loss_is_the_sum_over_moe_layers_and_terms_their_mean(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, depth=4).train()  # blocks 1 and 3 are MoE
+    per_layer = []
+    for layer in model.moe_layers():
+        layer.register_forward_hook(lambda m, args, out: per_layer.append(out[1]))
+    out = model(*_batch(tiny_tokenizer))
+    assert len(per_layer) == 2
+    assert out["aux_loss"].item() == pytest.approx(sum(a["loss"].item() for a in per_layer), rel=1e-6)
+    for name, value in out["aux_terms"].items():
+        assert value.item() == pytest.approx(sum(a["terms"][name].item() for a in per_layer) / 2, rel=1e-6)
+
+
+SYNCING_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select",
+               "aten::unique", "aten::_unique2", "aten::unique_consecutive")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_a_training_step_never_reads_a_tensor_back_to_the_host(tiny_tokenizer, monkeypatch, checkpointing):
+    """On a GPU every read-back (item, tolist, nonzero, boolean indexing...) stalls the stream.
+    Counted on CPU: the profiler sees the ATen ops that read back; tolist/numpy are patched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_tiny_model(tiny_tokenizer, depth=4).train()
+    model.set_grad_checkpointing(checkpointing)
+    images, tokens = _batch(tiny_tokenizer)
+    assert (tokens == 0).any(), "the batch should have padded text"
+    read_backs = []
+    for method in ("tolist", "numpy"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _o=original, _m=method, **k: (
+            read_backs.append(_m), _o(self, *a, **k))[1])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss = LIMoELoss()(model(images, tokens))["loss"]
+        loss.backward()
+    syncs = {e.key: e.count for e in prof.key_averages() if e.key in SYNCING_OPS}
+    assert syncs == {} and read_backs == []
+    assert model.moe_layers()[0].gate.wg.weight.grad is not None
+
+
 def test_moe_blocks_are_every_other_block_by_default():
     config = get_config("limoe-b-16")
     assert config.moe.moe_layers(config.depth) == [1, 3, 5, 7, 9, 11]
@@ -125,7 +164,9 @@ def test_grad_checkpointing_gives_same_gradients(tiny_tokenizer):
     images, tokens = _batch(tiny_tokenizer)
     grads = []
     for ckpt in (False, True):
-        model = make_tiny_model(tiny_tokenizer, moe={"noise_std": 0.0}).train()
+        # No router noise (so no V-MoE load loss): both runs route alike.
+        no_noise = {"noise_std": 0.0, "image": {"load": 0.0}, "text": {"load": 0.0}}
+        model = make_tiny_model(tiny_tokenizer, moe=no_noise).train()
         model.set_grad_checkpointing(ckpt)
         LIMoELoss()(model(images, tokens))["loss"].backward()
         grads.append(model.moe_layers()[0].gate.wg.weight.grad.clone())

@@ -1,14 +1,14 @@
-"""Routing rules of LIMOE.md: capacity, assignment order, BPR, dropping, aux losses."""
+"""Routing rules of docs/model.md: capacity, assignment order, BPR, dropping, aux losses."""
 import math
 
 import pytest
 import torch
 
 from limoe import routing
-from limoe.config import MoEConfig
+from limoe.config import LIMoEConfig, MoEConfig
 from limoe.moe import LIMoEGate, LIMoELayer
 from limoe.layers import MLP
-from limoe.routing import IGNORE, IMAGE, TEXT
+from limoe.routing import IGNORE, IMAGE, TEXT, TokenGroups
 
 
 def test_capacity_is_ceil_k_s_cf_over_e_rounded_up_to_multiple_of_4():
@@ -16,6 +16,13 @@ def test_capacity_is_ceil_k_s_cf_over_e_rounded_up_to_multiple_of_4():
     assert routing.expert_capacity(100, 8, 2, 1.25) == 32  # ceil(31.25) = 32
     assert routing.expert_capacity(100, 8, 1, 1.0) == 16  # ceil(12.5) = 13 -> 16
     assert routing.expert_capacity(1, 8, 1, 1.0) == 4
+
+
+@pytest.mark.parametrize("num_tokens, experts, k, factor", [(10, 4, 1, 1.0), (100, 8, 2, 1.25), (100, 8, 1, 1.0),
+                                                            (1, 8, 1, 1.0), (50_000, 32, 2, 0.5), (4097, 8, 1, 1.0)])
+def test_capacity_on_the_device_equals_the_host_formula(num_tokens, experts, k, factor):
+    on_device = routing.expert_capacity_tensor(torch.tensor(num_tokens), experts, k, factor)
+    assert on_device.item() == routing.expert_capacity(num_tokens, experts, k, factor)
 
 
 def _all_to_expert_zero(top1):
@@ -62,7 +69,16 @@ def test_all_first_choices_are_placed_before_any_second_choice():
 def test_dropless_keeps_every_route():
     probs = _all_to_expert_zero([0.5] * 37)
     routes = routing.assign_routes(probs, k=1, capacity=None)
-    assert (routes.expert[0] == 0).all() and routes.capacity == 37
+    assert (routes.expert[0] == 0).all() and routes.capacity is None
+    assert routes.counts.tolist() == [37, 0, 0, 0]
+    assert sorted(routes.position[0].tolist()) == list(range(37))
+
+
+def test_a_capacity_tensor_drops_like_the_same_int():
+    probs = _all_to_expert_zero([0.40, 0.90, 0.50, 0.95, 0.60, 0.85, 0.45, 0.70])
+    as_int = routing.assign_routes(probs, k=1, capacity=4)
+    as_tensor = routing.assign_routes(probs, k=1, capacity=torch.tensor(4))
+    assert torch.equal(as_int.expert, as_tensor.expert) and torch.equal(as_int.gate, as_tensor.gate)
 
 
 def test_padding_tokens_are_never_routed():
@@ -95,10 +111,55 @@ def test_importance_loss_by_hand():
     assert routing.importance_loss(PROBS).item() == pytest.approx((0.2 / 1.5) ** 2, rel=1e-5)
 
 
-def test_load_loss_by_hand():
+def test_switch_load_loss_by_hand():
     # first choices e0, e0, e1 -> f = [2/3, 1/3]; P = [1.7/3, 1.3/3]
     expected = 2 * (2 / 3 * 1.7 / 3 + 1 / 3 * 1.3 / 3)
-    assert routing.load_loss(PROBS).item() == pytest.approx(expected, rel=1e-5)
+    assert routing.switch_load_loss(PROBS).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _vmoe_load_by_hand(clean, noisy, sigma, k):
+    """V-MoE's load loss in plain Python: threshold = k-th largest noisy logit,
+    P = 1 - Phi((threshold - clean) / sigma), Load = mean over tokens, CV^2 over experts."""
+    p = []
+    for c_row, n_row in zip(clean, noisy):
+        threshold = sorted(n_row, reverse=True)[k - 1]
+        p.append([1 - 0.5 * (1 + math.erf((threshold - c) / sigma / math.sqrt(2))) for c in c_row])
+    load = [sum(col) / len(p) for col in zip(*p)]
+    mean = sum(load) / len(load)
+    var = sum((x - mean) ** 2 for x in load) / len(load)
+    return var / mean ** 2
+
+
+CLEAN = [[1.0, 0.0, -0.5], [0.0, 1.0, 0.2], [0.5, 0.0, 0.1], [0.3, 0.3, 0.9]]
+NOISY = [[1.1, -0.1, -0.4], [0.2, 0.9, 0.1], [0.4, 0.3, 0.0], [0.2, 0.5, 0.8]]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_vmoe_load_loss_by_hand(k):
+    got = routing.load_loss(torch.tensor(CLEAN), torch.tensor(NOISY), sigma=0.5, k=k)
+    assert got.item() == pytest.approx(_vmoe_load_by_hand(CLEAN, NOISY, 0.5, k), rel=1e-5)
+
+
+def test_vmoe_load_loss_is_undefined_without_noise():
+    with pytest.raises(ValueError, match="needs router noise"):
+        routing.load_loss(torch.tensor(CLEAN), torch.tensor(CLEAN), sigma=0.0, k=1)
+
+
+def test_masked_losses_equal_the_losses_of_the_masked_tokens():
+    logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    noisy = logits + 0.1 * torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([True, False] * 5)
+    probs = torch.softmax(logits, -1)
+    pairs = [
+        (routing.importance_loss(probs, mask), routing.importance_loss(probs[mask])),
+        (routing.load_loss(logits, noisy, 0.25, 1, mask), routing.load_loss(logits[mask], noisy[mask], 0.25, 1)),
+        (routing.switch_load_loss(probs, mask), routing.switch_load_loss(probs[mask])),
+        (routing.local_entropy_loss(probs, mask), routing.local_entropy_loss(probs[mask])),
+        (routing.global_entropy_loss(probs, 3.0, mask), routing.global_entropy_loss(probs[mask], 3.0)),
+        (routing.z_loss(logits, mask), routing.z_loss(logits[mask])),
+    ]
+    for masked, selected in pairs:
+        assert masked.item() == pytest.approx(selected.item(), rel=1e-5, abs=1e-7)
 
 
 def test_local_entropy_loss_by_hand():
@@ -121,33 +182,57 @@ def test_z_loss_by_hand():
 
 def _gate(num_experts=4, **moe):
     torch.manual_seed(0)
-    gate = LIMoEGate(8, MoEConfig(num_experts=num_experts, noise_std=0.0, **moe))
-    return gate.train()
+    moe = {"noise_std": 0.0, "image": {"load": 0.0}, "text": {"load": 0.0}, **moe}
+    config = LIMoEConfig(width=8, heads=2, mlp_dim=16, moe={"num_experts": num_experts, **moe}).moe
+    return LIMoEGate(8, config).train()
+
+
+def _aux(gate, x, modality):
+    return gate(x, TokenGroups.from_modality(modality))[1]
 
 
 def test_gate_terms_are_computed_per_modality():
     gate = _gate()
     x = torch.randn(12, 8)
     modality = torch.tensor([IMAGE] * 8 + [TEXT] * 3 + [IGNORE])
-    aux = gate(x, modality)[0]
+    aux = _aux(gate, x, modality)
     logits = x @ gate.wg.weight.t()
     probs = torch.softmax(logits, -1)
     text = probs[8:11]
     assert aux["terms"]["text/importance"].item() == pytest.approx(routing.importance_loss(text).item(), rel=1e-5)
     assert aux["terms"]["text/local_entropy"].item() == pytest.approx(
         routing.local_entropy_loss(text).item(), rel=1e-5)
-    assert aux["terms"]["image/load"].item() == pytest.approx(routing.load_loss(probs[:8]).item(), rel=1e-5)
+    assert aux["terms"]["image/switch_load"].item() == pytest.approx(
+        routing.switch_load_loss(probs[:8]).item(), rel=1e-5)
     assert aux["stats"]["text"]["tokens"].item() == 3
+
+
+def test_gate_routes_by_the_noisy_softmax_and_balances_on_the_clean_one():
+    """As V-MoE: importance (and the entropy losses) see softmax(logits); the load loss
+    compares clean logits with the noisy threshold; tokens are routed by the noisy softmax."""
+    gate = _gate(noise_std=4.0, capacity_factor=4.0, image={"load": 0.005})  # nothing dropped
+    x = torch.randn(64, 8)
+    modality = torch.full((64,), IMAGE)
+    torch.manual_seed(5)
+    routes, aux = gate(x, TokenGroups.from_modality(modality))
+    logits = x @ gate.wg.weight.t()
+    torch.manual_seed(5)
+    noisy = logits + torch.randn_like(logits) * (4.0 / 4)
+    assert torch.equal(routes.expert[0], torch.softmax(noisy, -1).argmax(-1))
+    clean = torch.softmax(logits, -1)
+    assert aux["terms"]["image/importance"].item() == pytest.approx(routing.importance_loss(clean).item(), rel=1e-5)
+    assert aux["terms"]["image/load"].item() == pytest.approx(
+        routing.load_loss(logits, noisy, 1.0, 1).item(), rel=1e-5)
 
 
 def test_text_losses_do_not_change_when_image_tokens_change():
     gate = _gate()
     x = torch.randn(12, 8)
     modality = torch.tensor([IMAGE] * 8 + [TEXT] * 4)
-    first = gate(x, modality)[0]["terms"]
+    first = _aux(gate, x, modality)["terms"]
     x2 = x.clone()
     x2[:8] = torch.randn(8, 8) * 5
-    second = gate(x2, modality)[0]["terms"]
+    second = _aux(gate, x2, modality)["terms"]
     for name in first:
         if name.startswith("text/"):
             assert torch.equal(first[name], second[name]), name
@@ -159,10 +244,43 @@ def test_weighted_total_uses_per_modality_weights():
     for name in ("image", "text"):
         w = getattr(gate.config, name)
         w.importance, w.load, w.local_entropy, w.global_entropy, w.zloss = 0, 0, 0, 0, 0
-    gate.config.text.load = 2.0
+    gate.config.text.switch_load = 2.0
     x, modality = torch.randn(12, 8), torch.tensor([IMAGE] * 8 + [TEXT] * 4)
-    aux = gate(x, modality)[0]
-    assert aux["loss"].item() == pytest.approx(2.0 * aux["terms"]["text/load"].item(), rel=1e-6)
+    aux = _aux(gate, x, modality)
+    assert aux["loss"].item() == pytest.approx(2.0 * aux["terms"]["text/switch_load"].item(), rel=1e-6)
+
+
+def test_capacity_counts_routed_tokens_not_padding():
+    """16 image tokens + 16 text positions of which 12 are padding, 2 experts, cf 1:
+    C = ceil(20 / 2) = 10 -> 12 slots (counting the padding would give 16)."""
+    gate = _gate(num_experts=2, capacity_factor=1.0)
+    with torch.no_grad():
+        gate.wg.weight.copy_(torch.stack([torch.ones(8), -torch.ones(8)]))  # every token prefers expert 0
+    x = torch.rand(32, 8) + 0.1
+    modality = torch.tensor([IMAGE] * 16 + [TEXT] * 4 + [IGNORE] * 12)
+    routes, _ = gate(x, TokenGroups.from_modality(modality))
+    assert routes.counts.tolist() == [12, 0]
+    assert routes.capacity.item() == routing.expert_capacity(20, 2, 1, 1.0) == 12
+    assert gate.buffer_capacity(32) == 16  # the dispatch buffer is sized by the batch shape
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"text": {"global_entropy": 0.05}}, "needs moe.text.global_entropy_experts"),
+    ({"text": {"global_entropy": 0.05, "global_entropy_experts": 1.0}}, "1 < S_m <= num_experts=4"),
+    ({"image": {"global_entropy_experts": 5}}, "1 < S_m <= num_experts=4"),
+    ({"noise_std": 0.0}, "moe.image.load=0.005 needs router noise"),
+    ({"text": {"importance": -1}}, "moe.text.importance must be a finite number >= 0"),
+    ({"text": {"zloss": float("nan")}}, "moe.text.zloss must be a finite number >= 0"),
+])
+def test_aux_loss_settings_are_validated(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LIMoEConfig(width=8, heads=2, mlp_dim=16, moe={"num_experts": 4, **bad})
+
+
+def test_global_entropy_with_an_explicit_threshold_is_accepted():
+    config = LIMoEConfig(width=8, heads=2, mlp_dim=16,
+                         moe={"num_experts": 4, "text": {"global_entropy": 0.05, "global_entropy_experts": 2.5}})
+    assert config.moe.text.global_entropy_experts == 2.5
 
 
 def test_dropped_tokens_get_zero_moe_output():
@@ -171,7 +289,7 @@ def test_dropped_tokens_get_zero_moe_output():
     layer = LIMoELayer(8, MLP(8, 16), config).train()
     x = torch.randn(64, 8)
     modality = torch.full((64,), IMAGE)
-    experts = layer.gate(x, modality)[3][0]
+    experts = layer.gate(x, TokenGroups.from_modality(modality))[0].expert[0]
     y, aux = layer(x, modality)
     dropped = experts < 0
     assert dropped.any() and (~dropped).any()
