@@ -186,7 +186,8 @@ def emoji_captions(entry: dict) -> list[str]:
 
     The templates matter: zero-shot prompts only work if they look like
     training captions, and category-level zero-shot needs category words in
-    some captions (see shared/DEMO_DATA.md). The coarse sentences are separate
+    some captions (a trial on bare-name captions scored ~1% with the prompt "an emoji of
+    {name}." and no better than the majority class by category). The coarse sentences are separate
     and short on purpose: an earlier "<name>, a <subcategory> emoji from
     <category>" lost its category words to the demo's 16-token context in
     two captions out of three.

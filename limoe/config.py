@@ -193,7 +193,7 @@ def _build_presets() -> dict[str, LIMoEConfig]:
         _preset("limoe-nano", 128, 4, 4, 512, 32, 4, num_experts=4, embed_dim=128,
                 vocab_size=4000, logit_scale_init=math.log(30.0)),
         _preset("limoe-ti-16", 192, 12, 3, 768, 224, 16, num_experts=8, embed_dim=256, vocab_size=16000),
-        # V-MoE backbone widths (LIMOE.md).
+        # V-MoE backbone widths (docs/model.md).
         _preset("limoe-s-16", 512, 8, 8, 2048, 224, 16, embed_dim=512, vocab_size=32000),
         _preset("limoe-b-32", 768, 12, 12, 3072, 224, 32, embed_dim=512, vocab_size=32000),
         _preset("limoe-b-16", 768, 12, 12, 3072, 224, 16, embed_dim=512, vocab_size=32000),
