@@ -15,8 +15,8 @@ def run_info(args) -> int:
     import torch
 
     from limoe.config import get_config, list_models
+    from limoe.factory import create_model
     from limoe.flops import count_parameters, flops_per_pair
-    from limoe.model import LIMoE
 
     if args.list:
         print("\n".join(list_models()))
@@ -26,7 +26,7 @@ def run_info(args) -> int:
         return 2
     config = get_config(args.model)
     with torch.device("meta"):  # shapes only: no memory for the weights of big presets
-        model = LIMoE(config)
+        model = create_model(config)
     params = count_parameters(model)
     flops = flops_per_pair(config)
     if args.json:

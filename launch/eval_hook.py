@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from limoe.checkpoint import EXPERT_KEY, gather_experts
-from limoe.model import LIMoE
+from limoe.factory import create_model
 from limoe.transforms import image_transform
 
 
@@ -20,7 +20,7 @@ class EvalNotAvailable(RuntimeError):
     pass
 
 
-def full_state_dict_on_rank0(model: LIMoE, ep_size: int) -> dict | None:
+def full_state_dict_on_rank0(model, ep_size: int) -> dict | None:
     """Every rank calls this; rank 0 gets the ep_size=1 state dict (fp32, CPU), the others None."""
     local = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     if ep_size == 1 or not dist.is_initialized():
@@ -39,7 +39,7 @@ def full_state_dict_on_rank0(model: LIMoE, ep_size: int) -> dict | None:
     return full
 
 
-def zero_shot_eval(model: LIMoE, tokenizer, eval_config, ep_size: int, device) -> dict | None:
+def zero_shot_eval(model, tokenizer, eval_config, ep_size: int, device) -> dict | None:
     """Zero-shot top-1/top-5 of the current weights on eval_config.data; rank 0 returns the metrics."""
     try:
         from eval.zeroshot import evaluate_zeroshot
@@ -48,7 +48,7 @@ def zero_shot_eval(model: LIMoE, tokenizer, eval_config, ep_size: int, device) -
     state_dict = full_state_dict_on_rank0(model, ep_size)
     metrics = None
     if state_dict is not None:
-        full = LIMoE(model.config)
+        full = create_model(model.config)
         full.load_state_dict(state_dict)
         full.to(device)
         result = evaluate_zeroshot(full, image_transform(model.config.image_size, train=False), tokenizer,

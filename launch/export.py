@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from limoe.checkpoint import EXPERT_KEY, ExportError, save
-from limoe.config import LIMoEConfig
-from limoe.model import LIMoE
-from limoe.tokenizer import Tokenizer
+from limoe.config import LIMoEConfig, TwoTowerConfig, config_from_dict
+from limoe.factory import create_model
+from limoe.tokenizer import load_tokenizer
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
@@ -59,13 +59,13 @@ def _load(path: Path) -> dict:
         raise ExportError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
 
 
-def read_checkpoint(folder: Path) -> tuple[LIMoEConfig, dict, dict]:
+def read_checkpoint(folder: Path) -> tuple[LIMoEConfig | TwoTowerConfig, dict, dict]:
     """(model config, full ep_size=1 state dict, client state) from one checkpoint folder."""
     states = _load(folder / MODEL_STATES)
     client = states.get(CLIENT_KEY)
     if not isinstance(client, dict) or "model_config" not in client:
         raise ExportError(f"{folder / MODEL_STATES}: no '{CLIENT_KEY}' client state (not written by limoe training)")
-    config = LIMoEConfig.from_dict(client["model_config"])
+    config = config_from_dict(client["model_config"])
     state_dict = dict(states["module"])
     for path in sorted(folder.iterdir()):
         if EXPERT_FILE.match(path.name):
@@ -74,7 +74,7 @@ def read_checkpoint(folder: Path) -> tuple[LIMoEConfig, dict, dict]:
                     raise ExportError(f"{path}: unexpected non-expert key {key!r}")
                 state_dict[key] = value
     with torch.device("meta"):
-        expected = LIMoE(config).state_dict()
+        expected = create_model(config).state_dict()
     missing = sorted(set(expected) - set(state_dict))
     if missing:
         experts = sorted({m.group(0).rsplit(".", 2)[0] for k in missing if (m := EXPERT_KEY.match(k))})
@@ -95,12 +95,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str 
     folder = checkpoint_dir(run_dir, tag)
     config, state_dict, client = read_checkpoint(folder)
     run = folder.parent.parent
-    tokenizer_path = run / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise ExportError(f"{tokenizer_path}: missing (training copies the tokenizer into the run directory)")
-    tokenizer = Tokenizer.load(tokenizer_path)
+    try:
+        tokenizer = load_tokenizer(run)
+    except FileNotFoundError as e:
+        raise ExportError(f"{e} (training copies the tokenizer into the run directory)") from e
     with torch.device("meta"):
-        model = LIMoE(config)  # only its config is used; the weights come from state_dict
+        model = create_model(config)  # only its config is used; the weights come from state_dict
     out = Path(out_dir) if out_dir is not None else run / "export"
     metadata = {"run_dir": str(run), "checkpoint": folder.name, "step": client.get("step")}
     return save(model, tokenizer, out, state_dict=state_dict, metadata=metadata)

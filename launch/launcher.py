@@ -95,15 +95,20 @@ def check_hosts(config: TrainConfig) -> None:
 
 
 def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
-    """The tokenizer file, trained on the training captions if missing (like `limoe tokenizer train`)."""
+    """The tokenizer file, trained on the training captions if missing (like `limoe tokenizer train`);
+    a missing `*.bpe.json` is written from open_clip's bundled BPE vocabulary (nothing to train)."""
     from data_pipelines.loader import iter_captions
     from data_pipelines.skips import SkipCounter
-    from limoe.tokenizer import Tokenizer
+    from limoe.tokenizer import BPETokenizer, Tokenizer, is_bpe_path
 
     path = Path(config.data.tokenizer) if config.data.tokenizer else config.run_dir / "tokenizer.model"
     if path.is_file():
         return path
     context_length = config.model_config().context_length
+    if is_bpe_path(path):
+        BPETokenizer(context_length).save(path)
+        print(f"wrote {path}: open_clip's BPE vocabulary, context {context_length}", flush=True)
+        return path
     print(f"tokenizer {path} not found: training one ({config.data.tokenizer_vocab_size} pieces, "
           f"context {context_length}) on the training captions", flush=True)
     skips = SkipCounter()
@@ -124,9 +129,9 @@ def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = Tr
     if not write:
         return config
     config.data.tokenizer = str(ensure_tokenizer(config, shards))
-    from limoe.tokenizer import Tokenizer
+    from limoe.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer.load(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     config.model_config(tokenizer.vocab_size, tokenizer.context_length)  # vocab/context must agree
     save_config(config, config.run_dir / "config.yaml")
     write_ds_config(build_ds_config(config), config.run_dir / "ds_config.json")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from limoe.config import LIMoEConfig, get_config, list_models
+from limoe.config import LIMoEConfig, TwoTowerConfig, get_config, list_models
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("fp32", "bf16")
@@ -152,7 +152,8 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def model_config(self, vocab_size: int | None = None, context_length: int | None = None) -> LIMoEConfig:
+    def model_config(self, vocab_size: int | None = None,
+                     context_length: int | None = None) -> LIMoEConfig | TwoTowerConfig:
         """The LIMoEConfig this run trains; vocab and context follow the tokenizer."""
         return resolve_model_config(self.model, vocab_size, context_length)
 
@@ -254,8 +255,9 @@ def _merge_checked(base: dict, over: dict, cls, prefix: str) -> dict:
 
 
 def resolve_model_config(model: dict, vocab_size: int | None = None,
-                         context_length: int | None = None) -> LIMoEConfig:
-    """`model: {preset: NAME, <LIMoEConfig field>: value, moe: {...}}` -> LIMoEConfig."""
+                         context_length: int | None = None) -> LIMoEConfig | TwoTowerConfig:
+    """`model: {preset: NAME, <LIMoEConfig field>: value, moe: {...}}` -> LIMoEConfig (or, for an
+    `open_clip-*` preset, the dense two-tower peer's TwoTowerConfig)."""
     if not isinstance(model, dict):
         raise ConfigError(f"'model' must be a mapping with a 'preset' key, got {model!r}")
     over = dict(model)
@@ -266,16 +268,18 @@ def resolve_model_config(model: dict, vocab_size: int | None = None,
         close = difflib.get_close_matches(str(preset), list_models(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"'model.preset': unknown model {preset!r}{hint}; see `limoe info --list`")
-    base = get_config(preset).to_dict()
+    base_config = get_config(preset)
+    kind = type(base_config)
+    base = base_config.to_dict()
     for key, value in (("vocab_size", vocab_size), ("context_length", context_length)):
         if value is None:
             continue
         if key in over and int(over[key]) != value:
             raise ConfigError(f"'model.{key}' is {over[key]} but the tokenizer has {key}={value}")
         over[key] = value
-    data = _merge_checked(base, over, LIMoEConfig, "model.")
+    data = _merge_checked(base, over, kind, "model.")
     try:
-        return LIMoEConfig.from_dict(data)
+        return kind.from_dict(data)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"'model': {e}") from e
 
@@ -300,7 +304,8 @@ OVERRIDE_FLAGS = {
     "precision": ("train.precision", str, "fp32 or bf16"),
     "grad_clip_norm": ("train.grad_clip", float, "gradient-norm clip (0 = off)"),
     "workers": ("data.workers", int, "data loader workers per process"),
-    "tokenizer": ("data.tokenizer", str, "SentencePiece tokenizer.model (trained here if missing)"),
+    "tokenizer": ("data.tokenizer", str, "SentencePiece tokenizer.model (trained here if missing), "
+                                         "or an open_clip BPE *.bpe.json (written here if missing)"),
     "name": ("name", str, "run name: the run directory is <logs>/<name>"),
     "logs": ("logs", str, "folder holding run directories"),
     "seed": ("seed", int, "random seed"),

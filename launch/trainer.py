@@ -72,22 +72,24 @@ def build_model(model_config, ep_size: int, ep_rank: int, seed: int):
     """The same model on every rank, whatever ep_size: initialise the full ep_size=1
     model from the seed, then keep this rank's slice of the experts."""
     from limoe.checkpoint import shard_experts
-    from limoe.model import LIMoE
+    from limoe.factory import create_model
 
     torch.manual_seed(seed)
-    full = LIMoE(model_config)
+    full = create_model(model_config)
     if ep_size == 1:
         return full
     state_dict = shard_experts(full.state_dict(), ep_rank, ep_size, model_config.moe.num_experts)
     del full
-    model = LIMoE(model_config, ep_size=ep_size)
+    model = create_model(model_config, ep_size=ep_size)
     model.load_state_dict(state_dict)
     return model
 
 
 # Parameters that get no weight decay besides every 1-d tensor (norms, biases):
-# embeddings, position embeddings, the MAP probe token, and the temperature.
-NO_DECAY_NAMES = ("token_embed.weight", "image_pos", "text_pos", ".probe", "logit_scale", "logit_bias")
+# embeddings, position embeddings, the MAP probe token, and the temperature; the same
+# ones under open_clip's names for the two-tower peer (limoe/two_tower.py).
+NO_DECAY_NAMES = ("token_embed.weight", "image_pos", "text_pos", ".probe", "logit_scale", "logit_bias",
+                  "token_embedding.weight", "positional_embedding", "class_embedding")
 
 
 def exempt_from_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -330,7 +332,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
 
     from data_pipelines.loader import DataSource, build_train_loader, stable_seed
     from limoe.losses import LIMoELoss
-    from limoe.tokenizer import Tokenizer
+    from limoe.tokenizer import load_tokenizer
 
     from .deepspeed_compat import patch_broadcast_of_scalar_parameters, remove_shm_buffers
     from .ds_config import build_ds_config, write_ds_config
@@ -361,7 +363,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     StopRequest.install()
 
     # -- model, tokenizer, optimizer, engine ------------------------------------------------------
-    tokenizer = Tokenizer.load(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     model_config = config.model_config(tokenizer.vocab_size, tokenizer.context_length)
     ep_size = p.ep_size
     ep_rank = rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
@@ -408,8 +410,8 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     if rank == 0:
         save_config(config, run_dir / "config.yaml")
         write_ds_config(ds_config, run_dir / "ds_config.json")
-        if Path(config.data.tokenizer).resolve() != (run_dir / "tokenizer.model").resolve():
-            tokenizer.save(run_dir / "tokenizer.model")  # exports take it from the run directory
+        if Path(config.data.tokenizer).resolve() != (run_dir / tokenizer.FILENAME).resolve():
+            tokenizer.save(run_dir / tokenizer.FILENAME)  # exports take it from the run directory
 
     # -- data -----------------------------------------------------------------------------------
     loader = build_train_loader(

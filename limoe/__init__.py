@@ -9,13 +9,14 @@ if "DS_ACCELERATOR" not in _os.environ and not _torch.cuda.is_available():
     _os.environ["DS_ACCELERATOR"] = "cpu"
 
 from .checkpoint import ExportError, save
-from .config import AuxLossWeights, LIMoEConfig, MoEConfig, get_config, list_models
+from .config import AuxLossWeights, LIMoEConfig, MoEConfig, TwoTowerConfig, get_config, list_models
 from .embedder import Embedder  # torch/numpy/PIL only: `import limoe` never imports fastapi
 from .factory import create_model, create_model_and_transforms, load
 from .model import LIMoE
-from .tokenizer import Tokenizer
+from .tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
-    "AuxLossWeights", "ExportError", "LIMoE", "LIMoEConfig", "MoEConfig", "Tokenizer", "create_model",
-    "create_model_and_transforms", "get_config", "list_models", "load", "save",
+    "AuxLossWeights", "BPETokenizer", "ExportError", "LIMoE", "LIMoEConfig", "MoEConfig", "Tokenizer",
+    "TwoTowerConfig", "create_model", "create_model_and_transforms", "get_config", "list_models", "load",
+    "load_tokenizer", "save",
 ]

@@ -1,4 +1,5 @@
-"""Export and load: one folder with model.safetensors, config.json and tokenizer.model.
+"""Export and load: one folder with model.safetensors, config.json and the tokenizer
+(tokenizer.model for SentencePiece, or tokenizer.bpe.json + its vocabulary for open_clip's BPE).
 
 Nothing here unpickles: weights are safetensors, the config is JSON and the
 tokenizer is a SentencePiece protobuf. Missing, truncated or mismatched files
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import LIMoEConfig
+from .config import LIMoEConfig, TwoTowerConfig, config_from_dict
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
@@ -77,7 +78,7 @@ def save(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None =
         save_file(state_dict, str(tmp / WEIGHTS), metadata={"format": "pt"})
         doc = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2))
-        tokenizer.save(tmp / TOKENIZER)
+        tokenizer.save(tmp / getattr(tokenizer, "FILENAME", TOKENIZER))
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -92,13 +93,13 @@ def save(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None =
     return out_dir
 
 
-def read_config(export_dir: str | os.PathLike) -> tuple[LIMoEConfig, dict]:
+def read_config(export_dir: str | os.PathLike) -> tuple[LIMoEConfig | TwoTowerConfig, dict]:
     path = Path(export_dir) / CONFIG
     if not path.is_file():
         raise ExportError(f"{path}: missing (is {export_dir} a limoe export folder?)")
     try:
         doc = json.loads(path.read_text())
-        config = LIMoEConfig.from_dict(doc["model"])
+        config = config_from_dict(doc["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{path}: not a valid limoe config ({e})") from e
     if doc.get("format_version") != FORMAT_VERSION:
@@ -130,8 +131,14 @@ def load_weights(model: torch.nn.Module, export_dir: str | os.PathLike) -> None:
 
 
 def load_tokenizer(export_dir: str | os.PathLike, context_length: int | None = None):
-    from .tokenizer import Tokenizer
+    from .tokenizer import BPETokenizer, Tokenizer
 
+    bpe = Path(export_dir) / BPETokenizer.FILENAME
+    if bpe.is_file():
+        try:
+            return BPETokenizer.load(bpe, context_length=context_length)
+        except (OSError, ValueError, KeyError) as e:
+            raise ExportError(f"{bpe}: not a valid open_clip BPE tokenizer ({e})") from e
     path = Path(export_dir) / TOKENIZER
     if not path.is_file():
         raise ExportError(f"{path}: missing")

@@ -180,6 +180,79 @@ class LIMoEConfig:
         return twin
 
 
+@dataclass
+class TwoTowerConfig:
+    """A dense two-tower CLIP built by open_clip (`open_clip.CLIP`: a ViT and a text
+    transformer, each `depth` blocks wide `width`, no experts): the peer LIMoE is measured
+    against. At equal width and depth it has the FLOPs per pair of the LIMoE preset of that
+    size (LIMoE runs both sequences through one tower, this model through two) and about
+    twice the non-expert backbone parameters. Model code: limoe/two_tower.py."""
+
+    name: str = "open_clip-custom"
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_dim: int = 512
+    image_size: int = 32
+    patch_size: int = 4
+    image_pool: str = "tok"  # open_clip's class token ("tok") or the mean of the patches ("avg")
+    vocab_size: int = 49409  # open_clip's BPE (limoe.tokenizer.BPETokenizer: ids shifted by one)
+    context_length: int = 16
+    # "argmax": the end token is the largest id (BPE); "eos": the first `eos_id` (SentencePiece: 2)
+    text_pool: str = "argmax"
+    eos_id: int = 2
+    embed_dim: int = 128
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = 100.0
+    loss: str = "clip"
+    family: str = "open_clip"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.family != "open_clip":
+            raise ValueError(f"family must be 'open_clip' for a two-tower config, got {self.family!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.image_pool not in ("tok", "avg"):
+            raise ValueError(f"image_pool must be 'tok' or 'avg' for an open_clip model, got {self.image_pool!r}")
+        if self.text_pool not in ("argmax", "eos"):
+            raise ValueError(f"text_pool must be 'argmax' or 'eos' for an open_clip model, got {self.text_pool!r}")
+        if self.loss != "clip":
+            raise ValueError(f"the open_clip peer trains with the 'clip' loss, got {self.loss!r}")
+
+    # What the trainer, exports and reports read off any model config.
+    moe = property(lambda self: MoEConfig(num_experts=0))
+    kv_heads = None
+    is_dense = True
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TwoTowerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown open_clip model config keys: {unknown}")
+        return cls(**data)
+
+
+def config_from_dict(data: dict) -> "LIMoEConfig | TwoTowerConfig":
+    """A model config from its JSON form: LIMoE, or an open_clip two-tower (`family: open_clip`)."""
+    return (TwoTowerConfig if data.get("family") == "open_clip" else LIMoEConfig).from_dict(data)
+
+
 def _preset(name, width, depth, heads, mlp_dim, image_size, patch_size, num_experts=8, **kw) -> LIMoEConfig:
     moe = kw.pop("moe", {})
     return LIMoEConfig(name=name, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
@@ -207,17 +280,22 @@ def _build_presets() -> dict[str, LIMoEConfig]:
 
 
 PRESETS = _build_presets()
+# open_clip two-tower peers: the same width and depth as the LIMoE preset of the name.
+TWO_TOWER_PRESETS = {"open_clip-nano": TwoTowerConfig(name="open_clip-nano", width=128, depth=4, heads=4,
+                                                      mlp_dim=512, image_size=32, patch_size=4, embed_dim=128)}
 
 
 def list_models() -> list[str]:
     names = []
     for name in PRESETS:
         names += [name, name + "-dense"]
-    return names
+    return names + list(TWO_TOWER_PRESETS)
 
 
-def get_config(name: str, **overrides) -> LIMoEConfig:
-    """Return a fresh copy of a preset ("limoe-b-16", "limoe-b-16-dense"), with overrides."""
+def get_config(name: str, **overrides) -> "LIMoEConfig | TwoTowerConfig":
+    """Return a fresh copy of a preset ("limoe-b-16", "limoe-b-16-dense", "open_clip-nano"), with overrides."""
+    if name in TWO_TOWER_PRESETS:
+        return TwoTowerConfig.from_dict({**TWO_TOWER_PRESETS[name].to_dict(), **overrides})
     dense = name.endswith("-dense")
     base = name[: -len("-dense")] if dense else name
     if base not in PRESETS:

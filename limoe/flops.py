@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import LIMoEConfig
+from .config import LIMoEConfig, TwoTowerConfig
 
 
 def count_parameters(model: torch.nn.Module) -> dict:
@@ -37,10 +37,34 @@ def _sequence_flops(c: LIMoEConfig, n: int, causal: bool) -> dict:
     return flops
 
 
-def flops_per_pair(c: LIMoEConfig) -> dict:
-    """Forward FLOPs for one image and one text of full context length (training ~3x)."""
-    image = _sequence_flops(c, c.num_patches, causal=False)
+def flops_per_pair(c: LIMoEConfig | TwoTowerConfig) -> dict:
+    """Forward FLOPs for one image and one text of full context length (training ~3x).
+    The open_clip peer runs the same formulas on its two towers (plus its class token)."""
+    class_token = isinstance(c, TwoTowerConfig) and c.image_pool == "tok"
+    image = _sequence_flops(c, c.num_patches + class_token, causal=False)
     image["embed"] = 2 * c.num_patches * 3 * c.patch_size ** 2 * c.width
     text = _sequence_flops(c, c.context_length, causal=True)
     img, txt = sum(image.values()), sum(text.values())
     return {"image": img, "text": txt, "total": img + txt, "image_parts": image, "text_parts": text}
+
+
+def measured_flops_per_pair(model: torch.nn.Module, pairs: int = 8) -> float:
+    """Forward FLOPs per image-text pair as torch's FlopCounterMode counts them (matmuls,
+    convolutions, attention) on a batch of random images and full-length texts: one
+    counter for every kind of model, so LIMoE and the open_clip peer are measured alike.
+    Runs in eval mode (a LIMoE routes dropless: each token reaches its k experts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = model.config
+    images = torch.zeros(pairs, 3, c.image_size, c.image_size)
+    tokens = torch.full((pairs, c.context_length), 5, dtype=torch.long)
+    tokens[:, -1] = getattr(c, "eos_id", 2) if isinstance(c, TwoTowerConfig) and c.text_pool == "eos" else c.vocab_size - 1
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:  # (under no_grad its module tracker fails)
+            model.encode_image(images)
+            model.encode_text(tokens)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / pairs

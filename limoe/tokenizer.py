@@ -203,3 +203,130 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+class BPETokenizer:
+    """open_clip's bundled byte-level BPE (CLIP's 49,408 tokens), with the same calling
+    convention as `Tokenizer`: start token, pieces, end token, then padding.
+
+    Every open_clip id is shifted up by one so that 0 is padding only (open_clip pads with
+    0, which is also its "!" token; LIMoE treats id 0 as padding). The end token is the
+    largest id, so open_clip's argmax pooling still finds it.
+
+    Nothing is trained or downloaded: the vocabulary file ships inside the open_clip
+    package. `save` copies it next to a small JSON file (`tokenizer.bpe.json`), so an
+    export is self-contained; `load` checks its SHA-256.
+    """
+
+    FILENAME = "tokenizer.bpe.json"
+    VOCAB_FILENAME = "tokenizer.bpe.txt.gz"
+
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, vocab_path: str | os.PathLike | None = None):
+        from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+        if context_length < 3:
+            raise ValueError("context_length must be at least 3 (start token, one piece, end token)")
+        self.context_length = int(context_length)
+        self.vocab_path = Path(vocab_path or default_bpe())
+        self._bpe = SimpleTokenizer(bpe_path=str(self.vocab_path), context_length=self.context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bpe.encoder) + 1
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def eos_id(self) -> int:
+        return self._bpe.eot_token_id + 1
+
+    @property
+    def sot_id(self) -> int:
+        return self._bpe.sot_token_id + 1
+
+    def encode_with_truncation(self, texts: str | Sequence[str],
+                               context_length: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        if isinstance(texts, str):
+            texts = [texts]
+        length = int(context_length or self.context_length)
+        tokens = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
+        dropped = []
+        for row, text in enumerate(texts):
+            ids = [i + 1 for i in self._bpe.encode(text)]
+            keep = ids[: length - 2]  # room for the start and end tokens
+            dropped.append(len(ids) - len(keep))
+            tokens[row, : len(keep) + 2] = torch.tensor([self.sot_id, *keep, self.eos_id], dtype=torch.long)
+        return tokens, dropped
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        return self.encode_with_truncation(texts, context_length)[0]
+
+    def decode(self, ids) -> str | list[str]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], (list, tuple)):
+            return [self.decode(row) for row in ids]
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self._bpe.decode([i - 1 for i in ids if i not in (PAD_ID, self.sot_id)]).strip()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path` (JSON) and the vocabulary beside it, atomically."""
+        import hashlib
+
+        path = Path(path)
+        vocab = self.vocab_path.read_bytes()
+        _atomic_write_bytes(path.with_name(self.VOCAB_FILENAME), vocab)
+        doc = {"format": "open_clip-bpe", "context_length": self.context_length, "vocab_size": self.vocab_size,
+               "vocab_file": self.VOCAB_FILENAME, "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
+               "id_offset": 1}
+        _atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, context_length: int | None = None) -> "BPETokenizer":
+        import hashlib
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / cls.FILENAME
+        doc = json.loads(path.read_text())
+        if doc.get("format") != "open_clip-bpe":
+            raise ValueError(f"{path}: not an open_clip BPE tokenizer file (format {doc.get('format')!r})")
+        vocab = path.with_name(doc["vocab_file"])
+        if hashlib.sha256(vocab.read_bytes()).hexdigest() != doc["vocab_sha256"]:
+            raise ValueError(f"{vocab}: SHA-256 does not match {path} (damaged or replaced vocabulary)")
+        return cls(context_length or doc["context_length"], vocab_path=vocab)
+
+    def __getstate__(self):
+        return {"context_length": self.context_length, "vocab_path": str(self.vocab_path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["context_length"], state["vocab_path"])
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(open_clip, vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+Tokenizer.FILENAME = "tokenizer.model"
+TOKENIZER_FILES = (Tokenizer.FILENAME, BPETokenizer.FILENAME)
+
+
+def is_bpe_path(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".bpe.json")
+
+
+def load_tokenizer(path: str | os.PathLike, context_length: int | None = None) -> "Tokenizer | BPETokenizer":
+    """A SentencePiece `.model`, an open_clip BPE `.bpe.json`, or a folder holding either."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no {' or '.join(TOKENIZER_FILES)} there")
+        path = found[0]
+    if is_bpe_path(path):
+        return BPETokenizer.load(path, context_length)
+    return Tokenizer.load(path, context_length)

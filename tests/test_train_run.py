@@ -314,3 +314,24 @@ def test_too_many_non_finite_losses_stop_the_run_with_a_checkpoint(workdir):
     assert "non-finite loss" in out_log and "3 non-finite losses in a row" in out_log
     last_step = metrics(run_dir)[-1]["step"]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step:08d}"
+
+
+def test_the_open_clip_peer_trains_through_the_same_loop_with_its_bpe_tokenizer(workdir):
+    """The dense two-tower peer (limoe/two_tower.py) goes through the same launcher, data,
+    schedule and export as LIMoE; its tokenizer file is open_clip's BPE, written when missing."""
+    import limoe
+    from launch.launcher import run_training
+    from limoe.two_tower import TwoTowerCLIP
+
+    config = tiny_config(workdir, "peer", parallel={"num_procs": 2, "ep_size": 1},
+                         data={"tokenizer": str(workdir / "peer" / "tokenizer.bpe.json")})
+    config["model"] = {"preset": "open_clip-nano", "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
+                       "embed_dim": 16, "image_size": 16, "patch_size": 4, "context_length": 8}
+    run_dir = run_training(config)
+    losses = [r["contrastive_loss"] for r in metrics(run_dir)]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
+    assert "aux_loss" in metrics(run_dir)[0] and metrics(run_dir)[0]["aux_loss"] == 0.0
+    model, _, tokenizer = limoe.load(run_dir / "export")
+    assert isinstance(model, TwoTowerCLIP) and isinstance(tokenizer, limoe.BPETokenizer)
+    assert "export check: max |training model - export|" in (run_dir / "out.log").read_text()
+    assert "ERROR" not in (run_dir / "out.log").read_text()
