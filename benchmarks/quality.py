@@ -1,10 +1,15 @@
-"""Quality ablation: does limoe learn like LIMoE? Sparse vs dense at equal compute, and what
-the routing losses and Batch Priority Routing do, on the emoji data (issue 9).
+"""Quality ablation: does limoe's LIMoE learn at least as well as a dense open_clip CLIP of equal
+compute, and which choices decide it? On the emoji data.
 
 Every variant is a real training run of the `cpu-demo` config through the `deepspeed`
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
-steps, batch size, data and seeds; only the overrides in VARIANTS differ. Each run is then
-measured on the Twemoji (twitter) style, which no run ever trains on:
+steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
+tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe`), its dense one-tower
+twin (`dense`), and the peer, open_clip's two-tower CLIP of the same width and depth and
+so the same FLOPs per pair (`open_clip`, limoe/two_tower.py, with open_clip's BPE). The
+other variants change one thing each. Each run is then measured on the Twemoji (twitter)
+style, which no run ever trains on:
 
 - zero-shot top-1 / top-5 at three granularities (emoji name, subcategory, category),
   with `limoe demo`'s caption-like prompts (`launch.demo.evaluate`);
@@ -18,12 +23,13 @@ measured on the Twemoji (twitter) style, which no run ever trains on:
 Results: one JSON per run in OUT/results/ (a run whose file exists is finished; with
 --resume it is skipped), each also appended to OUT/results.jsonl; then mean, std, min and
 max over seeds per variant and metric (OUT/summary.json), seed-paired differences for the
-three claims, a table, a plot, and the generated section of the report (docs/quality.md,
-between its `<!-- generated:start -->` / `<!-- generated:end -->` markers).
+contrasts in CONTRASTS, tables (parameters and FLOPs per pair included), a plot, and the
+generated section of the report (docs/quality.md, between its `<!-- generated:start -->` /
+`<!-- generated:end -->` markers).
 
-    python benchmarks/quality.py                                    # the full ablation (~1 h on 2 idle cores)
-    python benchmarks/quality.py --resume                           # after an interruption: skip finished runs
-    python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense e4 \\
+    python benchmarks/quality.py                                    # limoe, dense, open_clip x 3 seeds (~1.2 h idle)
+    python benchmarks/quality.py --variants limoe-bpe limoe-t14 --resume   # add variants to the same table
+    python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense limoe \\
         --out /tmp/quality-smoke --report /tmp/quality-smoke/quality.md   # a smoke test (minutes)
     python benchmarks/quality.py --report-only                      # re-render table, plot and doc from OUT
 """
@@ -45,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python benchmarks/quality.py`
     sys.path.insert(0, str(REPO))
 
-from launch.demo import (GRANULARITIES, build_data, evaluate, train, train_tokenizer,  # noqa: E402 (light imports)
+from launch.demo import (GRANULARITIES, build_data, evaluate, prepare_tokenizer, train,  # noqa: E402 (light imports)
                          twemoji_routing)
 
 MODALITIES = ("image", "text")
@@ -54,67 +60,119 @@ GENERATED_END = "<!-- generated:end -->"
 
 # -- the variants: every override each run adds to cpu-demo, spelled out ------------------------
 
-# The preset defaults (limoe/config.py), written out so a variant's table row says everything.
-IMAGE_LOSSES = {"importance": 0.005, "load": 0.005, "local_entropy": 0.01, "global_entropy": 0.0, "zloss": 0.0}
-TEXT_LOSSES = {"importance": 0.005, "load": 0.005, "local_entropy": 0.01, "global_entropy": 0.05, "zloss": 0.0,
-               "global_entropy_experts": 2.0}
-BALANCE_ONLY = {"importance": 0.005, "load": 0.005, "local_entropy": 0.0, "global_entropy": 0.0, "zloss": 0.0}
-NO_AUX = {"importance": 0.0, "load": 0.0, "local_entropy": 0.0, "global_entropy": 0.0, "zloss": 0.0}
+# A variant is (what it tests, overrides of launch/configs/cpu-demo.yaml). The key "tokenizer"
+# is not a config key: it names the variant's tokenizer (TOKENIZERS; default "sp1000", the
+# demo's), trained or written once in the data folder and shared by every run that uses it.
+TOKENIZERS = {
+    "sp1000": "SentencePiece unigram, 1,000 pieces, trained on the Noto captions (the demo's)",
+    "sp8000": "SentencePiece unigram asked for 8,000 pieces: the Noto captions give at most ~1.9k",
+    "bpe": "open_clip's bundled BPE (49,408 tokens, ids shifted by one; nothing trained)",
+}
+BASE_TOKENIZER = "sp1000"
 
-LIMOE_E4 = {
+# The limoe-nano defaults of the demo (cpu-demo.yaml + limoe/config.py), written out so a
+# variant's row says everything: 4 experts in blocks 1 and 3, k=1, capacity factor 1, BPR,
+# V-MoE importance + load (0.005 per layer, summed over layers) for each modality.
+BALANCE = {"importance": 0.005, "load": 0.005, "switch_load": 0.0, "local_entropy": 0.0, "global_entropy": 0.0,
+           "zloss": 0.0}
+ENTROPY_IMAGE = {**BALANCE, "local_entropy": 0.01}
+ENTROPY_TEXT = {**BALANCE, "local_entropy": 0.01, "global_entropy": 0.05, "global_entropy_experts": 2.0}
+NO_AUX = {k: 0.0 for k in BALANCE}
+LIMOE = {
     "model.preset": "limoe-nano",
     "model.moe.num_experts": 4,
     "model.moe.k": 1,
     "model.moe.capacity_factor": 1.0,
     "model.moe.batch_priority_routing": True,
-    "model.moe.image": IMAGE_LOSSES,
-    "model.moe.text": TEXT_LOSSES,
+    "model.moe.image": BALANCE,
+    "model.moe.text": BALANCE,
 }
+DENSE = {"model.preset": "limoe-nano-dense"}
+PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe"}
+PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
 
-# name: (what it tests, overrides). The dense twin replaces each MoE MLP by one MLP of the
-# same shape, so with k=1 every variant spends the same FLOPs per token.
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "dense": ("dense twin (limoe-nano-dense): same backbone, one MLP where the experts were",
-              {"model.preset": "limoe-nano-dense"}),
-    "e4": ("LIMoE, 4 experts, all routing losses, BPR, capacity factor 1.0 (also the BPR pair of e4-no-bpr)",
-           LIMOE_E4),
-    "e8": ("LIMoE, 8 experts, otherwise as e4", {**LIMOE_E4, "model.moe.num_experts": 8}),
-    "e4-no-entropy": ("e4 without the per-modality entropy losses (importance + load only)",
-                      {**LIMOE_E4, "model.moe.image": BALANCE_ONLY, "model.moe.text": BALANCE_ONLY}),
-    "e4-no-aux": ("e4 without any auxiliary loss", {**LIMOE_E4, "model.moe.image": NO_AUX, "model.moe.text": NO_AUX}),
-    "e4-no-bpr": ("e4 without Batch Priority Routing, at the same capacity factor 1.0",
-                  {**LIMOE_E4, "model.moe.batch_priority_routing": False}),
-    # Not in the default set: a tighter capacity, where BPR decides which half of the tokens is kept.
-    "e4-cf0.5": ("e4 at capacity factor 0.5 (tight), BPR on", {**LIMOE_E4, "model.moe.capacity_factor": 0.5}),
-    "e4-cf0.5-no-bpr": ("e4 at capacity factor 0.5 (tight), BPR off",
-                        {**LIMOE_E4, "model.moe.capacity_factor": 0.5, "model.moe.batch_priority_routing": False}),
-    # Not in the default set: more room per expert, so fewer tokens ride the residual.
-    "e4-cf1.25": ("e4 at capacity factor 1.25", {**LIMOE_E4, "model.moe.capacity_factor": 1.25}),
+    # The three models of the comparison, with the demo's settings.
+    "limoe": ("LIMoE as the demo trains it: limoe-nano, 4 experts, SentencePiece 1k", LIMOE),
+    "dense": ("dense twin (limoe-nano-dense): one shared tower, one MLP where the experts were", DENSE),
+    "open_clip": ("the peer: open_clip's two-tower CLIP (open_clip-nano), open_clip's BPE", PEER),
+    # Tokenizer.
+    "open_clip-sp1000": ("the peer with LIMoE's SentencePiece 1k (pooling at its end token)", PEER_SP),
+    "limoe-sp8000": ("limoe with the largest SentencePiece the captions give (~1.9k pieces)",
+                     {**LIMOE, "tokenizer": "sp8000"}),
+    "limoe-bpe": ("limoe with open_clip's BPE", {**LIMOE, "tokenizer": "bpe"}),
+    "dense-bpe": ("dense twin with open_clip's BPE: one shared tower vs the peer's two", {**DENSE, "tokenizer": "bpe"}),
+    # Pooling.
+    "limoe-mean": ("limoe, image pooling by the mean of the patches instead of MAP", {**LIMOE, "model.image_pool": "mean"}),
+    "limoe-cls": ("limoe, image pooling at a class token (as the peer's ViT)", {**LIMOE, "model.image_pool": "cls"}),
+    "limoe-textmap": ("limoe, text pooling by MAP instead of the end token", {**LIMOE, "model.text_pool": "map"}),
+    # Temperature, captions, schedule.
+    "limoe-t14": ("limoe, initial temperature 1/0.07 = 14.3 (open_clip's) instead of 30",
+                  {**LIMOE, "model.logit_scale_init": 2.6593}),
+    "limoe-random-captions": ("limoe, each sample's caption drawn uniformly (no per-batch unique caption)",
+                              {**LIMOE, "data.unique_captions": False}),
+    "limoe-lr2e-3": ("limoe, peak learning rate 2e-3 instead of 1e-3", {**LIMOE, "optimizer.lr": 2e-3}),
+    "limoe-lr5e-4": ("limoe, peak learning rate 5e-4 instead of 1e-3", {**LIMOE, "optimizer.lr": 5e-4}),
+    # Experts.
+    "limoe-e8": ("limoe, 8 experts", {**LIMOE, "model.moe.num_experts": 8}),
+    "limoe-e16": ("limoe, 16 experts", {**LIMOE, "model.moe.num_experts": 16}),
+    "limoe-every1": ("limoe, an MoE MLP in every block (4 MoE layers) instead of every other",
+                     {**LIMOE, "model.moe.placement": "every 1"}),
+    "limoe-k2": ("limoe, top-2 routing (more FLOPs per token: not equal compute)", {**LIMOE, "model.moe.k": 2}),
+    "limoe-cf1.25": ("limoe, capacity factor 1.25", {**LIMOE, "model.moe.capacity_factor": 1.25}),
+    # Auxiliary losses (summed over MoE layers).
+    "limoe-no-aux": ("limoe without any auxiliary loss", {**LIMOE, "model.moe.image": NO_AUX, "model.moe.text": NO_AUX}),
+    "limoe-entropy": ("limoe plus LIMoE's entropy losses (local 0.01; text global 0.05, S_text = 2)",
+                      {**LIMOE, "model.moe.image": ENTROPY_IMAGE, "model.moe.text": ENTROPY_TEXT}),
+    "limoe-no-bpr": ("limoe without Batch Priority Routing", {**LIMOE, "model.moe.batch_priority_routing": False}),
 }
-DEFAULT_VARIANTS = ("dense", "e4", "e8", "e4-no-entropy", "e4-no-aux", "e4-no-bpr")
+DEFAULT_VARIANTS = ("limoe", "dense", "open_clip")
 
-# Seed-paired differences (first minus second) for the issue's three claims.
+
+def variant_tokenizer(variant: str) -> str:
+    return VARIANTS[variant][1].get("tokenizer", BASE_TOKENIZER)
+
+
+def variant_config(variant: str) -> dict:
+    """The variant's config overrides (the "tokenizer" entry is not one)."""
+    return {k: v for k, v in VARIANTS[variant][1].items() if k != "tokenizer"}
+
+
+# Seed-paired differences (first minus second).
+TOP1 = [f"zeroshot/{g}/top1" for g in GRANULARITIES]
 CONTRASTS = [
-    ("sparse vs dense at equal compute", "e4", "dense", [f"zeroshot/{g}/top1" for g in GRANULARITIES]),
-    ("sparse vs dense at equal compute", "e8", "dense", [f"zeroshot/{g}/top1" for g in GRANULARITIES]),
-    ("routing losses: text routing", "e4-no-entropy", "e4",
-     ["routing/text/busiest_expert_share", "routing/text/experts_used", "routing/text/drop_rate",
-      "zeroshot/name/top1"]),
-    ("routing losses: text routing", "e4-no-aux", "e4",
-     ["routing/text/busiest_expert_share", "routing/text/experts_used", "routing/text/drop_rate",
-      "zeroshot/name/top1"]),
-    ("BPR at capacity factor 1.0", "e4-no-bpr", "e4",
-     [f"zeroshot/{g}/top1" for g in GRANULARITIES] + ["routing/image/drop_rate", "routing/text/drop_rate"]),
-    ("BPR at capacity factor 0.5", "e4-cf0.5-no-bpr", "e4-cf0.5",
-     [f"zeroshot/{g}/top1" for g in GRANULARITIES] + ["routing/image/drop_rate", "routing/text/drop_rate"]),
+    ("LIMoE vs the open_clip peer", "limoe", "open_clip", TOP1),
+    ("LIMoE vs its dense twin", "limoe", "dense", TOP1),
+    ("one shared tower vs two (dense, BPE)", "dense-bpe", "open_clip", TOP1),
+    ("tokenizer: the peer", "open_clip-sp1000", "open_clip", TOP1),
+    ("tokenizer: LIMoE", "limoe-sp8000", "limoe", TOP1),
+    ("tokenizer: LIMoE", "limoe-bpe", "limoe", TOP1),
+    ("pooling", "limoe-mean", "limoe", TOP1),
+    ("pooling", "limoe-cls", "limoe", TOP1),
+    ("pooling", "limoe-textmap", "limoe", TOP1),
+    ("temperature", "limoe-t14", "limoe", TOP1),
+    ("captions", "limoe-random-captions", "limoe", TOP1),
+    ("learning rate", "limoe-lr2e-3", "limoe", TOP1),
+    ("learning rate", "limoe-lr5e-4", "limoe", TOP1),
+    ("experts", "limoe-e8", "limoe", TOP1),
+    ("experts", "limoe-e16", "limoe", TOP1),
+    ("experts", "limoe-every1", "limoe", TOP1),
+    ("experts", "limoe-k2", "limoe", TOP1),
+    ("experts", "limoe-cf1.25", "limoe", TOP1),
+    ("routing losses", "limoe-no-aux", "limoe",
+     TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
+    ("routing losses", "limoe-entropy", "limoe",
+     TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
+    ("routing losses", "limoe-no-bpr", "limoe", TOP1 + ["routing/text/drop_rate"]),
 ]
 
-# Defaults sized for about an hour for 6 variants x 3 seeds on 2 idle cores (see docs/quality.md).
-DEFAULT_STEPS = 200
-DEFAULT_BATCH = 64
+# The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
+DEFAULT_STEPS = 935
+DEFAULT_BATCH = 128
+DEFAULT_NUM_PROCS = 2
 DEFAULT_SEEDS = (0, 1, 2)
 # Settings that must agree between runs aggregated together (paths may move).
-SETTING_KEYS = ("config", "steps", "batch_size", "num_procs", "vocab_size", "extra_overrides")
+SETTING_KEYS = ("config", "steps", "batch_size", "num_procs", "extra_overrides")
 
 
 # -- running one variant x seed -------------------------------------------------------------------
@@ -153,7 +211,7 @@ def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, ob
     (name, logs, data, tokenizer, steps, warmup = steps // 10, checkpoint at the end, export)."""
     num_procs = settings["num_procs"]
     return [
-        *VARIANTS[variant][1].items(),
+        *variant_config(variant).items(),
         ("seed", seed),
         ("train.batch_size", settings["batch_size"] // num_procs),  # per rank: the global batch is equal
         ("parallel.num_procs", num_procs),
@@ -185,10 +243,12 @@ def routing_health(export_dir: Path, eval_dir: Path, batch_size: int, max_pairs:
     """Parameter counts, and for a sparse model the routing of Twemoji caption pairs at the training
     capacity factor, in batches of the per-rank training batch (capacity is per routing call)."""
     import limoe
-    from limoe.flops import count_parameters
+    from limoe.flops import count_parameters, flops_per_pair, measured_flops_per_pair
 
     model, _, tokenizer = limoe.load(export_dir)
-    health = {"parameters": count_parameters(model), "routing": None}
+    health = {"parameters": count_parameters(model), "routing": None,
+              "flops_per_pair": {"analytic": flops_per_pair(model.config)["total"],
+                                 "measured": measured_flops_per_pair(model)}}
     if model.config.is_dense:
         return health
     result = twemoji_routing(model, tokenizer, eval_dir, batch_size, max_pairs)
@@ -222,7 +282,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     return False
 
 
-def run_one(variant: str, seed: int, settings: dict, data: dict, tokenizer: Path, out: Path,
+def run_one(variant: str, seed: int, settings: dict, data: dict, tokenizers: dict[str, Path], out: Path,
             resume: bool, max_pairs: int | None) -> dict:
     name = run_name(variant, seed)
     runs = out / "runs"
@@ -234,7 +294,8 @@ def run_one(variant: str, seed: int, settings: dict, data: dict, tokenizer: Path
         train_seconds = None
     else:
         preset = VARIANTS[variant][1]["model.preset"]
-        run_dir = train(name, preset, data, tokenizer, runs, settings["steps"], run_overrides(variant, seed, settings))
+        run_dir = train(name, preset, data, tokenizers[variant_tokenizer(variant)], runs, settings["steps"],
+                        run_overrides(variant, seed, settings))
         train_seconds = time.time() - t0
     t1 = time.time()
     rows = evaluate(run_dir / "export", data["eval"])
@@ -246,6 +307,7 @@ def run_one(variant: str, seed: int, settings: dict, data: dict, tokenizer: Path
         "seed": seed,
         "description": VARIANTS[variant][0],
         "overrides": VARIANTS[variant][1],
+        "tokenizer": variant_tokenizer(variant),
         "settings": settings,
         "run_dir": str(run_dir),
         "zeroshot": {r["granularity"]: r for r in rows},
@@ -426,13 +488,16 @@ def routing_table(summary: dict) -> str:
 
 
 def training_table(summary: dict) -> str:
-    lines = ["| variant | params total / active per token | final contrastive loss | final aux loss | "
-             "train pairs/s | train s | eval s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | params total / active per token | forward FLOPs per pair (analytic / counted) | "
+             "final contrastive loss | final aux loss | train pairs/s | train s | eval s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, s in summary.items():
         m = s["metrics"]
         params = s.get("parameters")
         p = f"{params['total'] / 1e6:.2f}M / {params['active_per_token'] / 1e6:.2f}M" if params else "-"
-        lines.append(f"| {variant} | {p} | {num(m.get('train/contrastive_loss'), 3)} | "
+        f = s.get("flops_per_pair")
+        flops = f"{f['analytic'] / 1e6:.0f}M / {f['measured'] / 1e6:.0f}M" if f else "-"
+        lines.append(f"| {variant} | {p} | {flops} | {num(m.get('train/contrastive_loss'), 3)} | "
                      f"{num(m.get('train/aux_loss'), 4)} | {num(m.get('train/samples_per_s'), 0)} | "
                      f"{num(m.get('seconds/train'), 0)} | {num(m.get('seconds/evaluate'), 0)} |")
     return "\n".join(lines)
@@ -458,25 +523,21 @@ def contrast_table(rows: list[dict]) -> str:
 
 
 def overrides_table(variants: list[str]) -> str:
-    def weights(w: dict) -> str:
-        return "/".join(f"{w[k]:g}" for k in ("importance", "load", "local_entropy", "global_entropy", "zloss"))
+    """Each variant's preset, tokenizer and every override beyond cpu-demo.yaml, spelled out."""
+    def value(v) -> str:
+        if isinstance(v, dict):  # per-modality loss weights: the non-zero ones
+            return "{" + ", ".join(f"{k} {w:g}" for k, w in v.items() if w) + "}" if any(v.values()) else "{none}"
+        return f"{v:g}" if isinstance(v, float) else str(v)
 
-    lines = ["| variant | preset | experts | k | capacity factor | BPR | image losses | text losses | what it is |",
-             "|---|---|---:|---:|---:|---|---|---|---|"]
+    lines = ["| variant | preset | tokenizer | overrides of cpu-demo.yaml | what it is |", "|---|---|---|---|---|"]
     for v in variants:
         description, o = VARIANTS.get(v, ("(not in this version of the script)", {}))
-        if o.get("model.preset", "").endswith("-dense"):
-            cells = [o["model.preset"], "0 (dense)", "-", "-", "-", "-", "-"]
-        elif o:
-            cells = [o["model.preset"], str(o["model.moe.num_experts"]), str(o["model.moe.k"]),
-                     f"{o['model.moe.capacity_factor']:g}", "on" if o["model.moe.batch_priority_routing"] else "off",
-                     weights(o["model.moe.image"]), weights(o["model.moe.text"])]
-        else:
-            cells = ["?"] * 7
+        rest = {k: x for k, x in variant_config(v).items() if k != "model.preset"} if v in VARIANTS else {}
+        cells = [o.get("model.preset", "?"), variant_tokenizer(v) if v in VARIANTS else "?",
+                 "<br>".join(f"`{k}={value(x)}`" for k, x in rest.items()) or "-"]
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {description} |")
-    return "\n".join(lines) + ("\n\nLoss weights: importance/load/local entropy/global entropy/z-loss "
-                               "(LIMOE.md); the global-entropy threshold keeps the preset's "
-                               "log(2).")
+    return "\n".join(lines) + ("\n\nLoss weights are per MoE layer, summed over layers (docs/model.md). Tokenizers: "
+                               + "; ".join(f"`{k}`: {d}" for k, d in TOKENIZERS.items()) + ".")
 
 
 def plot_summary(summary: dict, results: list[dict], path: Path) -> Path:
@@ -594,7 +655,7 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
         "per-rank training batch, no router noise. Train drop: the same during the last tenth of training "
         "(with router noise). Percent, mean ± std over seeds.",
         "",
-        "### Seed-paired differences for the three claims",
+        "### Seed-paired differences",
         "",
         contrast_table(contrast_rows),
         "",
@@ -613,7 +674,7 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
 
 REPORT_HEADER = """# Quality: does limoe learn like LIMoE?
 
-Generated results of `benchmarks/quality.py` (issue 9) follow; see the script's `--help`.
+Generated results of `benchmarks/quality.py` follow; see the script's `--help`.
 
 """
 
@@ -643,6 +704,7 @@ def report(out: Path, report_path: Path | None, plot_path: Path | None, session:
     summary = aggregate(results)
     for variant, s in summary.items():  # parameter counts are the same for every seed
         s["parameters"] = next((r["parameters"] for r in results if r["variant"] == variant), None)
+        s["flops_per_pair"] = next((r.get("flops_per_pair") for r in results if r["variant"] == variant), None)
     contrast_rows = contrasts(results)
     write_json(out / "summary.json", {"command": session["command"], "settings": results[0]["settings"],
                                       "variants": summary, "contrasts": contrast_rows,
@@ -682,8 +744,9 @@ def parse_args(argv=None):
                    help="seeds; each variant is trained once per seed (default 0 1 2)")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                    metavar="VARIANT", help="which variants to run (listed below)")
-    p.add_argument("--num-procs", type=int, default=1, choices=[1, 2],
-                   help="DeepSpeed CPU ranks per run, data parallel; threads per rank = cores / ranks (default 1)")
+    p.add_argument("--num-procs", type=int, default=DEFAULT_NUM_PROCS, choices=[1, 2],
+                   help="DeepSpeed CPU ranks per run, data parallel (each routes its own share of the batch, as "
+                        f"in the demo); threads per rank = cores / ranks (default {DEFAULT_NUM_PROCS})")
     p.add_argument("--out", default="runs/quality", metavar="DIR",
                    help="runs/, results/, results.jsonl, summary.json, quality.png go here (default runs/quality)")
     p.add_argument("--report", default="docs/quality.md", metavar="MD",
@@ -700,8 +763,6 @@ def parse_args(argv=None):
                    help="npm tarball cache for building the data (default ~/.cache/limoe/npm)")
     p.add_argument("--tarball-dir", default=None, metavar="DIR",
                    help="read emoji-datasource-*.tgz from this folder instead of npm (offline)")
-    p.add_argument("--vocab-size", type=int, default=1000, metavar="N",
-                   help="SentencePiece vocabulary, trained on Noto captions if missing (default 1000)")
     p.add_argument("--routing-pairs", type=int, default=None, metavar="N",
                    help="Twemoji pairs for routing health (default: all)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -735,7 +796,7 @@ def main(argv=None) -> int:
     if args.tarball_dir:
         os.environ["LIMOE_NPM_TARBALL_DIR"] = str(Path(args.tarball_dir).resolve())
     settings = {"config": "cpu-demo", "steps": args.steps, "batch_size": args.batch_size,
-                "num_procs": args.num_procs, "vocab_size": args.vocab_size,
+                "num_procs": args.num_procs,
                 "extra_overrides": [list(parse_set(item)) for item in args.set],
                 "data": str(Path(args.data).resolve())}
     planned = [(v, s) for v in args.variants for s in args.seeds]
@@ -750,9 +811,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {result_path(out, v, s)} was run with other settings "
                              f"({ {k: earlier.get(k) for k in SETTING_KEYS} }); use another --out")
 
-    print(f"=== emoji data in {settings['data']}; tokenizer ===", flush=True)
+    print(f"=== emoji data in {settings['data']}; tokenizers ===", flush=True)
     data = build_data(Path(settings["data"]), args.cache)
-    tokenizer = train_tokenizer(data["train"], args.vocab_size, limoe.get_config("limoe-nano").context_length)
+    context = limoe.get_config("limoe-nano").context_length
+    tokenizers = {kind: prepare_tokenizer(data["train"], kind, context)
+                  for kind in sorted({variant_tokenizer(v) for v in args.variants})}
     settings["train_pairs"] = json.loads((data["train"] / "shards" / "sizes.json").read_text())["total"]
     todo = [(v, s) for v, s in planned if (v, s) not in done]
     print(f"{len(planned)} runs planned, {len(done)} already done, {len(todo)} to run", flush=True)
@@ -760,7 +823,7 @@ def main(argv=None) -> int:
         for i, (variant, seed) in enumerate(todo, 1):
             print(f"\n=== run {i}/{len(todo)}: {run_name(variant, seed)} ({VARIANTS[variant][0]}); "
                   f"{(time.time() - t0) / 60:.1f} min so far ===", flush=True)
-            r = run_one(variant, seed, settings, data, tokenizer, out, args.resume, args.routing_pairs)
+            r = run_one(variant, seed, settings, data, tokenizers, out, args.resume, args.routing_pairs)
             print(f"{run_name(variant, seed)}: " + ", ".join(
                 f"{g} top-1 {100 * r['zeroshot'][g]['top1']:.1f}%" for g in GRANULARITIES)
                   + f"; {r['seconds']['total']:.0f} s", flush=True)

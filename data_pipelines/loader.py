@@ -132,25 +132,26 @@ def _seeded_transform(transform, image, seed: int, skips: SkipCounter, key: str)
             torch.set_num_threads(threads)
 
 
-def pick_caption(captions: Sequence[str], taken: set[str], rng: random.Random) -> str:
-    """One of a sample's captions at random, preferring one no other sample in the batch has.
+def pick_caption(captions: Sequence[str], taken: set[str], rng: random.Random, unique: bool = True) -> str:
+    """One of a sample's captions at random, preferring one no other sample in the batch has
+    (unless `unique` is False: then any of them, uniformly).
 
     Two identical captions in one contrastive batch are false negatives: each image
     is pushed away from a text that describes it. Shared captions are common when
     captions name a class ("an emoji from animals and nature"), so a sample with
     another caption to offer uses that one instead.
     """
-    fresh = [c for c in captions if c not in taken]
+    fresh = [c for c in captions if c not in taken] if unique else []
     return rng.choice(fresh or captions)
 
 
-def train_batches(samples: Iterable, batch_size: int, tokenizer,
-                  rng: random.Random) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(samples: Iterable, batch_size: int, tokenizer, rng: random.Random,
+                  unique_captions: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Full batches only: a short last batch would change the contrastive loss's scale."""
     images, captions, taken = [], [], set()
     for image, options in samples:
         images.append(image)
-        captions.append(pick_caption(options, taken, rng))
+        captions.append(pick_caption(options, taken, rng, unique_captions))
         taken.add(captions[-1])
         if len(images) == batch_size:
             yield torch.stack(images), tokenizer(captions)
@@ -203,8 +204,9 @@ class TrainStream(IterableDataset):
     """The training pipeline of one rank; each DataLoader worker runs its own copy."""
 
     def __init__(self, sources, tokenizer, transform, batch_size, batches_per_epoch, rank, world_size,
-                 seed, epoch, resampled, shuffle_buffer):
+                 seed, epoch, resampled, shuffle_buffer, unique_captions=True):
         super().__init__()
+        self.unique_captions = unique_captions
         self.sources = sources  # list of (shard list, weight)
         self.tokenizer = tokenizer
         self.transform = transform
@@ -253,7 +255,7 @@ class TrainStream(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: mix_by_weight(streams, [w for _, w in self.sources], rng),
             lambda raws: train_samples(raws, skips, self.transform, rng),
-            lambda samples: train_batches(samples, self.batch_size, self.tokenizer, rng),
+            lambda samples: train_batches(samples, self.batch_size, self.tokenizer, rng, self.unique_captions),
             lambda batches: with_skip_reports(batches, skips, limit),
         )
         yield from pipeline
@@ -365,6 +367,7 @@ def build_train_loader(
     resampled: bool = True,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     pin_memory: bool = False,
+    unique_captions: bool = True,
 ) -> ShardLoader:
     """Training batches `(images [B,3,H,W] float, tokens [B,L] long)` for one rank.
 
@@ -382,7 +385,7 @@ def build_train_loader(
         resolved.append((resolve_shards(source.shards), float(source.weight)))
     transform = image_transform(image_size, train=True, augment=augment or AugmentConfig())
     dataset = TrainStream(resolved, tokenizer, transform, batch_size, batches_per_epoch, rank, world_size,
-                          seed, epoch, resampled, shuffle_buffer)
+                          seed, epoch, resampled, shuffle_buffer, unique_captions)
     num_samples = None if batches_per_epoch is None else batches_per_epoch * batch_size
     return ShardLoader(dataset, num_workers, batches_per_epoch, num_samples, pin_memory)
 

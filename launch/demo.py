@@ -1,10 +1,12 @@
 """`limoe demo`: real data end to end, on a 2-core CPU box, in about ten minutes.
 
 1. build the emoji data sets (Noto = google, Twemoji = twitter) with the data builder (cached);
-2. train the SentencePiece tokenizer on the Noto training captions;
+2. the tokenizer (trained on the Noto training captions, or open_clip's BPE; cached by kind);
 3. train the demo preset through the `deepspeed` launcher: 2 CPU ranks, ep_size 2, Noto only;
-4. export, then zero-shot on Twemoji (never seen) by emoji name, subcategory and category;
-5. with --compare-dense, the dense twin with the same steps and batch;
+4. with --compare, the same steps and batch for the dense twin (`dense`) and/or the dense
+   two-tower open_clip CLIP of the same width, depth and FLOPs per pair (`open_clip`, with
+   open_clip's own BPE tokenizer);
+5. export, then zero-shot on Twemoji (never seen) by emoji name, subcategory and category;
 6. plots (loss curve, routing heat map), report.md, and the lines to serve the result.
 
 The training budget is a number of steps derived from --minutes with a
@@ -34,6 +36,7 @@ TEMPLATES = {
 STEPS_PER_MINUTE = 110
 FIXED_MINUTES = 1.5  # data (cached), tokenizer, DeepSpeed start-up, export and evaluation
 DEMO_CONFIG = "cpu-demo"
+DEFAULT_TOKENIZER = "sp1000"
 
 
 def stage(title: str) -> None:
@@ -54,27 +57,47 @@ def build_data(data_dir: Path, cache_dir: str | None) -> dict[str, Path]:
             print(f"{style}: cached at {target}")
         else:
             print(build_emoji_dataset(style, target, cache_dir=cache_dir))
-            for stale in target.glob("tokenizer.model*"):  # trained on the captions of an older build
+            for stale in target.glob("tokenizer*"):  # trained on the captions of an older build
                 stale.unlink()
         out[role] = target
     return out
 
 
-def train_tokenizer(train_dir: Path, vocab_size: int, context_length: int) -> Path:
+def tokenizer_kind(kind: str) -> str:
+    """Check a tokenizer kind: "bpe" (open_clip's) or "sp<N>" (SentencePiece asked for N pieces)."""
+    if kind == "bpe" or (kind.startswith("sp") and kind[2:].isdigit() and int(kind[2:]) > 0):
+        return kind
+    raise ValueError(f"unknown tokenizer {kind!r}: 'bpe' (open_clip's BPE) or 'sp<N>' (SentencePiece, N pieces)")
+
+
+def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
+    """The tokenizer file of `kind`, cached in the training set's folder under a name per kind
+    (tokenizer-sp1000.model, tokenizer.bpe.json), so asking for another size never reuses one.
+    SentencePiece is trained on the training captions; open_clip's BPE is only written out."""
     from data_pipelines.loader import iter_captions
     from data_pipelines.skips import SkipCounter
-    from limoe.tokenizer import Tokenizer
+    from limoe.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
-    path = train_dir / "tokenizer.model"
-    if path.is_file():
+    kind = tokenizer_kind(kind)
+    path = train_dir / ("tokenizer.bpe.json" if kind == "bpe" else f"tokenizer-{kind}.model")
+    if path.is_file() and load_tokenizer(path).context_length == context_length:
         print(f"cached at {path}")
         return path
+    if kind == "bpe":
+        BPETokenizer(context_length).save(path)
+        print(f"wrote {path}: open_clip's BPE, {BPETokenizer(context_length).vocab_size} tokens")
+        return path
     skips = SkipCounter()
-    tokenizer = Tokenizer.train(iter_captions(str(train_dir / "shards"), skips), vocab_size=vocab_size,
+    tokenizer = Tokenizer.train(iter_captions(str(train_dir / "shards"), skips), vocab_size=int(kind[2:]),
                                 context_length=context_length)
     tokenizer.save(path)
-    print(f"trained {path}: {tokenizer.vocab_size} pieces, context {tokenizer.context_length}")
+    print(f"trained {path}: {tokenizer.vocab_size} pieces (asked for {kind[2:]}), "
+          f"context {tokenizer.context_length}")
     return path
+
+
+# Models `--compare` can add: (preset, tokenizer kind or None for the demo's own, table label).
+COMPARE = {"dense": ("limoe-nano-dense", None, "dense"), "open_clip": ("open_clip-nano", "bpe", "open_clip")}
 
 
 def train(name: str, model_preset: str, data: dict[str, Path], tokenizer: Path, out: Path, steps: int,
@@ -93,8 +116,8 @@ def train(name: str, model_preset: str, data: dict[str, Path], tokenizer: Path, 
         ("checkpoint.export", True),
         *extra,
     ]
-    if model_preset.endswith("-dense"):
-        overrides.append(("parallel.ep_size", 1))
+    if model_preset.endswith("-dense") or model_preset.startswith("open_clip"):
+        overrides.append(("parallel.ep_size", 1))  # no experts to split
     return run_training(DEMO_CONFIG, overrides, resume=None)
 
 
@@ -121,6 +144,28 @@ def evaluate(export_dir: Path, eval_dir: Path) -> list[dict]:
             "majority_top1": max(images_per_class) / result["images"],
         })
     return rows
+
+
+def model_facts(export_dir: Path) -> dict:
+    """What a trained model is: its preset, tokenizer, parameters and forward FLOPs per pair."""
+    import limoe
+    from limoe.flops import count_parameters, flops_per_pair, measured_flops_per_pair
+
+    model, _, tokenizer = limoe.load(export_dir)
+    params = count_parameters(model)
+    return {"model": model.config.name, "tokenizer": repr(tokenizer), "parameters": params["total"],
+            "active_parameters_per_token": params["active_per_token"],
+            "flops_per_pair": flops_per_pair(model.config)["total"], "flops_per_pair_counted": measured_flops_per_pair(model)}
+
+
+def facts_table(facts: dict[str, dict]) -> str:
+    lines = ["| model | preset | tokenizer | parameters | active per token | forward FLOPs per pair (analytic / counted) |",
+             "|---|---|---|---:|---:|---:|"]
+    for label, f in facts.items():
+        lines.append(f"| {label} | {f['model']} | {f['tokenizer']} | {f['parameters'] / 1e6:.2f}M | "
+                     f"{f['active_parameters_per_token'] / 1e6:.2f}M | {f['flops_per_pair'] / 1e6:.0f}M / "
+                     f"{f['flops_per_pair_counted'] / 1e6:.0f}M |")
+    return "\n".join(lines)
 
 
 def twemoji_routing(model, tokenizer, eval_dir: Path, batch_size: int, max_pairs: int | None) -> dict:
@@ -194,7 +239,7 @@ print(len(c.embeddings.create(model='{name}', input=['grinning face']).data[0].e
 """
 
 
-def write_report(out: Path, args, results, routing, runs, seconds: float, steps: int) -> Path:
+def write_report(out: Path, args, results, routing, runs, seconds: float, steps: int, facts: dict) -> Path:
     import platform
 
     summary = routing["summary"]
@@ -212,6 +257,10 @@ def write_report(out: Path, args, results, routing, runs, seconds: float, steps:
         results_table(results),
         "",
         "Prompts: " + "; ".join(f"{g}: {', '.join(repr(t) for t in TEMPLATES[g])}" for g in GRANULARITIES),
+        "",
+        "## The models",
+        "",
+        facts_table(facts),
         "",
         "## Training loss",
         "",
@@ -268,25 +317,32 @@ def demo(args) -> int:
     if args.batch_size:
         extra.append(("train.batch_size", args.batch_size))
 
+    compare = list(dict.fromkeys((args.compare or []) + (["dense"] if args.compare_dense else [])))
+    tokenizer_kind = f"sp{args.vocab_size}" if args.vocab_size else args.tokenizer
+
     stage("1/6 emoji data sets (Noto for training, Twemoji for evaluation)")
     data = build_data(data_dir, args.cache)
-    stage("2/6 SentencePiece tokenizer on the Noto captions")
+    stage(f"2/6 tokenizer ({tokenizer_kind})")
     import limoe
 
     context = limoe.get_config("limoe-nano").context_length
-    tokenizer = train_tokenizer(data["train"], args.vocab_size, context)
+    tokenizers = {kind: prepare_tokenizer(data["train"], kind, context)
+                  for kind in dict.fromkeys([tokenizer_kind] + [COMPARE[c][1] or tokenizer_kind for c in compare])}
     stage(f"3/6 training limoe-nano with DeepSpeed: 2 CPU ranks, ep_size 2, {steps} steps")
-    runs = {"limoe": train("limoe", "limoe-nano", data, tokenizer, out, steps, extra)}
-    if args.compare_dense:
-        stage(f"5/6 training the dense twin limoe-nano-dense: same steps ({steps}) and batch")
-        runs["dense"] = train("dense", "limoe-nano-dense", data, tokenizer, out, steps, extra)
-    stage("4/6 zero-shot on Twemoji, a style the model never saw")
+    runs = {"limoe": train("limoe", "limoe-nano", data, tokenizers[tokenizer_kind], out, steps, extra)}
+    if compare:
+        stage(f"4/6 training {', '.join(COMPARE[c][0] for c in compare)}: the same steps ({steps}) and batch")
+    for name in compare:
+        preset, kind, label = COMPARE[name]
+        runs[label] = train(label, preset, data, tokenizers[kind or tokenizer_kind], out, steps, extra)
+    stage("5/6 zero-shot on Twemoji, a style the model never saw")
     results = {label: evaluate(run / "export", data["eval"]) for label, run in runs.items()}
     stage("6/6 plots and report")
     plot_losses(runs, out / "loss.png")
     routing = analyze(runs["limoe"] / "export", data["eval"], out)
-    write_json({"steps": steps, "results": results}, out / "results.json")
-    report = write_report(out, args, results, routing, runs, time.time() - t0, steps)
+    facts = {label: model_facts(run / "export") for label, run in runs.items()}
+    write_json({"steps": steps, "results": results, "models": facts}, out / "results.json")
+    report = write_report(out, args, results, routing, runs, time.time() - t0, steps, facts)
 
     print("\nZero-shot on the unseen Twemoji style:\n")
     print(results_table(results))
@@ -306,12 +362,20 @@ def register(subparsers) -> None:
                         f"({STEPS_PER_MINUTE} per minute after {FIXED_MINUTES} fixed minutes; default 10)")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides --minutes)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per rank per step (default: the config's)")
-    p.add_argument("--compare-dense", action="store_true", help="also train the dense twin and compare")
+    p.add_argument("--compare", action="append", choices=sorted(COMPARE), default=[],
+                   help="also train and score this model with the same steps and batch (repeatable): the dense "
+                        "twin `dense`, or `open_clip`, open_clip's two-tower CLIP of the same width, depth and "
+                        "FLOPs per pair, with open_clip's BPE tokenizer")
+    p.add_argument("--compare-dense", action="store_true", help="the same as --compare dense")
     p.add_argument("--data", default=None, help="where the emoji data sets go (default OUT/data; reused if present)")
     p.add_argument("--cache", default=None, help="npm tarball cache (default ~/.cache/limoe/npm)")
     p.add_argument("--tarball-dir", default=None,
                    help="read emoji-datasource-*.tgz from this folder instead of npm (offline)")
-    p.add_argument("--vocab-size", type=int, default=1000, help="SentencePiece vocabulary size (default 1000)")
+    p.add_argument("--tokenizer", type=tokenizer_kind, default=DEFAULT_TOKENIZER, metavar="KIND",
+                   help="LIMoE's tokenizer: sp<N> (SentencePiece asked for N pieces, trained on the Noto captions) "
+                        f"or bpe (open_clip's BPE); cached in the data folder per kind (default {DEFAULT_TOKENIZER})")
+    p.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help="the same as --tokenizer spN")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any training config key, e.g. --set model.width=64 (repeatable)")
     p.set_defaults(func=run_demo)

@@ -60,6 +60,9 @@ class DataSection:
     # defaults (random resized crop), or a mapping of AugmentConfig fields (scale_min, hflip, ...).
     augment: bool | dict = False
     shuffle_buffer: int = 1000
+    # Give each sample of a batch a caption no other sample of the batch has, when it has one
+    # (identical captions in a contrastive batch are false negatives); false: uniform choice.
+    unique_captions: bool = True
 
 
 @dataclass
@@ -271,6 +274,9 @@ def resolve_model_config(model: dict, vocab_size: int | None = None,
     base_config = get_config(preset)
     kind = type(base_config)
     base = base_config.to_dict()
+    if kind is TwoTowerConfig:
+        # Like a dense twin, the open_clip peer has no experts: routing settings do not apply to it.
+        over.pop("moe", None)
     for key, value in (("vocab_size", vocab_size), ("context_length", context_length)):
         if value is None:
             continue

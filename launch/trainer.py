@@ -88,8 +88,8 @@ def build_model(model_config, ep_size: int, ep_rank: int, seed: int):
 # Parameters that get no weight decay besides every 1-d tensor (norms, biases):
 # embeddings, position embeddings, the MAP probe token, and the temperature; the same
 # ones under open_clip's names for the two-tower peer (limoe/two_tower.py).
-NO_DECAY_NAMES = ("token_embed.weight", "image_pos", "text_pos", ".probe", "logit_scale", "logit_bias",
-                  "token_embedding.weight", "positional_embedding", "class_embedding")
+NO_DECAY_NAMES = ("token_embed.weight", "image_pos", "image_cls", "text_pos", ".probe", "logit_scale",
+                  "logit_bias", "token_embedding.weight", "positional_embedding", "class_embedding")
 
 
 def exempt_from_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -420,7 +420,8 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         batches_per_epoch=state.batches_per_epoch, rank=rank, world_size=world_size,
         num_workers=config.data.workers, seed=config.seed,
         augment=augment_config(config.data.augment),
-        shuffle_buffer=config.data.shuffle_buffer, pin_memory=device.type == "cuda")
+        shuffle_buffer=config.data.shuffle_buffer, pin_memory=device.type == "cuda",
+        unique_captions=config.data.unique_captions)
     batches = data_batches(loader, state)
 
     # -- the loop -------------------------------------------------------------------------------

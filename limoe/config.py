@@ -103,7 +103,7 @@ class LIMoEConfig:
     # Image side
     image_size: int = 32
     patch_size: int = 4
-    image_pool: str = "map"  # "map" (attention pooling) or "mean"
+    image_pool: str = "map"  # "map" (attention pooling), "mean", or "cls" (a class token)
     # Text side
     vocab_size: int = 8000
     context_length: int = 16
@@ -132,8 +132,8 @@ class LIMoEConfig:
             raise ValueError(f"heads {self.heads} is not divisible by kv_heads {kv}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.image_pool not in ("map", "mean"):
-            raise ValueError(f"image_pool must be 'map' or 'mean', got {self.image_pool!r}")
+        if self.image_pool not in ("map", "mean", "cls"):
+            raise ValueError(f"image_pool must be 'map', 'mean' or 'cls', got {self.image_pool!r}")
         if self.text_pool not in ("eos", "map"):
             raise ValueError(f"text_pool must be 'eos' or 'map', got {self.text_pool!r}")
         if self.loss not in ("clip", "siglip"):

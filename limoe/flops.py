@@ -40,7 +40,7 @@ def _sequence_flops(c: LIMoEConfig, n: int, causal: bool) -> dict:
 def flops_per_pair(c: LIMoEConfig | TwoTowerConfig) -> dict:
     """Forward FLOPs for one image and one text of full context length (training ~3x).
     The open_clip peer runs the same formulas on its two towers (plus its class token)."""
-    class_token = isinstance(c, TwoTowerConfig) and c.image_pool == "tok"
+    class_token = c.image_pool in ("tok", "cls")
     image = _sequence_flops(c, c.num_patches + class_token, causal=False)
     image["embed"] = 2 * c.num_patches * 3 * c.patch_size ** 2 * c.width
     text = _sequence_flops(c, c.context_length, causal=True)

@@ -59,6 +59,8 @@ class LIMoE(nn.Module):
         w = config.width
         self.patch_embed = nn.Conv2d(3, w, config.patch_size, config.patch_size)
         self.image_pos = nn.Parameter(torch.randn(1, config.num_patches, w) * 0.02)
+        # A class token before the patches, pooled at the end (image_pool "cls", as a ViT).
+        self.image_cls = nn.Parameter(torch.randn(1, 1, w) * 0.02) if config.image_pool == "cls" else None
         self.token_embed = nn.Embedding(config.vocab_size, w)
         self.text_pos = nn.Parameter(torch.randn(1, config.context_length, w) * 0.01)
         moe_layers = set(config.moe.moe_layers(config.depth))
@@ -93,7 +95,10 @@ class LIMoE(nn.Module):
 
     def _embed_image(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
-        return x + self.image_pos.to(x.dtype)
+        x = x + self.image_pos.to(x.dtype)
+        if self.image_cls is not None:
+            x = torch.cat([self.image_cls.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        return x
 
     def _embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embed(tokens)
@@ -101,7 +106,10 @@ class LIMoE(nn.Module):
 
     def _pool_image(self, x: torch.Tensor) -> torch.Tensor:
         x = self.image_norm(x)
-        x = self.image_pool(x) if self.image_pool is not None else x.mean(1)
+        if self.image_pool is not None:
+            x = self.image_pool(x)
+        else:
+            x = x[:, 0] if self.image_cls is not None else x.mean(1)
         return self.image_proj(x)
 
     def _pool_text(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ def test_demo_produces_every_artifact_and_prints_the_table(tmp_path, fake_emoji_
     out = tmp_path / "demo"
     tarballs = fake_emoji_tarballs["google"].parent
     argv = ["demo", "--out", str(out), "--tarball-dir", str(tarballs), "--steps", "3", "--batch-size", "8",
-            "--vocab-size", "60", "--compare-dense"]
+            "--vocab-size", "60", "--compare-dense", "--compare", "open_clip"]
     for item in TINY_MODEL:
         argv += ["--set", item]
     assert main(argv) == 0
@@ -22,14 +22,16 @@ def test_demo_produces_every_artifact_and_prints_the_table(tmp_path, fake_emoji_
     printed = capsys.readouterr().out
     assert "Zero-shot on the unseen Twemoji style" in printed and "| mean per-class recall |" in printed
     for granularity in ("name", "subcategory", "category"):
-        assert f"| limoe | {granularity} |" in printed and f"| dense | {granularity} |" in printed
+        for model in ("limoe", "dense", "open_clip"):
+            assert f"| {model} | {granularity} |" in printed
     assert "limoe serve --model" in printed
 
     for name in ("report.md", "loss.png", "routing.png", "routing.json", "results.json"):
         assert (out / name).is_file(), name
-    for run in ("limoe", "dense"):
+    for run, tokenizer in (("limoe", "tokenizer.model"), ("dense", "tokenizer.model"),
+                           ("open_clip", "tokenizer.bpe.json")):
         export = out / run / "export"
-        assert (export / "model.safetensors").is_file() and (export / "tokenizer.model").is_file()
+        assert (export / "model.safetensors").is_file() and (export / tokenizer).is_file()
         assert (out / run / "metrics.jsonl").is_file()
     results = json.loads((out / "results.json").read_text())
     rows = {r["granularity"]: r for r in results["results"]["limoe"]}
@@ -38,3 +40,7 @@ def test_demo_produces_every_artifact_and_prints_the_table(tmp_path, fake_emoji_
     assert 0.0 <= rows["name"]["top1"] <= 1.0
     report = (out / "report.md").read_text()
     assert "never saw" in report and "![routing](routing.png)" in report
+    models = results["models"]
+    assert models["open_clip"]["model"] == "open_clip-nano" and "BPETokenizer" in models["open_clip"]["tokenizer"]
+    assert models["dense"]["parameters"] < models["limoe"]["parameters"]
+    assert "| open_clip | open_clip-nano |" in report

@@ -14,7 +14,7 @@ spec = importlib.util.spec_from_file_location("quality_ablation", SCRIPT)
 quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quality)
 
-SETTINGS = {"config": "cpu-demo", "steps": 200, "batch_size": 64, "num_procs": 1, "vocab_size": 1000,
+SETTINGS = {"config": "cpu-demo", "steps": 200, "batch_size": 64, "num_procs": 1,
             "extra_overrides": [], "data": "/data", "train_pairs": 1911}
 
 
@@ -38,90 +38,101 @@ def make_result(variant, seed, top1, text_busiest=None, text_drop=0.0, experts=4
             "machine": {"cpu_count": 2, "cpu": "test cpu"}}
 
 
-def test_every_variant_is_a_valid_cpu_demo_config_with_the_intended_routing():
+def test_every_variant_is_a_valid_cpu_demo_config_with_the_intended_model():
+    from limoe.config import TwoTowerConfig
+
     models = {}
     for variant in quality.VARIANTS:
         overrides = quality.run_overrides(variant, 3, SETTINGS) + [("name", f"check-{variant}")]
         config = load_config("cpu-demo", overrides)
         assert config.seed == 3 and config.train.batch_size == 64 and config.parallel.ep_size == 1
-        models[variant] = config.model_config().moe
-    assert models["dense"].num_experts == 0
-    assert models["e4"].num_experts == 4 and models["e8"].num_experts == 8
-    assert models["e4"].text.local_entropy > 0 and models["e4"].text.global_entropy > 0
-    no_entropy = models["e4-no-entropy"]
-    assert no_entropy.text.importance > 0 and no_entropy.text.load > 0
-    assert no_entropy.text.local_entropy == no_entropy.text.global_entropy == no_entropy.image.local_entropy == 0
-    no_aux = models["e4-no-aux"]
+        models[variant] = config.model_config()
+        assert quality.variant_tokenizer(variant) in quality.TOKENIZERS
+    assert models["dense"].moe.num_experts == 0 and isinstance(models["open_clip"], TwoTowerConfig)
+    assert quality.variant_tokenizer("open_clip") == "bpe" and quality.variant_tokenizer("limoe") == "sp1000"
+    assert models["limoe"].moe.num_experts == 4 and models["limoe-e8"].moe.num_experts == 8
+    limoe = models["limoe"].moe
+    assert limoe.text.importance > 0 and limoe.text.load > 0 and limoe.text.global_entropy == 0
+    entropy = models["limoe-entropy"].moe
+    assert entropy.text.global_entropy > 0 and entropy.text.global_entropy_experts == 2.0
+    no_aux = models["limoe-no-aux"].moe
     assert all(getattr(w, name) == 0 for w in (no_aux.image, no_aux.text)
-               for name in ("importance", "load", "local_entropy", "global_entropy", "zloss"))
-    assert models["e4"].batch_priority_routing and not models["e4-no-bpr"].batch_priority_routing
-    assert models["e4"].capacity_factor == models["e4-no-bpr"].capacity_factor == 1.0
+               for name in ("importance", "load", "switch_load", "local_entropy", "global_entropy", "zloss"))
+    assert limoe.batch_priority_routing and not models["limoe-no-bpr"].moe.batch_priority_routing
+    assert models["open_clip-sp1000"].text_pool == "eos" and models["limoe-cls"].image_pool == "cls"
+    # Every variant but the k=2 one spends the demo model's FLOPs per pair (within the class token).
+    from limoe.flops import flops_per_pair
+
+    base = flops_per_pair(models["limoe"])["total"]
+    for variant, model in models.items():
+        if variant != "limoe-k2":
+            assert abs(flops_per_pair(model)["total"] - base) / base < 0.02, variant
 
 
 def test_the_global_batch_is_split_over_processes():
-    overrides = dict(quality.run_overrides("e4", 0, {**SETTINGS, "num_procs": 2}))
+    overrides = dict(quality.run_overrides("limoe", 0, {**SETTINGS, "num_procs": 2}))
     assert overrides["train.batch_size"] == 32 and overrides["parallel.num_procs"] == 2
 
 
 def test_aggregate_gives_mean_sample_std_min_max_over_seeds_per_variant():
-    results = [make_result("e4", s, t, text_busiest=0.4) for s, t in ((0, 0.10), (1, 0.20), (2, 0.30))]
+    results = [make_result("limoe-e8", s, t, text_busiest=0.4) for s, t in ((0, 0.10), (1, 0.20), (2, 0.30))]
     results.append(make_result("dense", 0, 0.05))
     summary = quality.aggregate(results)
-    assert list(summary) == ["dense", "e4"]  # VARIANTS order, whatever the file order
-    top1 = summary["e4"]["metrics"]["zeroshot/category/top1"]
+    assert list(summary) == ["dense", "limoe-e8"]  # VARIANTS order, whatever the file order
+    top1 = summary["limoe-e8"]["metrics"]["zeroshot/category/top1"]
     assert top1["mean"] == pytest.approx(0.20) and top1["std"] == pytest.approx(statistics.stdev([0.1, 0.2, 0.3]))
     assert (top1["min"], top1["max"], top1["n"]) == (0.10, 0.30, 3)
-    assert summary["e4"]["seeds"] == [0, 1, 2]
+    assert summary["limoe-e8"]["seeds"] == [0, 1, 2]
     assert summary["dense"]["metrics"]["zeroshot/name/top1"]["std"] is None  # one seed: no spread
     assert "routing/text/busiest_expert_share" not in summary["dense"]["metrics"]
 
 
 def test_paired_differences_match_seeds_and_skip_unpaired_ones():
-    results = [make_result("e4", 0, 0.30), make_result("e4", 1, 0.25), make_result("e4", 2, 0.90),
+    results = [make_result("limoe", 0, 0.30), make_result("limoe", 1, 0.25), make_result("limoe", 2, 0.90),
                make_result("dense", 0, 0.20), make_result("dense", 1, 0.30)]
-    d = quality.paired_differences(results, "e4", "dense", "zeroshot/category/top1")
+    d = quality.paired_differences(results, "limoe", "dense", "zeroshot/category/top1")
     assert d["seeds"] == [0, 1]
     assert d["mean"] == pytest.approx(((0.30 - 0.20) + (0.25 - 0.30)) / 2)
     assert d["first_higher"] == 1 and d["n"] == 2
-    assert quality.paired_differences(results, "e8", "dense", "zeroshot/category/top1") is None
+    assert quality.paired_differences(results, "limoe-e8", "dense", "zeroshot/category/top1") is None
 
 
-def test_contrasts_cover_the_three_claims_when_their_variants_ran():
+def test_contrasts_cover_the_variants_that_ran():
     results = []
     for seed in (0, 1):
-        results += [make_result("dense", seed, 0.1), make_result("e4", seed, 0.2, text_busiest=0.4),
-                    make_result("e4-no-entropy", seed, 0.15, text_busiest=0.95, text_drop=0.5),
-                    make_result("e4-no-bpr", seed, 0.18, text_busiest=0.4)]
+        results += [make_result("dense", seed, 0.1), make_result("limoe", seed, 0.2, text_busiest=0.4),
+                    make_result("limoe-no-aux", seed, 0.15, text_busiest=0.95, text_drop=0.5),
+                    make_result("limoe-no-bpr", seed, 0.18, text_busiest=0.4)]
     rows = quality.contrasts(results)
     pairs = {(r["first"], r["second"], r["metric"]): r for r in rows}
-    assert pairs[("e4", "dense", "zeroshot/name/top1")]["mean"] == pytest.approx(0.1)
-    collapse = pairs[("e4-no-entropy", "e4", "routing/text/busiest_expert_share")]
+    assert pairs[("limoe", "dense", "zeroshot/name/top1")]["mean"] == pytest.approx(0.1)
+    collapse = pairs[("limoe-no-aux", "limoe", "routing/text/busiest_expert_share")]
     assert collapse["mean"] == pytest.approx(0.55) and collapse["first_higher"] == 2
-    assert ("e4-no-bpr", "e4", "routing/text/drop_rate") in pairs
-    assert not any(r["first"] == "e8" for r in rows)  # e8 did not run
+    assert ("limoe-no-bpr", "limoe", "routing/text/drop_rate") in pairs
+    assert not any(r["first"] == "limoe-e8" for r in rows)  # limoe-e8 did not run
 
 
 def test_tables_mark_dense_routing_not_applicable_and_show_spread():
-    results = [make_result("dense", 0, 0.05), make_result("e4", 0, 0.1, text_busiest=0.5),
-               make_result("e4", 1, 0.3, text_busiest=0.7)]
+    results = [make_result("dense", 0, 0.05), make_result("limoe", 0, 0.1, text_busiest=0.5),
+               make_result("limoe", 1, 0.3, text_busiest=0.7)]
     summary = quality.aggregate(results)
     routing = quality.routing_table(summary).splitlines()
     dense_row = next(line for line in routing if line.startswith("| dense |"))
     assert dense_row.count("n/a") == 8
-    e4_row = next(line for line in routing if line.startswith("| e4 |"))
-    assert "60.0 ± 14.1" in e4_row  # text busiest expert share, percent
+    limoe_row = next(line for line in routing if line.startswith("| limoe |"))
+    assert "60.0 ± 14.1" in limoe_row  # text busiest expert share, percent
     zeroshot = quality.zeroshot_table(summary, results)
-    assert "| e4 | 2 | 20.0 ± 14.1 |" in zeroshot and "| chance |" in zeroshot
+    assert "| limoe | 2 | 20.0 ± 14.1 |" in zeroshot and "| chance |" in zeroshot
 
 
 def test_mixed_settings_are_refused():
-    results = [make_result("e4", 0, 0.1), make_result("e4", 1, 0.1, settings={**SETTINGS, "steps": 50})]
+    results = [make_result("limoe", 0, 0.1), make_result("limoe", 1, 0.1, settings={**SETTINGS, "steps": 50})]
     with pytest.raises(SystemExit, match="other settings"):
         quality.check_settings(results)
 
 
 def test_results_in_another_data_folder_still_aggregate():
-    results = [make_result("e4", 0, 0.1), make_result("e4", 1, 0.1, settings={**SETTINGS, "data": "/moved"})]
+    results = [make_result("limoe", 0, 0.1), make_result("limoe", 1, 0.1, settings={**SETTINGS, "data": "/moved"})]
     assert quality.check_settings(results)["steps"] == 200
 
 
@@ -136,19 +147,19 @@ def test_training_summary_averages_the_last_tenth_of_the_steps(tmp_path):
 
 
 def test_a_finished_training_is_reused_and_an_interrupted_one_moved_aside(tmp_path):
-    finished = tmp_path / "e4-seed0"
+    finished = tmp_path / "limoe-seed0"
     (finished / "export").mkdir(parents=True)
     (finished / "export" / "config.json").write_text("{}")
     assert quality.prepare_run_dir(finished, resume=False)
 
-    interrupted = tmp_path / "e4-seed1"
+    interrupted = tmp_path / "limoe-seed1"
     interrupted.mkdir()
     (interrupted / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(SystemExit, match="--resume"):
         quality.prepare_run_dir(interrupted, resume=False)
     assert not quality.prepare_run_dir(interrupted, resume=True)
     assert not interrupted.exists()
-    (aside,) = tmp_path.glob("e4-seed1.interrupted-*")
+    (aside,) = tmp_path.glob("limoe-seed1.interrupted-*")
     assert (aside / "metrics.jsonl").read_text() == '{"step": 1}\n'  # kept, not deleted
 
 
@@ -177,7 +188,7 @@ def test_report_section_is_added_to_a_new_file_and_a_lone_marker_refused(tmp_pat
 def test_report_only_renders_tables_plot_and_doc_from_results_files(tmp_path):
     out = tmp_path / "out"
     for seed in (0, 1):
-        for r in (make_result("dense", seed, 0.1), make_result("e4", seed, 0.2 + seed / 10, text_busiest=0.4)):
+        for r in (make_result("dense", seed, 0.1), make_result("limoe", seed, 0.2 + seed / 10, text_busiest=0.4)):
             quality.write_json(quality.result_path(out, r["variant"], seed), r)
     report = tmp_path / "docs" / "quality.md"
     assert quality.main(["--report-only", "--out", str(out), "--report", str(report)]) == 0
@@ -187,5 +198,5 @@ def test_report_only_renders_tables_plot_and_doc_from_results_files(tmp_path):
     assert "![quality ablation](quality.png)" in text
     assert (report.parent / "quality.png").stat().st_size > 10_000
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["variants"]["e4"]["metrics"]["zeroshot/name/top1"]["mean"] == pytest.approx(0.25)
-    assert summary["runs"] == ["dense-seed0", "dense-seed1", "e4-seed0", "e4-seed1"]
+    assert summary["variants"]["limoe"]["metrics"]["zeroshot/name/top1"]["mean"] == pytest.approx(0.25)
+    assert summary["runs"] == ["dense-seed0", "dense-seed1", "limoe-seed0", "limoe-seed1"]

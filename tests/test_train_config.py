@@ -82,10 +82,10 @@ def test_yaml_exponent_without_a_dot_is_read_as_a_number():
 
 
 def test_model_overrides_reach_the_moe_config():
-    config = load_config(minimal(model={"preset": "limoe-nano", "moe": {"capacity_factor": 1.5,
-                                                                          "text": {"global_entropy": 0.2}}}))
+    text = {"global_entropy": 0.2, "global_entropy_experts": 3}
+    config = load_config(minimal(model={"preset": "limoe-nano", "moe": {"capacity_factor": 1.5, "text": text}}))
     moe = config.model_config().moe
-    assert moe.capacity_factor == 1.5 and moe.text.global_entropy == 0.2
+    assert moe.capacity_factor == 1.5 and moe.text.global_entropy == 0.2 and moe.text.global_entropy_experts == 3
     assert moe.image.global_entropy == 0.0  # untouched fields keep the preset's values
 
 
