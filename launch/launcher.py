@@ -108,11 +108,25 @@ def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
           f"context {context_length}) on the training captions", flush=True)
     skips = SkipCounter()
     all_shards = [s for i in sorted(shards) for s in shards[i]]
-    tokenizer = Tokenizer.train(iter_captions(all_shards, skips), vocab_size=config.data.tokenizer_vocab_size,
-                                context_length=context_length)
+    try:
+        tokenizer = Tokenizer.train(iter_captions(all_shards, skips), vocab_size=config.data.tokenizer_vocab_size,
+                                    context_length=context_length)
+    except ValueError as e:  # no captions at all
+        raise ConfigError(f"'data.tokenizer': cannot train one from the training data: {e} ({skips.summary()})") from e
     tokenizer.save(path)
     print(f"wrote {path} (vocab {tokenizer.vocab_size}); {skips.summary()}", flush=True)
     return path
+
+
+def check_tokenizer(config: TrainConfig, path: str | os.PathLike) -> None:
+    """The tokenizer file loads (a damaged one would crash every rank) and fits the model's vocab and context."""
+    from limoe.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.load(path)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"'data.tokenizer': {e}") from e
+    config.model_config(tokenizer.vocab_size, tokenizer.context_length)
 
 
 def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = True) -> TrainConfig:
@@ -121,13 +135,12 @@ def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = Tr
     check_hosts(config)
     shards = check_files(config, need_tokenizer=False)
     build_ds_config(config)  # template errors surface before anything is written
+    if config.data.tokenizer and Path(config.data.tokenizer).is_file():
+        check_tokenizer(config, config.data.tokenizer)
     if not write:
         return config
     config.data.tokenizer = str(ensure_tokenizer(config, shards))
-    from limoe.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(config.data.tokenizer)
-    config.model_config(tokenizer.vocab_size, tokenizer.context_length)  # vocab/context must agree
+    check_tokenizer(config, config.data.tokenizer)
     save_config(config, config.run_dir / "config.yaml")
     write_ds_config(build_ds_config(config), config.run_dir / "ds_config.json")
     return config

@@ -76,6 +76,16 @@ def test_wrong_value_type_is_named():
         load_config(minimal(optimizer={"lr": "fast"}))
 
 
+@pytest.mark.parametrize("item", ["optimizer.lr=.inf", "optimizer.lr=inf", "optimizer.eps=.nan",
+                                  "model.moe.capacity_factor=.inf", "data.augment.scale_min=-.inf"])
+def test_non_finite_numbers_are_rejected_naming_the_key(item):
+    from launch.train_config import parse_set
+
+    key, value = parse_set(item)
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}' must be a finite number"):
+        load_config(minimal(model={"preset": "limoe-nano"}), [(key, value)])
+
+
 def test_yaml_exponent_without_a_dot_is_read_as_a_number():
     raw = yaml.safe_load("optimizer: {lr: 1e-3}")  # YAML 1.1 reads this as the string "1e-3"
     assert load_config(minimal(**raw)).optimizer.lr == pytest.approx(1e-3)
@@ -162,6 +172,27 @@ def test_missing_shards_fail_before_launch(tmp_path, monkeypatch, capsys):
                                           data={"train": [{"shards": str(tmp_path / "none.tar")}]})))
     assert main(["train", "--config", str(bad)]) == 2
     assert "'data.train[0].shards'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["--dry-run", "--prepare-only"])
+@pytest.mark.parametrize("damage", ["not a model", "bad sidecar"])
+def test_a_damaged_tokenizer_file_fails_the_checks_before_launch(tmp_path, shards, monkeypatch, capsys, mode, damage,
+                                                                tiny_tokenizer):
+    from launch.cli import main
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    tokenizer = tmp_path / "tokenizer.model"
+    tiny_tokenizer.save(tokenizer)
+    if damage == "not a model":
+        tokenizer.write_bytes(b"garbage\n" * 10)
+    else:
+        Path(f"{tokenizer}.json").write_text("{")
+    args = ["train", "--config", "cpu-demo", "--train-data", str(Path(shards[0]).parent), "--logs",
+            str(tmp_path / "logs"), "--name", "demo", "--tokenizer", str(tokenizer), mode]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 'data.tokenizer': ") and str(tokenizer) in err and len(err.splitlines()) == 1
+    assert ("not a SentencePiece model" if damage == "not a model" else "not a tokenizer sidecar") in err
 
 
 def test_dry_run_prints_the_deepspeed_command_and_writes_nothing(tmp_path, shards, capsys):
