@@ -43,6 +43,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _unencodable(texts: Sequence) -> Exception:
+    """The error naming the first text sentencepiece cannot take: not a str, or not encodable as UTF-8
+    (a lone surrogate such as JSON's "\\ud800")."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return ValueError(f"texts[{i}] is not valid Unicode text ({e.reason} at position {e.start})")
+    return TypeError("texts must be strings")
+
+
 class Tokenizer:
     """A trained SentencePiece model plus the fixed context length of the text tower."""
 
@@ -183,7 +196,11 @@ class Tokenizer:
         length = int(context_length or self.context_length)
         tokens = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
         dropped = []
-        for row, ids in enumerate(self._sp.encode(list(texts), out_type=int)):
+        try:
+            encoded = self._sp.encode(list(texts), out_type=int)
+        except TypeError:  # sentencepiece says only "List elements must be str or bytes"
+            raise _unencodable(texts) from None
+        for row, ids in enumerate(encoded):
             keep = ids[: length - 1]  # leave room for eos
             dropped.append(len(ids) - len(keep))
             tokens[row, : len(keep)] = torch.tensor(keep, dtype=torch.long)
