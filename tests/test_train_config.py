@@ -374,3 +374,52 @@ def test_single_node_runs_get_a_free_master_port_unless_one_is_set(tmp_path, sha
     assert config.parallel.master_port is None and master_port(config) != 29500
     config = load_config("cpu-demo", [("parallel.master_port", 6001)])
     assert master_port(config) == 6001
+
+
+def test_the_stop_message_names_a_checkpoint_only_when_it_was_written():
+    from launch.trainer import stop_after_bad_steps_message
+
+    assert "the weights of step 7 (all finite) are in checkpoint step_00000007" in \
+        stop_after_bad_steps_message(5, 7, "step_00000007", "step_00000007")
+    assert "are not finite and were not saved; the last checkpoint, whose weights were finite, is step_00000004" in \
+        stop_after_bad_steps_message(5, 7, None, "step_00000004")
+
+
+def test_nonfinite_tensors_counts_parameters_holding_nan_or_inf():
+    from launch.trainer import nonfinite_tensors
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    assert nonfinite_tensors(model) == 0
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+        model[1].bias[0] = float("-inf")
+    assert nonfinite_tensors(model) == 2
+
+
+class FakeEngine:
+    """What Checkpoints.save uses of a DeepSpeed engine: the module, its device, save_checkpoint."""
+
+    def __init__(self, module):
+        self.module, self.device, self.saved = module, torch.device("cpu"), []
+
+    def save_checkpoint(self, folder, tag, client_state, save_latest):
+        self.saved.append(tag)
+        (Path(folder) / tag).mkdir(parents=True)
+
+
+def test_a_checkpoint_is_never_written_of_weights_that_are_not_finite(tmp_path, monkeypatch):
+    import deepspeed.comm
+
+    from launch import trainer
+
+    monkeypatch.setattr(trainer, "all_reduce_sum", lambda values, device: torch.stack(values))  # one rank
+    monkeypatch.setattr(deepspeed.comm, "barrier", lambda: None)
+    config = tiny_model_config()
+    model = torch.nn.Linear(4, 4)
+    engine = FakeEngine(model)
+    checkpoints = trainer.Checkpoints(tmp_path, keep=2, rank=0)
+    assert checkpoints.save(engine, trainer.TrainState(step=3), config, {}) == "step_00000003"
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert checkpoints.save(engine, trainer.TrainState(step=4), config, {}) is None
+    assert engine.saved == ["step_00000003"] and checkpoints.latest_tag() == "step_00000003"
