@@ -423,3 +423,32 @@ def test_a_checkpoint_is_never_written_of_weights_that_are_not_finite(tmp_path, 
         model.weight[0, 0] = float("nan")
     assert checkpoints.save(engine, trainer.TrainState(step=4), config, {}) is None
     assert engine.saved == ["step_00000003"] and checkpoints.latest_tag() == "step_00000003"
+
+
+def test_a_second_signal_to_limoe_train_kills_the_job_at_once(tmp_path, capsys):
+    """The first SIGTERM is passed to the ranks, which checkpoint; a job that does not stop (here a
+    child that ignores SIGTERM, as a stuck rank would) is killed, whole, by the second."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from launch.launcher import run_command
+
+    started = tmp_path / "started"
+    child = ("import pathlib, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             "pathlib.Path(sys.argv[1]).touch()\ntime.sleep(120)")  # a regression fails after 2 min
+
+    def signal_twice():
+        deadline = time.monotonic() + 60  # a hang guard only
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_twice, daemon=True).start()
+    returncode, signum = run_command([sys.executable, "-c", child, str(started)], dict(os.environ))
+    assert (returncode, signum) == (-signal.SIGKILL, signal.SIGTERM)
+    assert "SIGTERM again: killing the ranks without a checkpoint" in capsys.readouterr().err
