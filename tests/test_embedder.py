@@ -237,7 +237,8 @@ def test_a_huge_text_gets_the_tokens_of_its_whole_and_is_marked_truncated(embedd
 
 def test_a_text_with_a_lone_surrogate_is_a_value_error_naming_it(embedder):
     # What json.loads makes of "\\ud800": a str that no UTF-8 tokenizer can take.
-    with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode text \(surrogates not allowed at position 2"):
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode text \(surrogates not allowed at "
+                                         r"position 2"):
         embedder.embed_texts(["ok", "ab\ud800"])
 
 

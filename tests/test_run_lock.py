@@ -15,7 +15,8 @@ import pytest
 from launch.run_lock import HELD_ENV, LOCK_FILE, RunDirectoryBusy, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
-HOLDER = "import sys, time; from launch.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)"
+HOLDER = ("import sys, time; from launch.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+          "print('held', flush=True); time.sleep(120)")
 
 
 @pytest.fixture

@@ -43,6 +43,12 @@ def assert_still_serving(http):
 
 
 TEXT, IMAGE, CLASSIFY = "/v1/embeddings", "/v1/images/embeddings", "/v1/classify"
+JSON = {"content-type": "application/json"}
+
+
+def b64png() -> bytes:
+    return b64(png_bytes()).encode()
+
 BAD_REQUESTS = {
     # name: (path, request kwargs, status, code, param, words in the message)
     "empty list": (TEXT, {"json": {"input": []}}, 400, "empty_input", "input", "empty"),
@@ -58,12 +64,12 @@ BAD_REQUESTS = {
                       "model", "limoe-nano"),
     "bad json": (TEXT, {"content": b'{"input": ', "headers": {"content-type": "application/json"}}, 400,
                  "invalid_json", None, "not valid JSON"),
-    "json not utf-8": (TEXT, {"content": b'{"input": "\xff"}', "headers": {"content-type": "application/json"}},
-                       400, "invalid_json", None, "can't decode byte 0xff"),
-    "empty json body": (TEXT, {"content": b"", "headers": {"content-type": "application/json"}}, 400,
-                        "invalid_json", None, "the request body is empty"),
-    "lone surrogate": (TEXT, {"content": b'{"input": ["ok", "\\ud800"]}', "headers": {"content-type": "application/json"}},
-                       400, "invalid_value", "input", "item 1 is not valid Unicode text"),
+    "json not utf-8": (TEXT, {"content": b'{"input": "\xff"}', "headers": JSON}, 400, "invalid_json", None,
+                       "can't decode byte 0xff"),
+    "empty json body": (TEXT, {"content": b"", "headers": JSON}, 400, "invalid_json", None,
+                        "the request body is empty"),
+    "lone surrogate": (TEXT, {"content": b'{"input": ["ok", "\\ud800"]}', "headers": JSON}, 400, "invalid_value",
+                       "input", "item 1 is not valid Unicode text"),
     "not a json object": (TEXT, {"content": b'"cat"', "headers": {"content-type": "application/json"}}, 400,
                           "invalid_json", None, "must be a JSON object"),
     "too many texts": (TEXT, {"json": {"input": ["a"] * 5}}, 400, "too_many_items", "input", "5 > the limit of 4"),
@@ -84,8 +90,8 @@ BAD_REQUESTS = {
                            "image_too_large", "input[0]", "too large"),
     "extreme aspect ratio": (IMAGE, {"json": {"input": [b64(png_claiming_size(1, 4000))]}}, 400,
                              "extreme_aspect_ratio", "input[0]", "more than the limit of 100:1"),
-    "image json not utf-8": (IMAGE, {"content": b'{"input": "\xff"}', "headers": {"content-type": "application/json"}},
-                             400, "invalid_json", None, "can't decode byte 0xff"),
+    "image json not utf-8": (IMAGE, {"content": b'{"input": "\xff"}', "headers": JSON}, 400, "invalid_json", None,
+                             "can't decode byte 0xff"),
     "no images": (IMAGE, {"json": {"model": "limoe-nano"}}, 400, "empty_input", "input", "no images"),
     "no files": (IMAGE, {"files": {"model": (None, "limoe-nano")}}, 400, "empty_input", "input", "empty"),
     "too many images": (IMAGE, {"json": {"input": [b64(png_bytes())] * 5}}, 400, "too_many_items", "input",
@@ -103,11 +109,10 @@ BAD_REQUESTS = {
                     "labels", "labels[1] is an empty string"),
     "labels not strings": (CLASSIFY, {"json": {"input": [b64(png_bytes())], "labels": ["a", 3]}}, 400,
                            "invalid_value", "labels", "labels.1"),
-    "lone surrogate label": (CLASSIFY, {"content": b'{"input": ["%s"], "labels": ["\\ud800"]}' % b64(png_bytes()).encode(),
-                                        "headers": {"content-type": "application/json"}},
-                             400, "invalid_value", "labels", "item 0 is not valid Unicode text"),
+    "lone surrogate label": (CLASSIFY, {"content": b'{"input": ["%s"], "labels": ["\\ud800"]}' % b64png(),
+                                        "headers": JSON}, 400, "invalid_value", "labels", "item 0 is not valid"),
     "lone surrogate template": (CLASSIFY, {"content": b'{"input": ["%s"], "labels": ["a"], "templates": ["\\udfff {}"]}'
-                                           % b64(png_bytes()).encode(), "headers": {"content-type": "application/json"}},
+                                           % b64png(), "headers": JSON},
                                 400, "invalid_value", "templates", "item 0 is not valid Unicode text"),
     "template without slot": (CLASSIFY, {"json": {"input": [b64(png_bytes())], "labels": ["a"],
                                                   "templates": ["a photo"]}},

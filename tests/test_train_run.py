@@ -353,7 +353,8 @@ def test_unreadable_training_data_ends_the_whole_job_with_its_error(workdir, wor
     where = "in a DataLoader worker: " if workers else ""
     for rank in range(ranks):
         assert f"error: rank {rank}: {where}RuntimeError: no readable samples in 20 shard reads in a row" in output
-    assert output.rstrip().splitlines()[-1].startswith("error: training exited with code 1 (the ranks' errors are above)")
+    last_line = output.rstrip().splitlines()[-1]
+    assert last_line.startswith("error: training exited with code 1 (the ranks' errors are above)")
     run_dir = workdir / "logs" / f"unreadable-{workers}"
     assert "fatal error, ending the job: " in (run_dir / "out.log").read_text()
     from launch.run_lock import RunLock
