@@ -81,9 +81,13 @@ def register(subparsers) -> None:
     check = commands.add_parser(
         "check",
         help="read shards end to end and report samples and skipped ones per reason",
-        description="Reads every sample (decoding images) and prints counts; exit code 1 if anything was skipped.",
+        description="Reads every sample (decoding images) the way the training loader does and prints counts, "
+                    "compared with sizes.json where there is one; exit code 1 if anything was skipped or missing.",
     )
     check.add_argument("shards", help="shard spec: folder, brace pattern, glob, or 'a::b'")
+    check.add_argument("--captions-optional", action="store_true",
+                       help="shards for classification only: samples without usable captions are not counted "
+                            "as skipped (as the classification evaluation reads them)")
     check.set_defaults(func=_run_check)
 
     tokenizer = subparsers.add_parser(
@@ -155,7 +159,7 @@ def _run_imagenet(args):
 @_user_errors
 def _run_check(args):
     from .samples import parse_sample
-    from .shards import read_shard, resolve_shards
+    from .shards import count_samples, read_shard, resolve_shards
     from .skips import SkipCounter
 
     skips = SkipCounter()
@@ -163,8 +167,10 @@ def _run_check(args):
     good = 0
     for url in shards:
         for raw in read_shard(url, skips):
-            good += parse_sample(raw, skips, need_captions=False) is not None
-    print(f"{len(shards)} shard(s), {good} readable samples; {skips.summary()}")
+            good += parse_sample(raw, skips, need_captions=not args.captions_optional) is not None
+    listed = count_samples(shards)
+    of_listed = "" if listed is None else f" of {listed} listed in sizes.json"
+    print(f"{len(shards)} shard(s), {good} readable samples{of_listed}; {skips.summary()}")
     return 1 if skips.total else 0
 
 

@@ -12,7 +12,9 @@ once as `truncated_tar`, keeps every sample read before the break, and marks
 the possibly incomplete last one with `__truncated__` so the sample parser
 reports it as `truncated_sample` rather than as a caption problem. When the
 shard folder has a `sizes.json` (our writer writes one), a shard that ends
-cleanly but with fewer samples than listed is also counted as truncated.
+cleanly but with fewer samples than listed (a cut inside a tar header, a tar
+with no members) is also counted as truncated, and every listed sample that
+was not read is counted as `missing_samples`.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.utils.data
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from .skips import TRUNCATED_TAR, UNREADABLE_SHARD, SkipCounter
+from .skips import MISSING_SAMPLES, TRUNCATED_TAR, UNREADABLE_SHARD, SkipCounter
 
 SIZES_FILE = "sizes.json"
 
@@ -150,15 +152,26 @@ def read_shard(url: str, skips: SkipCounter) -> Iterator[dict]:
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         if files == 0:
             skips.add(UNREADABLE_SHARD, f"{url}: {error}")
+            _count_missing(url, expected, 0, skips)
             return
         skips.add(TRUNCATED_TAR, f"{url}: {error} after {complete} samples")
         broke_off = True
-    if not _has_fields(current):
-        return
-    if not broke_off and expected is not None and complete + 1 < expected:
-        # tarfile treats a cut inside a header as a clean end: sizes.json tells us otherwise.
-        skips.add(TRUNCATED_TAR, f"{url}: ended after {complete + 1} of {expected} samples")
+    last = current if _has_fields(current) else None
+    read = complete + (last is not None)
+    if not broke_off and expected is not None and read < expected:
+        # tarfile treats a cut inside a header, or a tar with no members, as a clean end:
+        # sizes.json tells us otherwise.
+        skips.add(TRUNCATED_TAR, f"{url}: ended after {read} of {expected} samples")
         broke_off = True
-    if broke_off:
-        current["__truncated__"] = True
-    yield current
+    _count_missing(url, expected, read, skips)
+    if last is not None:
+        if broke_off:
+            last["__truncated__"] = True
+        yield last
+
+
+def _count_missing(url: str, expected: int | None, read: int, skips: SkipCounter) -> None:
+    """Samples sizes.json lists that the shard did not hold, counted one by one."""
+    if expected is not None and read < expected:
+        skips.add(MISSING_SAMPLES, f"{url}: {expected - read} of the {expected} samples in {SIZES_FILE} "
+                                   "are not in the shard", count=expected - read)

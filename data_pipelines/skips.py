@@ -24,6 +24,7 @@ BAD_CAPTION_JSON = "bad_caption_json"  # captions.json is not a JSON list of str
 BAD_LABEL = "bad_label"  # cls field is not an integer
 TRUNCATED_TAR = "truncated_tar"  # a shard ended early (counted once per shard read)
 TRUNCATED_SAMPLE = "truncated_sample"  # the incomplete sample at the point a shard broke off
+MISSING_SAMPLES = "missing_samples"  # samples sizes.json lists that a shard read did not hold (per sample)
 UNREADABLE_SHARD = "unreadable_shard"  # the shard could not be opened or is not a tar file
 
 

@@ -117,6 +117,7 @@ def run_serve(args) -> int:
         max_prompts=args.max_prompts,
         max_request_bytes=args.max_request_bytes,
         max_image_pixels=args.max_image_pixels,
+        max_image_aspect_ratio=args.max_image_aspect_ratio,
         torch_threads=args.threads,
     )
     try:
@@ -132,6 +133,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value >= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
@@ -196,6 +204,9 @@ def register(subparsers) -> None:
                    help="largest request body (default: %(default)s)")
     s.add_argument("--max-image-pixels", type=_positive_int, default=d.max_image_pixels,
                    help="largest image (width x height), checked before decoding (default: %(default)s)")
+    s.add_argument("--max-image-aspect-ratio", type=_positive_float, default=d.max_image_aspect_ratio,
+                   help="most elongated image (long side / short side), checked before decoding; bounds the "
+                        "resize to the model's input (default: %(default)s)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log verbosity (default: %(default)s)")
     s.set_defaults(func=run_serve)

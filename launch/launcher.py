@@ -2,7 +2,8 @@
 the `deepspeed` command that starts launch/train.py on every rank.
 
 Everything that can be wrong before launch is found here, in this one process
-(unknown keys, missing shards, ep_size, ZeRO 3, an occupied run directory);
+(unknown keys, missing shards, ep_size, ZeRO 3, an occupied run directory, one
+that another live job holds: see run_lock.py);
 the tokenizer is trained from the training captions if the config names a
 file that does not exist yet. The command is printed so it can be rerun by
 hand, and `run_training` is the same thing as a Python function.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from .deepspeed_compat import remove_shm_buffers
 from .ds_config import build_ds_config, write_ds_config
+from .run_lock import HELD_ENV, RunDirectoryBusy, RunLock
 from .train_config import (
     ConfigError, TrainConfig, add_override_flags, check_files, load_config, overrides_from_args, save_config,
 )
@@ -41,7 +43,8 @@ class TrainingInterrupted(RuntimeError):
 
 class TrainingFailed(RuntimeError):
     def __init__(self, returncode: int, command: list[str]):
-        super().__init__(f"training exited with code {returncode}: {shlex.join(command)}")
+        super().__init__(f"training exited with code {returncode} (the ranks' errors are above): "
+                         f"{shlex.join(command)}")
         self.returncode = returncode
 
 
@@ -113,26 +116,44 @@ def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
           f"context {context_length}) on the training captions", flush=True)
     skips = SkipCounter()
     all_shards = [s for i in sorted(shards) for s in shards[i]]
-    tokenizer = Tokenizer.train(iter_captions(all_shards, skips), vocab_size=config.data.tokenizer_vocab_size,
-                                context_length=context_length)
+    try:
+        tokenizer = Tokenizer.train(iter_captions(all_shards, skips), vocab_size=config.data.tokenizer_vocab_size,
+                                    context_length=context_length)
+    except ValueError as e:  # no captions at all
+        raise ConfigError(f"'data.tokenizer': cannot train one from the training data: {e} ({skips.summary()})") from e
     tokenizer.save(path)
     print(f"wrote {path} (vocab {tokenizer.vocab_size}); {skips.summary()}", flush=True)
     return path
 
 
-def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = True) -> TrainConfig:
-    """All pre-launch checks; then (write=True) the tokenizer, config.yaml and ds_config.json."""
+def check_tokenizer(config: TrainConfig, path: str | os.PathLike) -> None:
+    """The tokenizer file loads (a damaged one would crash every rank) and fits the model's vocab and context."""
+    from limoe.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path)
+    except (ValueError, OSError, KeyError) as e:
+        raise ConfigError(f"'data.tokenizer': {e}") from e
+    config.model_config(tokenizer.vocab_size, tokenizer.context_length)
+
+
+def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = True,
+                lock: RunLock | None = None) -> TrainConfig:
+    """All pre-launch checks; then (write=True) take `lock` if given (RunDirectoryBusy if a live job
+    holds it) and write the tokenizer, config.yaml and ds_config.json."""
     check_run_dir(config, resume)
     check_hosts(config)
     shards = check_files(config, need_tokenizer=False)
     build_ds_config(config)  # template errors surface before anything is written
+    if config.data.tokenizer and Path(config.data.tokenizer).is_file():
+        check_tokenizer(config, config.data.tokenizer)
     if not write:
         return config
+    if lock is not None:
+        lock.acquire()  # before anything is written: a running job's config.yaml must not change under it
+        check_run_dir(config, resume)  # again, now that no other job can be writing the directory
     config.data.tokenizer = str(ensure_tokenizer(config, shards))
-    from limoe.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    config.model_config(tokenizer.vocab_size, tokenizer.context_length)  # vocab/context must agree
+    check_tokenizer(config, config.data.tokenizer)
     save_config(config, config.run_dir / "config.yaml")
     write_ds_config(build_ds_config(config), config.run_dir / "ds_config.json")
     return config
@@ -219,18 +240,30 @@ def rank_processes(launcher_pid: int) -> list:
     return ranks
 
 
-def run_command(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+def run_command(cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> tuple[int, int | None]:
     """Run the launcher in its own session and wait; returns (exit code, signal forwarded).
 
     Ctrl-C / SIGTERM here are passed to every training rank (only them: the
     deepspeed launcher would otherwise kill the ranks one at a time), so the
-    ranks agree to stop, write a checkpoint and exit cleanly.
+    ranks agree to stop, write a checkpoint and exit cleanly. A second signal
+    kills the whole job at once, without a checkpoint. `pass_fds` stay open in
+    the launcher process (the run directory's lock).
     """
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=pass_fds)
     received: list[int] = []
 
     def forward(signum, frame):
         received.append(signum)
+        if len(received) > 1:
+            print(f"{signal.Signals(signum).name} again: killing the ranks without a checkpoint", file=sys.stderr,
+                  flush=True)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher's session: launcher, ranks, data workers
+            except ProcessLookupError:
+                pass
+            return
+        print(f"{signal.Signals(signum).name}: the ranks finish their step and write a checkpoint (send it again "
+              "to kill them without one)", file=sys.stderr, flush=True)
         for rank in rank_processes(proc.pid):
             try:
                 rank.send_signal(signum)
@@ -271,18 +304,27 @@ def run_training(config: str | os.PathLike | dict | TrainConfig, overrides=(), n
         config = load_config(config.to_dict(), overrides)
     else:
         config = load_config(config, overrides)
-    prepare_run(config, resume, write=not dry_run)
-    config_path = config.run_dir / "config.yaml"
-    cmd = build_command(config, config_path, resume)
-    env = launch_env(config)
-    shown_env = f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
-    if config.parallel.accelerator == "cpu":
-        shown_env += "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= "
-    print(f"run directory: {config.run_dir}", flush=True)
-    print(f"command: {shown_env}{shlex.join(cmd)}", flush=True)
-    if dry_run or prepare_only:
-        return config.run_dir
-    returncode, signum = run_command(cmd, env)
+    lock = RunLock(config.run_dir)
+    try:
+        try:
+            lock.check()  # a live job's lock is the first thing to report
+            prepare_run(config, resume, write=not dry_run, lock=lock)
+        except RunDirectoryBusy as e:
+            raise ConfigError(str(e)) from None
+        config_path = config.run_dir / "config.yaml"
+        cmd = build_command(config, config_path, resume)
+        env = launch_env(config)
+        shown_env = f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
+        if config.parallel.accelerator == "cpu":
+            shown_env += "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= "
+        print(f"run directory: {config.run_dir}", flush=True)
+        print(f"command: {shown_env}{shlex.join(cmd)}", flush=True)
+        if dry_run or prepare_only:
+            return config.run_dir
+        env[HELD_ENV] = str(lock.path.resolve())  # rank 0 then knows the job is locked
+        returncode, signum = run_command(cmd, env, pass_fds=(lock.fd,))  # the launcher holds it while it lives
+    finally:
+        lock.release()
     if returncode != 0:
         raise TrainingFailed(returncode, cmd)
     if signum is not None:

@@ -9,7 +9,9 @@ file must exist then: `limoe tokenizer train`, or let `limoe train` make it).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -36,7 +38,57 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from launch.trainer import train
 
-    return train(config, resume=args.resume)
+    try:
+        return train(config, resume=args.resume)
+    except BaseException as error:  # noqa: B902 (every way out but a normal return ends the job here)
+        end_rank(error)
+
+
+def end_rank(error: BaseException) -> None:
+    """Report a rank's fatal error and end the process now, so the whole job ends within seconds.
+
+    A normal exit after an exception can hang for ever: multiprocessing's atexit hook joins the
+    DataLoader workers, which ignore SIGTERM (they are started with it blocked, see
+    trainer.data_batches), and the rank's own SIGINT/SIGTERM handler only asks a training loop
+    that is no longer running to stop. os._exit skips all of that: the workers see their parent
+    gone and exit, and the deepspeed launcher stops the other ranks once this one exits non-zero
+    (a rank waiting for this one in a collective fails there and ends here too).
+    """
+    import logging
+
+    rank = os.environ.get("RANK", "?")
+    if isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
+        code, summary = error.code or 0, f"exit code {error.code}"
+    elif isinstance(error, SystemExit):  # SystemExit("error: ..."), the trainer's checks
+        code, summary = 1, str(error.code).removeprefix("error: ")
+    elif isinstance(error, KeyboardInterrupt):  # before the trainer's own handler was installed
+        code, summary = 130, "interrupted"
+    else:
+        traceback.print_exception(error)
+        code, summary = 1, one_line(error)
+    if code:
+        train_log = logging.getLogger("limoe.train")
+        if train_log.handlers:  # rank 0's out.log, once the trainer has set it up
+            train_log.error("fatal error, ending the job: %s", summary)
+        print(f"error: rank {rank}: {summary}", file=sys.stderr)
+    try:
+        from launch.deepspeed_compat import remove_shm_buffers
+
+        if "MASTER_PORT" in os.environ and rank.isdigit():  # the atexit hook that would do it is skipped
+            remove_shm_buffers(os.environ["MASTER_PORT"], int(rank))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: message` on one line; for an error re-raised from a DataLoader worker (whose message
+    is the worker's whole traceback), the worker's own last line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if "Original Traceback (most recent call last):" in lines:
+        return f"in a DataLoader worker: {lines[-1].strip()}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import math
 import os
 import types
 import typing
@@ -205,14 +206,19 @@ def _coerce(tp, value, key: str):
             return int(value)
         raise ConfigError(f"'{key}' must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        if not math.isfinite(number):  # YAML's .inf / .nan, or "inf": every range check below would pass inf
+            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

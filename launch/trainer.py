@@ -149,12 +149,19 @@ class Checkpoints:
         latest = self.dir / "latest"
         return latest.read_text().strip() if latest.is_file() else None
 
-    def save(self, engine, state: TrainState, model_config, extra: dict) -> str:
+    def save(self, engine, state: TrainState, model_config, extra: dict) -> str | None:
+        """The tag written, or None if some rank's weights are not finite (nothing is written then:
+        `latest` keeps naming the last checkpoint whose weights were finite)."""
         import deepspeed.comm as dist
 
         tag = self.tag(state.step)
         if self.latest_tag() == tag:
             return tag  # this step is already saved (e.g. the final step was a periodic one)
+        bad = int(all_reduce_sum([torch.tensor(float(nonfinite_tensors(engine.module)))], engine.device)[0])
+        if bad:
+            log.error("not writing checkpoint %s: %d parameter tensors (counted over the ranks) hold NaN or inf",
+                      tag, bad)
+            return None
         client = {CLIENT_KEY: {**asdict(state), "model_config": model_config.to_dict(), **extra}}
         # DeepSpeed's own `latest` is written in place (not atomic); we write ours below.
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
@@ -184,6 +191,31 @@ class Checkpoints:
         if not (path / MODEL_STATES).is_file():
             raise SystemExit(f"--resume {resume}: no {MODEL_STATES} there (not a checkpoint folder)")
         return path.parent, path.name
+
+
+def nonfinite_tensors(module) -> int:
+    """How many of the module's parameters hold a NaN or an inf."""
+    return sum(1 for p in module.parameters() if not bool(torch.isfinite(p).all()))
+
+
+def stop_after_bad_steps_message(bad_in_a_row: int, step: int, saved: str | None, latest: str | None) -> str:
+    """Why the run stopped and where usable weights are: a checkpoint is named as holding the
+    step's weights only when it was written (save() refuses non-finite weights)."""
+    head = f"stopping: {bad_in_a_row} non-finite losses in a row (train.max_bad_steps) at step {step}"
+    if saved is not None:
+        where = f"the weights of step {step} (all finite) are in checkpoint {saved}"
+    else:
+        last = f"the last checkpoint, whose weights were finite, is {latest}" if latest else "there is no checkpoint"
+        where = f"the weights of step {step} are not finite and were not saved; {last}"
+    return f"{head}; {where}. Lower optimizer.lr, raise schedule.warmup or check the data."
+
+
+def hold_run_lock(run_dir: Path):
+    """Rank 0 locks the run directory for the job's life, unless `limoe train` holds it (run_lock.py)."""
+    from .run_lock import RunLock
+
+    lock = RunLock(run_dir)
+    return None if lock.is_held_by_parent() else lock.acquire()
 
 
 # -- logging ----------------------------------------------------------------------------
@@ -356,8 +388,10 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         raise SystemExit(f"error: started with {world_size} ranks but the config says parallel.num_nodes="
                          f"{p.num_nodes} x parallel.num_procs={p.num_procs} = {config.world_size}")
     run_dir = config.run_dir
+    run_lock = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock = hold_run_lock(run_dir)  # noqa: F841 (the kernel releases it when this process exits)
     dist.barrier()
     setup_logging(run_dir, rank)
     StopRequest.install()
@@ -512,17 +546,15 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
 
     # -- the end: checkpoint, export --------------------------------------------------------------
     run_log.close()
-    if state.step > 0:
-        tag = checkpoints.save(engine, state, model_config, extra)
+    tag = checkpoints.save(engine, state, model_config, extra) if state.step > 0 else None
+    if tag is not None:
         log.info("checkpoint %s", checkpoints.dir / tag)
     if stop_reason == "signal":
         name = signal.Signals(StopRequest.signum).name if StopRequest.signum else "a signal on another rank"
         log.warning("stopped by %s at step %d; continue with --resume latest", name, state.step)
     elif stop_reason == "bad":
-        log.error("stopping: %d non-finite losses in a row (train.max_bad_steps) at step %d; the last good "
-                  "weights are in checkpoint %s. Lower optimizer.lr, raise schedule.warmup or check the data.",
-                  bad_in_a_row, state.step, checkpoints.tag(state.step))
-    elif state.step == config.train.steps and config.checkpoint.export:
+        log.error(stop_after_bad_steps_message(bad_in_a_row, state.step, tag, checkpoints.latest_tag()))
+    elif state.step == config.train.steps and config.checkpoint.export and tag is not None:
         export_and_check(engine, run_dir, tokenizer, model_config, rank, world_size, device, dtype)
     if loader.skips.total:
         log.warning("data: %s", loader.skips.summary())

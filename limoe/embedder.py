@@ -12,8 +12,11 @@ depend on what else is in its batch; the HTTP service relies on that to
 coalesce concurrent requests.
 
 Images are decoded defensively, since the service feeds it bytes from the
-network: only common raster formats are opened, and the pixel count is
-checked from the header before the pixels are decoded (decompression bombs).
+network: only common raster formats are opened, and the pixel count and the
+aspect ratio are checked from the header before the pixels are decoded. The
+pixel count bounds the decode (decompression bombs); the aspect ratio bounds
+the resize, whose intermediate is image_size x (image_size x aspect ratio)
+pixels (a 662-byte 1 x 300,000 PNG otherwise took 4-7 s and 1.7 GB).
 """
 from __future__ import annotations
 
@@ -33,16 +36,23 @@ from .transforms import to_rgb
 
 # 4096 x 4096: far above any model's input size, and 64 MiB of RGBA at most per image.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# Longest side / shortest side. With the pixel limit this bounds a side at sqrt(pixels x ratio)
+# (40,960 by default), and the resize (short side -> image_size) at 100 x image_size^2 pixels.
+DEFAULT_MAX_IMAGE_ASPECT_RATIO = 100.0
 # Raster formats decoded in-process by Pillow; others (EPS runs Ghostscript, ...) are refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 PLACEHOLDERS = ("{}", "{c}")  # as in eval.prompts
+# Characters of a text that are tokenized. The model reads context_length tokens (16-77): a SentencePiece
+# piece is at most 16 characters, so only texts that open with thousands of blank characters could
+# tokenize differently. Tokenizing all of a 16 MiB text took 2.6 s and +360 MB (a Python int per piece).
+MAX_TOKENIZED_CHARS = 16_384
 
 ImageSource = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview]
 
 
 class ImageError(ValueError):
-    """An image that cannot be embedded. `code` is "invalid_image" or "image_too_large";
-    `index` is its position in the request, when known."""
+    """An image that cannot be embedded. `code` is "invalid_image", "image_too_large" or
+    "extreme_aspect_ratio"; `index` is its position in the request, when known."""
 
     def __init__(self, message: str, code: str = "invalid_image", index: int | None = None):
         super().__init__(message)
@@ -50,21 +60,29 @@ class ImageError(ValueError):
         self.index = index
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+def _check_size(size: tuple[int, int], max_pixels: int, max_aspect_ratio: float) -> None:
     width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"image is {width}x{height}: it has no pixels")
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, more than the limit of "
                          f"{max_pixels:,}", code="image_too_large")
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_aspect_ratio:
+        raise ImageError(f"image is {width}x{height}, an aspect ratio of {ratio:,.0f}:1, more than the limit of "
+                         f"{max_aspect_ratio:g}:1", code="extreme_aspect_ratio")
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_aspect_ratio: float = DEFAULT_MAX_IMAGE_ASPECT_RATIO) -> Image.Image:
     """Decode `source` (a PIL image, a file path or encoded bytes) to an RGB image.
 
     Raises ImageError for anything that is not a readable PNG/JPEG/GIF/WEBP/BMP/TIFF
-    of at most `max_pixels` pixels, TypeError for other Python types.
+    of at most `max_pixels` pixels whose long side is at most `max_aspect_ratio` times
+    its short side, TypeError for other Python types.
     """
     if isinstance(source, Image.Image):
-        _check_pixels(source.size, max_pixels)
+        _check_size(source.size, max_pixels, max_aspect_ratio)
         return to_rgb(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -88,7 +106,7 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) 
         raise ImageError(f"not a readable image (supported formats: {', '.join(IMAGE_FORMATS)})") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow plugins raise all of these on bad headers
         raise ImageError(f"cannot read image header ({e})") from e
-    _check_pixels(image.size, max_pixels)
+    _check_size(image.size, max_pixels, max_aspect_ratio)
     try:
         image.load()
         return to_rgb(image)
@@ -139,13 +157,15 @@ class Embedder:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_image_aspect_ratio: float = DEFAULT_MAX_IMAGE_ASPECT_RATIO):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
+        self.max_image_aspect_ratio = max_image_aspect_ratio
         self.model, self.preprocess, self.tokenizer = load(self.model_dir, device=self.device)
         _, self.metadata = read_config(self.model_dir)
         self.config = self.model.config
@@ -193,16 +213,19 @@ class Embedder:
     # -- steps (the service runs these separately: preparation in a thread pool, encoding batched) --
 
     def tokenize(self, texts: Sequence[str]) -> TokenizedTexts:
-        tokens, dropped = self.tokenizer.encode_with_truncation(list(texts))
+        """Tokens of each text's first MAX_TOKENIZED_CHARS characters, cut to the context length."""
+        texts = list(texts)
+        tokens, dropped = self.tokenizer.encode_with_truncation([t[:MAX_TOKENIZED_CHARS] for t in texts])
         num_tokens = [int(n) for n in (tokens != self.tokenizer.pad_id).sum(-1)]
-        return TokenizedTexts(tokens, num_tokens, [i for i, d in enumerate(dropped) if d > 0])
+        truncated = [i for i, (t, d) in enumerate(zip(texts, dropped)) if d > 0 or len(t) > MAX_TOKENIZED_CHARS]
+        return TokenizedTexts(tokens, num_tokens, truncated)
 
     def prepare_images(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Decode and preprocess to [N, 3, S, S]; ImageError carries the failing image's index."""
         pixels = []
         for i, source in enumerate(images):
             try:
-                pixels.append(self.preprocess(load_image(source, self.max_image_pixels)))
+                pixels.append(self.preprocess(load_image(source, self.max_image_pixels, self.max_image_aspect_ratio)))
             except ImageError as e:
                 raise ImageError(f"image {i}: {e}", code=e.code, index=i) from e
         if not pixels:

@@ -43,6 +43,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _unencodable(texts: Sequence) -> Exception:
+    """The error naming the first text sentencepiece cannot take: not a str, or not encodable as UTF-8
+    (a lone surrogate such as JSON's "\\ud800")."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return ValueError(f"texts[{i}] is not valid Unicode text ({e.reason} at position {e.start})")
+    return TypeError("texts must be strings")
+
+
 class Tokenizer:
     """A trained SentencePiece model plus the fixed context length of the text tower."""
 
@@ -51,7 +64,11 @@ class Tokenizer:
             raise ValueError("context_length must be at least 2 (one piece and the eos token)")
         self.model_proto = bytes(model_proto)
         self.context_length = int(context_length)
-        self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        except RuntimeError:  # sentencepiece's own message is a source location in its C++ code
+            raise ValueError(f"not a SentencePiece model ({len(self.model_proto):,} bytes that do not parse "
+                             "as one)") from None
         if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
             raise ValueError(
                 f"expected pad_id={PAD_ID} and eos_id={EOS_ID}, the model has "
@@ -121,7 +138,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike, context_length: int | None = None) -> "Tokenizer":
         """Load a `.model` file; the context length comes from the argument,
-        else from the `<file>.json` sidecar, else the default (16)."""
+        else from the `<file>.json` sidecar, else the default (16).
+        A file that is not a SentencePiece model, or a broken sidecar, raises ValueError naming it."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.model"
@@ -129,10 +147,17 @@ class Tokenizer:
         if context_length is None:
             sidecar = Path(f"{path}.json")
             if sidecar.exists():
-                context_length = json.loads(sidecar.read_text())["context_length"]
+                try:
+                    context_length = int(json.loads(sidecar.read_text())["context_length"])
+                except (ValueError, KeyError, TypeError) as error:
+                    raise ValueError(f"{sidecar}: not a tokenizer sidecar with an integer 'context_length' "
+                                     f"({type(error).__name__}: {error})") from None
             else:
                 context_length = DEFAULT_CONTEXT_LENGTH
-        return cls(proto, context_length=context_length)
+        try:
+            return cls(proto, context_length=context_length)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the SentencePiece model and its sidecar atomically (temp file, then rename)."""
@@ -171,7 +196,11 @@ class Tokenizer:
         length = int(context_length or self.context_length)
         tokens = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
         dropped = []
-        for row, ids in enumerate(self._sp.encode(list(texts), out_type=int)):
+        try:
+            encoded = self._sp.encode(list(texts), out_type=int)
+        except TypeError:  # sentencepiece says only "List elements must be str or bytes"
+            raise _unencodable(texts) from None
+        for row, ids in enumerate(encoded):
             keep = ids[: length - 1]  # leave room for eos
             dropped.append(len(ids) - len(keep))
             tokens[row, : len(keep)] = torch.tensor(keep, dtype=torch.long)

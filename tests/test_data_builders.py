@@ -109,7 +109,33 @@ def test_unknown_wnids_need_a_classnames_file(tmp_path):
 def test_data_check_reports_counts(tmp_path, capsys):
     write_fake_shards(tmp_path / "s", num_samples=12, per_shard=5)
     assert limoe_main(["data", "check", str(tmp_path / "s")]) == 0
-    assert "3 shard(s), 12 readable samples; nothing skipped" in capsys.readouterr().out
+    assert "3 shard(s), 12 readable samples of 12 listed in sizes.json; nothing skipped" in capsys.readouterr().out
+
+
+def test_data_check_counts_the_caption_problems_training_would_skip(tmp_path, capsys):
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "c-000000.tar")) as writer:
+        writer.write({"__key__": "ok", "png": png_bytes(solid_image(1)), "captions.json": b'["fine"]'})
+        writer.write({"__key__": "none", "png": png_bytes(solid_image(2))})
+        writer.write({"__key__": "blank", "png": png_bytes(solid_image(3)), "captions.json": b'[" "]'})
+        writer.write({"__key__": "bad", "png": png_bytes(solid_image(4)), "captions.json": b"{not json"})
+    assert limoe_main(["data", "check", str(tmp_path)]) == 1
+    assert ("1 readable samples; skipped 3 (missing_caption: 1, empty_caption: 1, bad_caption_json: 1)"
+            in capsys.readouterr().out)
+    # Classification-only shards need no captions: --captions-optional reads them like the classification eval.
+    assert limoe_main(["data", "check", "--captions-optional", str(tmp_path)]) == 0
+    assert "4 readable samples; nothing skipped" in capsys.readouterr().out
+
+
+def test_data_check_counts_the_samples_of_a_tar_with_no_members_as_missing(tmp_path, capsys):
+    import tarfile
+
+    tarfile.open(tmp_path / "e-000000.tar", "w").close()  # a valid tar, no members
+    (tmp_path / "sizes.json").write_text(json.dumps({"e-000000.tar": 161, "total": 161}))
+    assert limoe_main(["data", "check", str(tmp_path)]) == 1
+    assert ("0 readable samples of 161 listed in sizes.json; skipped 162 (missing_samples: 161, truncated_tar: 1)"
+            in capsys.readouterr().out)
 
 
 def test_tokenizer_train_from_shard_captions(tmp_path, capsys):

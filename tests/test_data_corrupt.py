@@ -27,6 +27,7 @@ EXPECTED_SKIPS = {
     "truncated_tar": 3,
     "truncated_sample": 1,
     "unreadable_shard": 1,
+    "missing_samples": 3 + 3 + 2,  # what sizes.json lists beyond the samples each cut shard still holds
 }
 
 
@@ -114,6 +115,17 @@ def test_resampled_training_over_broken_shards_yields_every_batch(broken_shards,
     assert set(loader.skips.counts) <= set(EXPECTED_SKIPS) and loader.skips.total > 0
 
 
+def test_a_tar_with_no_members_is_truncated_and_its_listed_samples_missing(tmp_path):
+    from data_pipelines.shards import read_shard
+    from data_pipelines.skips import SkipCounter
+
+    tarfile.open(tmp_path / "e-000000.tar", "w").close()
+    (tmp_path / "sizes.json").write_text(json.dumps({"e-000000.tar": 161, "total": 161}))
+    skips = SkipCounter()
+    assert list(read_shard(str(tmp_path / "e-000000.tar"), skips)) == []
+    assert dict(skips.counts) == {"truncated_tar": 1, "missing_samples": 161}
+
+
 def test_only_unreadable_data_is_an_error_not_a_hang(broken_shards, tiny_tokenizer):
     junk = [s for s in broken_shards if "junk" in s]
     loader = build_train_loader(junk, tiny_tokenizer, 16, batch_size=4, batches_per_epoch=2)
@@ -126,4 +138,4 @@ def test_skips_are_logged_as_warnings(broken_shards, caplog):
         list(build_eval_loader(broken_shards, 16, batch_size=4, require_captions=True))
     text = caplog.text
     assert "skipped (undecodable_image) badjpeg" in text
-    assert "skipped (truncated_tar)" in text and "data pass skipped 8" in text
+    assert "skipped (truncated_tar)" in text and "data pass skipped 16" in text

@@ -150,6 +150,60 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     assert info.value.code == "image_too_large"
 
 
+def thin_png(width: int, height: int) -> bytes:
+    """A real, highly compressible grey PNG: 1 x 300,000 is 661 bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_aspect_ratio_limit_is_checked_from_the_header_before_decoding():
+    with pytest.raises(ImageError, match=r"1x4000, an aspect ratio of 4,000:1, more than the limit of 100:1") as info:
+        load_image(png_claiming_size(1, 4000))  # under the pixel limit; the payload could never fill it
+    assert info.value.code == "extreme_aspect_ratio"
+    with pytest.raises(ImageError, match="more than the limit of 10:1"):
+        load_image(Image.new("RGB", (110, 10)), max_aspect_ratio=10)  # PIL images are checked too
+    assert load_image(Image.new("RGB", (100, 10)), max_aspect_ratio=10).size == (100, 10)  # the limit itself is fine
+
+
+MEMORY_PROBE = """
+import io, resource, sys
+from PIL import Image
+from limoe import Embedder
+from limoe.embedder import ImageError
+embedder = Embedder(sys.argv[1])
+images = {name: open(path, "rb").read() for name, path in zip(sys.argv[2::2], sys.argv[3::2])}
+warm_up = io.BytesIO()
+Image.new("L", (20, 20)).save(warm_up, format="PNG")
+embedder.prepare_images([warm_up.getvalue()])  # lazy imports and first allocations happen before we measure
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name, data in images.items():
+    try:
+        print(name, "accepted", tuple(embedder.prepare_images([data]).shape))
+    except ImageError as e:
+        print(name, "refused", e.code)
+print("peak_growth_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_the_memory_to_prepare_any_image_is_bounded(shared_tiny_export, tmp_path):
+    """The issue's 1 x 300,000 PNG (661 bytes) was resized into a 16 x 4.8M intermediate: +577 MB of RSS
+    with this 16 px model, 1.7 GB at 32 px. Now it is refused from its header, and the most costly image
+    the default limits accept (16.7M pixels at a 100:1 aspect ratio) stays within a fixed bound."""
+    thin, widest = tmp_path / "thin.png", tmp_path / "widest.png"
+    thin.write_bytes(thin_png(1, 300_000))
+    widest.write_bytes(thin_png(409, 40_900))  # 16,728,100 pixels <= 4096 x 4096, ratio exactly 100
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(shared_tiny_export), "thin", str(thin),
+                          "widest", str(widest)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["thin"] == "refused extreme_aspect_ratio"
+    assert lines["widest"] == "accepted (1, 3, 16, 16)"
+    # Decoding 16.7M grey pixels and converting them to RGB is ~67 MB; the resize adds 16 x 1,600 pixels.
+    assert float(lines["peak_growth_mb"]) < 256, out.stdout
+
+
 def test_pillow_decompression_bomb_error_becomes_an_image_error():
     bomb = png_claiming_size(100_000, 100_000)  # over 2x Image.MAX_IMAGE_PIXELS: Pillow refuses in open()
     with pytest.raises(ImageError, match="too large") as info:
@@ -170,6 +224,22 @@ def test_missing_file_and_wrong_type_are_clear_errors(embedder, tmp_path):
         embedder.embed_images([3])
     with pytest.raises(TypeError, match=r"texts\[1\] is int"):
         embedder.embed_texts(["ok", 5])
+
+
+def test_a_huge_text_gets_the_tokens_of_its_whole_and_is_marked_truncated(embedder):
+    from limoe.embedder import MAX_TOKENIZED_CHARS
+
+    huge = "red heart and a grinning cat " * (4 * MAX_TOKENIZED_CHARS // 29)  # only its start is tokenized
+    tokenized = embedder.tokenize(["a dog", huge])
+    assert torch.equal(tokenized.tokens, embedder.tokenizer(["a dog", huge]))
+    assert tokenized.truncated == [1]
+
+
+def test_a_text_with_a_lone_surrogate_is_a_value_error_naming_it(embedder):
+    # What json.loads makes of "\\ud800": a str that no UTF-8 tokenizer can take.
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode text \(surrogates not allowed at "
+                                         r"position 2"):
+        embedder.embed_texts(["ok", "ab\ud800"])
 
 
 def test_model_facts(embedder, tiny_tokenizer):

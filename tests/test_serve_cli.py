@@ -49,6 +49,27 @@ def test_embed_prints_json_with_the_embedder_vectors(shared_tiny_export, embedde
                                embedder.embed_images(image_files), atol=1e-6)
 
 
+def test_embed_refuses_a_too_elongated_image_with_a_one_line_error(shared_tiny_export, tmp_path, capsys):
+    from test_embedder import thin_png
+
+    thin = tmp_path / "thin.png"
+    thin.write_bytes(thin_png(1, 300_000))  # 661 bytes; resizing it took 4-7 s and 1.7 GB
+    assert main(["embed", "--model", str(shared_tiny_export), "--image", str(thin)]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: image 0: image is 1x300000, an aspect ratio of 300,000:1, more than the limit of 100:1\n"
+
+
+def test_serve_image_limits_reach_the_settings(monkeypatch):
+    import limoe.serve
+
+    seen = {}
+    monkeypatch.setattr(limoe.serve, "run_server", lambda model, **kw: seen.update(kw["settings"].__dict__))
+    assert main(["serve", "--model", "m", "--max-image-pixels", "1000", "--max-image-aspect-ratio", "4.5"]) == 0
+    assert seen["max_image_pixels"] == 1000 and seen["max_image_aspect_ratio"] == 4.5
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "m", "--max-image-aspect-ratio", "0.5"])  # below 1 means nothing fits
+
+
 def test_embed_writes_npy_rows_texts_then_images(shared_tiny_export, embedder, image_files, tmp_path):
     out = tmp_path / "out" / "z.npy"
     assert main(["embed", "--model", str(shared_tiny_export), "--image", image_files[0], "--text", "cat",

@@ -43,6 +43,12 @@ def assert_still_serving(http):
 
 
 TEXT, IMAGE, CLASSIFY = "/v1/embeddings", "/v1/images/embeddings", "/v1/classify"
+JSON = {"content-type": "application/json"}
+
+
+def b64png() -> bytes:
+    return b64(png_bytes()).encode()
+
 BAD_REQUESTS = {
     # name: (path, request kwargs, status, code, param, words in the message)
     "empty list": (TEXT, {"json": {"input": []}}, 400, "empty_input", "input", "empty"),
@@ -58,6 +64,12 @@ BAD_REQUESTS = {
                       "model", "limoe-nano"),
     "bad json": (TEXT, {"content": b'{"input": ', "headers": {"content-type": "application/json"}}, 400,
                  "invalid_json", None, "not valid JSON"),
+    "json not utf-8": (TEXT, {"content": b'{"input": "\xff"}', "headers": JSON}, 400, "invalid_json", None,
+                       "can't decode byte 0xff"),
+    "empty json body": (TEXT, {"content": b"", "headers": JSON}, 400, "invalid_json", None,
+                        "the request body is empty"),
+    "lone surrogate": (TEXT, {"content": b'{"input": ["ok", "\\ud800"]}', "headers": JSON}, 400, "invalid_value",
+                       "input", "item 1 is not valid Unicode text"),
     "not a json object": (TEXT, {"content": b'"cat"', "headers": {"content-type": "application/json"}}, 400,
                           "invalid_json", None, "must be a JSON object"),
     "too many texts": (TEXT, {"json": {"input": ["a"] * 5}}, 400, "too_many_items", "input", "5 > the limit of 4"),
@@ -76,6 +88,10 @@ BAD_REQUESTS = {
                         "input[0]", "4,160 pixels"),
     "decompression bomb": (IMAGE, {"json": {"input": [b64(png_claiming_size(100_000, 100_000))]}}, 400,
                            "image_too_large", "input[0]", "too large"),
+    "extreme aspect ratio": (IMAGE, {"json": {"input": [b64(png_claiming_size(1, 4000))]}}, 400,
+                             "extreme_aspect_ratio", "input[0]", "more than the limit of 100:1"),
+    "image json not utf-8": (IMAGE, {"content": b'{"input": "\xff"}', "headers": JSON}, 400, "invalid_json", None,
+                             "can't decode byte 0xff"),
     "no images": (IMAGE, {"json": {"model": "limoe-nano"}}, 400, "empty_input", "input", "no images"),
     "no files": (IMAGE, {"files": {"model": (None, "limoe-nano")}}, 400, "empty_input", "input", "empty"),
     "too many images": (IMAGE, {"json": {"input": [b64(png_bytes())] * 5}}, 400, "too_many_items", "input",
@@ -93,6 +109,11 @@ BAD_REQUESTS = {
                     "labels", "labels[1] is an empty string"),
     "labels not strings": (CLASSIFY, {"json": {"input": [b64(png_bytes())], "labels": ["a", 3]}}, 400,
                            "invalid_value", "labels", "labels.1"),
+    "lone surrogate label": (CLASSIFY, {"content": b'{"input": ["%s"], "labels": ["\\ud800"]}' % b64png(),
+                                        "headers": JSON}, 400, "invalid_value", "labels", "item 0 is not valid"),
+    "lone surrogate template": (CLASSIFY, {"content": b'{"input": ["%s"], "labels": ["a"], "templates": ["\\udfff {}"]}'
+                                           % b64png(), "headers": JSON},
+                                400, "invalid_value", "templates", "item 0 is not valid Unicode text"),
     "template without slot": (CLASSIFY, {"json": {"input": [b64(png_bytes())], "labels": ["a"],
                                                   "templates": ["a photo"]}},
                               400, "invalid_value", "templates", "placeholder"),
@@ -132,6 +153,53 @@ def test_openai_client_raises_its_bad_request_error_with_our_message(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="too many texts"):
         client.embeddings.create(model="limoe-nano", input=["a"] * 5)
+
+
+@pytest.fixture(scope="module")
+def default_server(shared_tiny_export):
+    with BackgroundServer(create_app(limoe.Embedder(shared_tiny_export), ServeSettings(torch_threads=1))) as running:
+        yield running
+
+
+def test_a_thin_image_under_the_pixel_limit_is_a_4xx_naming_the_aspect_ratio_limit(default_server):
+    """A real 31 KB 1 x 16,000,000 PNG (under the 4096 x 4096 pixel limit) was a MemoryError and a 500."""
+    from test_embedder import thin_png
+
+    response = httpx.post(default_server.url + IMAGE, files={"input": ("thin.png", thin_png(1, 16_000_000))},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "extreme_aspect_ratio" and error["param"] == "input[0]"
+    assert "1x16000000, an aspect ratio of 16,000,000:1, more than the limit of 100:1" in error["message"]
+
+
+@pytest.mark.parametrize("path, head", [
+    (TEXT, b'Content-Type: application/json\r\n\r\n{"input": ["' + b"a" * 500),
+    (IMAGE, b'Content-Type: application/json\r\n\r\n{"input": ["' + b"A" * 500),
+    (IMAGE, b'Content-Type: multipart/form-data; boundary=xx\r\n\r\n--xx\r\nContent-Disposition: form-data; '
+            b'name="input"; filename="a.png"\r\n\r\n' + b"A" * 500),
+], ids=["text json", "image json", "image multipart"])
+def test_a_client_that_disconnects_mid_upload_is_not_an_internal_error(server, http, caplog, path, head):
+    import logging
+    import socket
+
+    uvicorn_errors = logging.getLogger("uvicorn.error")  # does not propagate to the root logger caplog watches
+    uvicorn_errors.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="limoe.serve"):
+            with socket.create_connection((server.host, server.port)) as sock:
+                # 10,000 bytes announced (under the 20,000 limit), 600 sent.
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 10000\r\n".encode() + head)
+                time.sleep(0.2)  # the server is now waiting for the rest of the body
+            deadline = time.monotonic() + 30  # a hang guard only
+            while "client disconnected" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.05)
+    finally:
+        uvicorn_errors.removeHandler(caplog.handler)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert f"client disconnected before sending the whole request body: POST {path}" in caplog.text
+    assert_still_serving(http)
 
 
 # -- API key ------------------------------------------------------------------------

@@ -81,3 +81,10 @@ def test_pickle_round_trip_for_dataloader_workers(tokenizer):
     copy = pickle.loads(pickle.dumps(tokenizer))
     assert copy.context_length == tokenizer.context_length
     assert torch.equal(copy(CORPUS[:3]), tokenizer(CORPUS[:3]))
+
+
+def test_a_file_that_is_not_a_sentencepiece_model_is_a_value_error_naming_it(tmp_path):
+    garbage = tmp_path / "tokenizer.model"
+    garbage.write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(ValueError, match=rf"{garbage}: not a SentencePiece model \(160 bytes"):
+        Tokenizer.load(garbage)

@@ -76,6 +76,16 @@ def test_wrong_value_type_is_named():
         load_config(minimal(optimizer={"lr": "fast"}))
 
 
+@pytest.mark.parametrize("item", ["optimizer.lr=.inf", "optimizer.lr=inf", "optimizer.eps=.nan",
+                                  "model.moe.capacity_factor=.inf", "data.augment.scale_min=-.inf"])
+def test_non_finite_numbers_are_rejected_naming_the_key(item):
+    from launch.train_config import parse_set
+
+    key, value = parse_set(item)
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}' must be a finite number"):
+        load_config(minimal(model={"preset": "limoe-nano"}), [(key, value)])
+
+
 def test_yaml_exponent_without_a_dot_is_read_as_a_number():
     raw = yaml.safe_load("optimizer: {lr: 1e-3}")  # YAML 1.1 reads this as the string "1e-3"
     assert load_config(minimal(**raw)).optimizer.lr == pytest.approx(1e-3)
@@ -162,6 +172,27 @@ def test_missing_shards_fail_before_launch(tmp_path, monkeypatch, capsys):
                                           data={"train": [{"shards": str(tmp_path / "none.tar")}]})))
     assert main(["train", "--config", str(bad)]) == 2
     assert "'data.train[0].shards'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["--dry-run", "--prepare-only"])
+@pytest.mark.parametrize("damage", ["not a model", "bad sidecar"])
+def test_a_damaged_tokenizer_file_fails_the_checks_before_launch(tmp_path, shards, monkeypatch, capsys, mode, damage,
+                                                                tiny_tokenizer):
+    from launch.cli import main
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    tokenizer = tmp_path / "tokenizer.model"
+    tiny_tokenizer.save(tokenizer)
+    if damage == "not a model":
+        tokenizer.write_bytes(b"garbage\n" * 10)
+    else:
+        Path(f"{tokenizer}.json").write_text("{")
+    args = ["train", "--config", "cpu-demo", "--train-data", str(Path(shards[0]).parent), "--logs",
+            str(tmp_path / "logs"), "--name", "demo", "--tokenizer", str(tokenizer), mode]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 'data.tokenizer': ") and str(tokenizer) in err and len(err.splitlines()) == 1
+    assert ("not a SentencePiece model" if damage == "not a model" else "not a tokenizer sidecar") in err
 
 
 def test_dry_run_prints_the_deepspeed_command_and_writes_nothing(tmp_path, shards, capsys):
@@ -343,3 +374,81 @@ def test_single_node_runs_get_a_free_master_port_unless_one_is_set(tmp_path, sha
     assert config.parallel.master_port is None and master_port(config) != 29500
     config = load_config("cpu-demo", [("parallel.master_port", 6001)])
     assert master_port(config) == 6001
+
+
+def test_the_stop_message_names_a_checkpoint_only_when_it_was_written():
+    from launch.trainer import stop_after_bad_steps_message
+
+    assert "the weights of step 7 (all finite) are in checkpoint step_00000007" in \
+        stop_after_bad_steps_message(5, 7, "step_00000007", "step_00000007")
+    assert "are not finite and were not saved; the last checkpoint, whose weights were finite, is step_00000004" in \
+        stop_after_bad_steps_message(5, 7, None, "step_00000004")
+
+
+def test_nonfinite_tensors_counts_parameters_holding_nan_or_inf():
+    from launch.trainer import nonfinite_tensors
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    assert nonfinite_tensors(model) == 0
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+        model[1].bias[0] = float("-inf")
+    assert nonfinite_tensors(model) == 2
+
+
+class FakeEngine:
+    """What Checkpoints.save uses of a DeepSpeed engine: the module, its device, save_checkpoint."""
+
+    def __init__(self, module):
+        self.module, self.device, self.saved = module, torch.device("cpu"), []
+
+    def save_checkpoint(self, folder, tag, client_state, save_latest):
+        self.saved.append(tag)
+        (Path(folder) / tag).mkdir(parents=True)
+
+
+def test_a_checkpoint_is_never_written_of_weights_that_are_not_finite(tmp_path, monkeypatch):
+    import deepspeed.comm
+
+    from launch import trainer
+
+    monkeypatch.setattr(trainer, "all_reduce_sum", lambda values, device: torch.stack(values))  # one rank
+    monkeypatch.setattr(deepspeed.comm, "barrier", lambda: None)
+    config = tiny_model_config()
+    model = torch.nn.Linear(4, 4)
+    engine = FakeEngine(model)
+    checkpoints = trainer.Checkpoints(tmp_path, keep=2, rank=0)
+    assert checkpoints.save(engine, trainer.TrainState(step=3), config, {}) == "step_00000003"
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert checkpoints.save(engine, trainer.TrainState(step=4), config, {}) is None
+    assert engine.saved == ["step_00000003"] and checkpoints.latest_tag() == "step_00000003"
+
+
+def test_a_second_signal_to_limoe_train_kills_the_job_at_once(tmp_path, capsys):
+    """The first SIGTERM is passed to the ranks, which checkpoint; a job that does not stop (here a
+    child that ignores SIGTERM, as a stuck rank would) is killed, whole, by the second."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from launch.launcher import run_command
+
+    started = tmp_path / "started"
+    child = ("import pathlib, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             "pathlib.Path(sys.argv[1]).touch()\ntime.sleep(120)")  # a regression fails after 2 min
+
+    def signal_twice():
+        deadline = time.monotonic() + 60  # a hang guard only
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_twice, daemon=True).start()
+    returncode, signum = run_command([sys.executable, "-c", child, str(started)], dict(os.environ))
+    assert (returncode, signum) == (-signal.SIGKILL, signal.SIGTERM)
+    assert "SIGTERM again: killing the ranks without a checkpoint" in capsys.readouterr().err

@@ -260,6 +260,12 @@ def test_sigterm_writes_a_checkpoint_at_the_step_reached_and_exits(workdir):
     run_dir = workdir / "logs" / "interrupted"
     try:
         wait_for_steps(proc, run_dir, 3)
+        from launch.launcher import run_training
+        from launch.train_config import ConfigError
+
+        # A second job on the folder while the ranks run is refused, naming the first (see test_run_lock.py).
+        with pytest.raises(ConfigError, match=rf"run directory {run_dir} is in use by pid {proc.pid} on "):
+            run_training(config, resume="latest")
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -300,8 +306,9 @@ def test_ctrl_c_on_the_printed_deepspeed_command_writes_a_checkpoint(workdir):
 
 
 def test_too_many_non_finite_losses_stop_the_run_with_a_checkpoint(workdir):
-    """An absurd learning rate sends the weights to inf after the first step; every loss
-    after that is non-finite, is skipped and counted, and the run stops."""
+    """An absurd learning rate sends the weights to +-1e30 in the first step (finite, so they are
+    checkpointed; test_train_config checks that non-finite ones never are); every loss after that
+    is non-finite, is skipped and counted, and the run stops."""
     from launch.launcher import TrainingFailed, run_training
 
     config = tiny_config(workdir, "diverged", optimizer={"lr": 1e30, "wd": 0.0},
@@ -313,6 +320,7 @@ def test_too_many_non_finite_losses_stop_the_run_with_a_checkpoint(workdir):
     out_log = (run_dir / "out.log").read_text()
     assert "non-finite loss" in out_log and "3 non-finite losses in a row" in out_log
     last_step = metrics(run_dir)[-1]["step"]
+    assert f"the weights of step {last_step} (all finite) are in checkpoint step_{last_step:08d}" in out_log
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{last_step:08d}"
 
 
@@ -335,3 +343,41 @@ def test_the_open_clip_peer_trains_through_the_same_loop_with_its_bpe_tokenizer(
     assert isinstance(model, TwoTowerCLIP) and isinstance(tokenizer, limoe.BPETokenizer)
     assert "export check: max |training model - export|" in (run_dir / "out.log").read_text()
     assert "ERROR" not in (run_dir / "out.log").read_text()
+
+
+@pytest.mark.parametrize("workers, ranks", [(0, 1), (1, 2)])
+def test_unreadable_training_data_ends_the_whole_job_with_its_error(workdir, workers, ranks):
+    """A folder holding one 0-byte shard: every rank's loader gives up. With a DataLoader worker
+    (the default) the ranks used to hang for ever in their exit, deaf to SIGINT/SIGTERM."""
+    empty = workdir / f"empty-{workers}"
+    empty.mkdir()
+    (empty / "broken-000000.tar").write_bytes(b"")
+    tokenizer = workdir / "colours-tokenizer.model"  # from the good shards: the broken ones have no captions
+    if not tokenizer.is_file():
+        from data_pipelines.loader import iter_captions
+        from limoe.tokenizer import Tokenizer
+
+        Tokenizer.train(iter_captions(str(workdir / "shards")), vocab_size=40, context_length=8).save(tokenizer)
+    config = tiny_config(workdir, f"unreadable-{workers}",
+                         data={"train": [{"shards": str(empty)}], "workers": workers, "tokenizer": str(tokenizer)},
+                         parallel={"num_procs": ranks, "ep_size": ranks})
+    config_path = workdir / f"unreadable-{workers}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    limoe_cli = Path(sys.executable).with_name("limoe")
+    proc = subprocess.Popen([str(limoe_cli), "train", "--config", str(config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=600)  # a hang guard only: the job ends seconds after the error
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 1, output[-3000:]
+    where = "in a DataLoader worker: " if workers else ""
+    for rank in range(ranks):
+        assert f"error: rank {rank}: {where}RuntimeError: no readable samples in 20 shard reads in a row" in output
+    last_line = output.rstrip().splitlines()[-1]
+    assert last_line.startswith("error: training exited with code 1 (the ranks' errors are above)")
+    run_dir = workdir / "logs" / f"unreadable-{workers}"
+    assert "fatal error, ending the job: " in (run_dir / "out.log").read_text()
+    from launch.run_lock import RunLock
+
+    RunLock(run_dir).check()  # the job is over: its lock is free

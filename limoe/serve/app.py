@@ -109,6 +109,7 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
     """The service over `embedder`; the batching worker starts and stops with the app's lifespan."""
     settings = settings or ServeSettings()
     embedder.max_image_pixels = settings.max_image_pixels  # the app owns the embedder from here on
+    embedder.max_image_aspect_ratio = settings.max_image_aspect_ratio
     model_id = settings.model_name or embedder.config.name
     info = embedder.info()
     created = int(embedder.model_dir.joinpath("model.safetensors").stat().st_mtime)

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("limoe.serve")
 
@@ -59,6 +60,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     param = loc[0] if loc else None
     message = error.get("msg", "invalid request").removeprefix("Value error, ")
     where = ".".join(loc)
+    if error.get("type") == "missing" and not loc:
+        return "the request body is empty: send a JSON object with 'Content-Type: application/json'", None, \
+            "invalid_json"
     if error.get("type") == "missing":
         return f"'{where}' is required", param, "missing_parameter"
     return (f"{where}: {message}" if where else message), param, "invalid_value"
@@ -74,15 +78,29 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param, code = _validation_message(exc)
         return error_response(400, message, param, code)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect):
+        # The client's mistake or its network's, not ours; nobody is left to read the answer.
+        log.info("client disconnected before sending the whole request body: %s %s", request.method,
+                 request.url.path)
+        return error_response(400, "the client disconnected before the request body was complete",
+                              code="client_disconnected")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        # 400s here come from Starlette's multipart parser.
-        code = {400: "invalid_multipart", 404: "not_found", 405: "method_not_allowed",
-                413: "request_too_large"}.get(exc.status_code)
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI wraps errors while reading a JSON body
+            return await client_disconnected(request, exc.__cause__)
+        # 400s come from reading the body: Starlette's multipart parser, or FastAPI's JSON body
+        # (which says only "There was an error parsing the body", e.g. for bytes that are not UTF-8).
+        multipart = request.headers.get("content-type", "").startswith("multipart/")
+        code = {400: "invalid_multipart" if multipart else "invalid_json", 404: "not_found",
+                405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and not multipart and exc.__cause__ is not None:
+            message = f"request body is not valid JSON ({exc.__cause__})"
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))

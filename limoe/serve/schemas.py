@@ -8,15 +8,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 EncodingFormat = Literal["float", "base64"]
 
 
+def _unicode(texts: list[str]) -> list[str]:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can encode: name the first."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"item {i} is not valid Unicode text ({e.reason} at position {e.start})") from None
+    return texts
+
+
 def _strings(value, what: str):
     """Accept a string or a list of strings, with a message naming the first bad item."""
     if isinstance(value, str):
+        _unicode([value])
         return value
     if isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise ValueError(f"item {i} is {type(item).__name__}, expected a string{what}")
-        return value
+        return _unicode(value)
     raise ValueError(f"expected a string or a list of strings, got {type(value).__name__}")
 
 
@@ -60,6 +71,11 @@ class ClassifyRequest(ImageEmbeddingRequest):
         None, description="prompt templates with a '{}' placeholder, averaged per label "
                           "(default: the label itself)", examples=[["an emoji of a {}"]])
     top_k: Optional[int] = Field(None, ge=1, description="return only the k most probable labels per image")
+
+    @field_validator("labels", "templates")
+    @classmethod
+    def _valid_unicode(cls, value):
+        return value if value is None else _unicode(value)
 
 
 # -- responses (documentation; handlers build the JSON directly) ---------------

@@ -41,7 +41,8 @@ def run_server(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int 
                     "(set --api-key or %s)", host, API_KEY_ENV)
     # Batches the batcher coalesces run as one forward pass.
     embedder = Embedder(model_dir, device=device, batch_size=settings.max_batch_size,
-                        max_image_pixels=settings.max_image_pixels)
+                        max_image_pixels=settings.max_image_pixels,
+                        max_image_aspect_ratio=settings.max_image_aspect_ratio)
     app = create_app(embedder, settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..embedder import DEFAULT_MAX_IMAGE_PIXELS
+from ..embedder import DEFAULT_MAX_IMAGE_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS
 
 API_KEY_ENV = "LIMOE_API_KEY"
 
@@ -19,4 +19,5 @@ class ServeSettings:
     max_prompts: int = 1024  # labels x templates per classify request
     max_request_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_aspect_ratio: float = DEFAULT_MAX_IMAGE_ASPECT_RATIO  # long side / short side
     torch_threads: int | None = None  # intra-op threads of the model worker (default: torch's own choice)
