@@ -326,6 +326,19 @@ def fits(s: Setup, device_memory: int) -> tuple[bool, dict]:
     return need <= capacity(s, device_memory), memory
 
 
+def largest_batch(s: Setup, device_memory: int, limit: int = 1 << 16) -> int:
+    """The largest per-device batch whose peak fits (0 if not even 1 does)."""
+    if not fits(s.replace(batch=1), device_memory)[0]:
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(s.replace(batch=high), device_memory)[0]:
+        low, high = high, high * 2
+    while high - low > 1:  # low fits, high does not
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(s.replace(batch=mid), device_memory)[0] else (low, mid)
+    return low
+
+
 def suggestions(s: Setup, device_memory: int, peak_tflops: float | None, utilisation: float) -> list[dict]:
     """Changes that bring the peak under the device memory, each with its numbers."""
     candidates = []
@@ -380,7 +393,7 @@ def plan(config, device_memory: int, utilisation: float = 0.4, peak_tflops: floa
         "setup": {k: v for k, v in dataclasses.asdict(s).items() if k != "model"} | {
             "world_size": s.world_size, "batched_experts": s.batched_experts},
         "device_memory": device_memory, "usable_per_rank": capacity(s, device_memory), "reserve": RESERVE,
-        "memory": memory, "fits": ok, "stages": stages,
+        "memory": memory, "fits": ok, "stages": stages, "largest_batch": largest_batch(s, device_memory),
         "all_to_all": all_to_all_bytes(s),
         "flops": flops_plan(s, peak_tflops, utilisation), "utilisation": utilisation, "peak_tflops": peak_tflops,
         "suggestions": [] if ok else suggestions(s, device_memory, peak_tflops, utilisation),
@@ -457,8 +470,9 @@ def format_plan(p: dict) -> str:
              else f"a {human_bytes(p['device_memory'])} device")
     verdict = "fits" if p["fits"] else "does NOT fit"
     lines += ["", f"{verdict}: {human_bytes(need)} per rank of {human_bytes(p['usable_per_rank'])} usable "
-                  f"({where}, {p['reserve']:.0%} kept free)", "",
-              "ZeRO stage x checkpointing      gradients    optimizer      buckets  activations         peak  fits"]
+                  f"({where}, {p['reserve']:.0%} kept free); the largest train.batch_size that fits is "
+                  f"{p['largest_batch']:,}", "",
+              "ZeRO stage x checkpointing      gradients    optimizer      buckets  activations  peak of step  fits"]
     for key, st in p["stages"].items():
         peak = st["peak_resident"] if cpu else st["peak"]
         mark = " <- this config" if (st["zero_stage"], st["grad_checkpointing"]) == (

@@ -160,6 +160,33 @@ def test_kept_activations_match_what_torch_allocates(variant):
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
+def test_with_checkpointing_the_recomputed_router_graphs_outlive_the_backward():
+    # DeepSpeed's MOELayer keeps its last aux loss (l_aux); the recomputation in the backward
+    # replaces it with a graph nothing backwards through. If the MoE layer stops keeping it,
+    # this test fails and activation_bytes' held_after_backward should become 0.
+    config = LIMoEConfig(**ACTIVATION_MODEL, moe=MoEConfig(num_experts=4, capacity_factor=4.0))
+    torch.manual_seed(0)
+    model = limoe.LIMoE(config).train()
+    model.set_grad_checkpointing(True)
+    batch = 6
+    images, tokens = torch.randn(batch, 3, 16, 16), torch.randint(3, 50, (batch, 8))
+    grads = 4 * sum(p.numel() for p in model.parameters())
+
+    def train_step():
+        LIMoELoss("clip")(model(images, tokens))["loss"].backward()
+
+    after_backward, _ = allocated_during(train_step)
+    held = activation_bytes(config, batch, grad_checkpointing=True)["held_after_backward"]
+    assert held > 0 and after_backward - grads == pytest.approx(held, rel=0.05)
+
+    def drop_aux_losses():
+        for layer in model.moe_layers():
+            layer.deepspeed_moe.l_aux = None
+
+    freed, _ = allocated_during(drop_aux_losses)
+    assert -freed == pytest.approx(held, rel=0.05)
+
+
 def test_a_training_step_peaks_near_the_plan():
     # One process, torch AdamW on fp32 weights: DeepSpeed's ZeRO 0 on one rank.
     config = LIMoEConfig(**ACTIVATION_MODEL, moe=MoEConfig(num_experts=4))
