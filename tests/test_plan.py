@@ -243,6 +243,14 @@ def test_a_config_that_does_not_fit_gets_changes_with_their_numbers():
     assert plan(changed, parse_size("80GB"))["memory"]["peak"] == smaller["peak"]
 
 
+def test_a_larger_ep_size_is_suggested_where_the_experts_and_ranks_allow_it():
+    config = load_config("b16-8gpu", [("parallel.ep_size", 2), ("train.batch_size", 2048)])
+    result = plan(config, parse_size("80GB"))
+    ep = [s for s in result["suggestions"] if "parallel.ep_size" in s["set"]]
+    assert [s["set"] for s in ep] == [{"parallel.ep_size": 4}]
+    assert ep[0]["peak"] < result["memory"]["peak"]  # a quarter of the experts' weights and states instead of half
+
+
 def test_cpu_ranks_share_the_nodes_ram():
     setup, _ = setup_from_config(load_config("cpu-demo"))
     peak = memory_plan(setup)["peak_resident"]
