@@ -42,6 +42,7 @@ RESERVE = 0.10
 # Dense BF16 tensor-core peak of an H100 / H200 SXM (no sparsity): the default for bf16 plans.
 H100_BF16_TFLOPS = 989.0
 FP32_MASTER = MOMENT = 4  # bytes: DeepSpeed's fp32 master copy; each of AdamW's two fp32 moments
+ENGINE_ALLREDUCE_ELEMENTS = int(5e8)  # DeepSpeed's engine all-reduces ZeRO 0 gradients in flat buffers this big
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
 
@@ -220,7 +221,8 @@ def memory_plan(s: Setup) -> dict:
       backward   weights + optimizer + buckets + activations (kept + the backward's worst
                  block) + the gradients that already exist then (see live_grads);
       reduction  weights + optimizer + all gradients + buckets + the filled bucket's copy
-                 in the communication dtype (ds_config communication_data_type);
+                 in the communication dtype (ds_config communication_data_type); under
+                 ZeRO 0 the engine's flat copy of the gradients instead of the bucket;
       step       weights + optimizer + gradients + the fp32 gradient partition DeepSpeed
                  hands the optimizer and AdamW's temporary (ZeRO 1/2), or AdamW's
                  temporaries (ZeRO 0).
@@ -241,7 +243,12 @@ def memory_plan(s: Setup) -> dict:
     # as it is made and keeps only its partition once a full bucket has been reduced.
     spills = s.zero_stage >= 2 and s.reduce_bucket_size < held
     live_grads = gradients if (s.accum_freq > 1 or s.grad_checkpointing or spills) else 0
-    filled = min(s.reduce_bucket_size, held) if buckets else 0
+    if s.zero_stage >= 1:
+        filled = min(s.reduce_bucket_size, held) if buckets else 0  # the bucket's contents at the reduction
+        flat_copy = 0
+    else:  # the engine flattens the gradients into up to 5e8-element buffers to all-reduce them
+        filled = min(ENGINE_ALLREDUCE_ELEMENTS, held) if s.world_size > 1 else 0
+        flat_copy = filled * s.element_bytes
     comm_copy = filled * s.communication_bytes if s.communication_bytes not in (None, s.element_bytes) else 0
     if s.zero_stage >= 1:
         step_workspace = partition * (4 + 4)  # fp32 gradient partition + AdamW's sqrt(v) temporary
@@ -253,18 +260,18 @@ def memory_plan(s: Setup) -> dict:
     stale = act["held_after_backward"]
     phases = {
         "backward": base + buckets + act["peak"] + live_grads,
-        "reduction": base + gradients + buckets + comm_copy + stale,
+        "reduction": base + gradients + buckets + flat_copy + comm_copy + stale,
         "step": base + gradients + step_workspace + stale,
     }
     peak_phase = max(phases, key=phases.get)
+    # What a CPU really makes resident: the untouched pages of the buckets take no RAM.
+    untouched = buckets - buckets_touched if s.device == "cpu" else 0
+    resident = {k: v - (untouched if k in ("backward", "reduction") else 0) for k, v in phases.items()}
     return {
         "states": states, "weights": weights, "gradients": gradients, "optimizer": optimizer,
-        "reduce_buckets": buckets, "reduce_buckets_touched": buckets_touched, "communication_copy": comm_copy,
-        "step_workspace": step_workspace, "activations": act, "phases": phases, "peak_phase": peak_phase,
-        "peak": phases[peak_phase],
-        # What a CPU really makes resident: the untouched pages of the buckets take no RAM.
-        "peak_resident": phases[peak_phase] - (buckets - buckets_touched if s.device == "cpu" and
-                                               peak_phase in ("backward", "reduction") else 0),
+        "reduce_buckets": buckets, "reduce_buckets_touched": buckets_touched,
+        "communication_copy": comm_copy + flat_copy, "step_workspace": step_workspace, "activations": act,
+        "phases": phases, "peak_phase": peak_phase, "peak": phases[peak_phase], "peak_resident": max(resident.values()),
     }
 
 
@@ -380,13 +387,12 @@ def plan(config, device_memory: int, utilisation: float = 0.4, peak_tflops: floa
     stages = {}
     for stage in (0, 1, 2):
         for ckpt in (False, True):
-            trial = s.replace(zero_stage=stage, grad_checkpointing=ckpt)
-            m = memory_plan(trial)
+            trial_fits, m = fits(s.replace(zero_stage=stage, grad_checkpointing=ckpt), device_memory)
             stages[f"zero{stage}{'_ckpt' if ckpt else ''}"] = {
                 "zero_stage": stage, "grad_checkpointing": ckpt, "gradients": m["gradients"],
                 "optimizer": m["optimizer"], "reduce_buckets": m["reduce_buckets"],
                 "activations": m["activations"]["peak"], "peak": m["peak"], "peak_resident": m["peak_resident"],
-                "fits": fits(trial, device_memory)[0]}
+                "fits": trial_fits}
     return {
         "config": config.name, "model": s.model.name, "capacity_factor": s.model.moe.capacity_factor,
         "notes": notes,
