@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "launch.commands_info",
     "launch.launcher",
+    "launch.plan",
     "launch.export",
     "eval.cli",
     "launch.commands_serve",

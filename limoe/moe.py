@@ -301,18 +301,21 @@ class ExpertDispatch(MOELayer):
     """DeepSpeed's MOELayer (gate, experts, all-to-all over the expert-parallel
     group) with the gather-only token dispatch above, and dropless inference."""
 
-    def forward(self, x: torch.Tensor, token_groups: TokenGroups) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_groups: TokenGroups) -> tuple[torch.Tensor, dict]:
+        """(y, this layer's aux dict). The aux dict is returned, not kept on the module as
+        DeepSpeed's MOELayer keeps `l_aux`: with gradient checkpointing the recomputation stops
+        early, so a kept one would hold the recomputed router graph alive until the next forward."""
         if bwc_tensor_model_parallel_world_size(groups.mpu) > 1:
             raise ValueError("LIMoE experts do not support tensor model parallelism")
         d_model = x.shape[-1]
         tokens = x.reshape(-1, d_model)
-        routes, self.l_aux = self.gate(tokens, token_groups)
-        self.exp_counts = routes.counts
+        routes, aux = self.gate(tokens, token_groups)
+        self.exp_counts = routes.counts.detach()
         if routes.capacity is None:
             y = self.dropless(tokens, routes)
         else:
             y = self.with_capacity(tokens, routes)
-        return y.reshape(x.shape)
+        return y.reshape(x.shape), aux
 
     def with_capacity(self, tokens: torch.Tensor, routes: Routes) -> torch.Tensor:
         d_model = tokens.shape[-1]
@@ -395,5 +398,4 @@ class LIMoELayer(MoE):
         """
         if isinstance(token_groups, torch.Tensor):
             token_groups = TokenGroups.from_modality(token_groups)
-        y = self.deepspeed_moe(x, token_groups)
-        return y, self.deepspeed_moe.l_aux
+        return self.deepspeed_moe(x, token_groups)
