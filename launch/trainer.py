@@ -85,6 +85,14 @@ def build_model(model_config, ep_size: int, ep_rank: int, seed: int):
     return model
 
 
+def set_batched_experts(model, choice: bool | str) -> None:
+    """train.batched_experts on every MoE layer: "auto" (None: batched matmuls on CUDA,
+    a loop over the experts on CPU), or True/False to force one way."""
+    batched = None if choice == "auto" else bool(choice)
+    for layer in model.moe_layers():
+        layer.deepspeed_moe.experts.batched = batched
+
+
 # Parameters that get no weight decay besides every 1-d tensor (norms, biases):
 # embeddings, position embeddings, the MAP probe token, and the temperature.
 NO_DECAY_NAMES = ("token_embed.weight", "image_pos", "text_pos", ".probe", "logit_scale", "logit_bias")
@@ -367,6 +375,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     ep_rank = rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
     model = build_model(model_config, ep_size, ep_rank, config.seed)
     model.set_grad_checkpointing(config.train.grad_checkpointing)
+    set_batched_experts(model, config.train.batched_experts)
     o, s = config.optimizer, config.schedule
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.wd), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps)
