@@ -343,6 +343,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     from .deepspeed_compat import patch_broadcast_of_scalar_parameters, remove_shm_buffers
     from .ds_config import build_ds_config, write_ds_config
     from .eval_hook import zero_shot_eval
+    from .resume import Layout, ResumeError, load_checkpoint
 
     # -- processes ---------------------------------------------------------------------
     # A share of the cores per rank (2 ranks on 2 cores: 1 thread each); LOCAL_SIZE is set by the launcher.
@@ -401,13 +402,11 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         log.info("--resume %s: no checkpoint yet in %s, starting from scratch", resume, checkpoints.dir)
     if target is not None:
         load_dir, tag = target
-        path, client = engine.load_checkpoint(str(load_dir), tag=tag)
-        if path is None:
-            raise SystemExit(f"error: could not load checkpoint {load_dir / tag}")
-        saved = client[CLIENT_KEY]
-        if saved.get("world_size") != world_size or saved.get("ep_size") != ep_size:
-            raise SystemExit(f"error: checkpoint {tag} was written by {saved.get('world_size')} ranks with "
-                             f"ep_size={saved.get('ep_size')}; this run has {world_size} and {ep_size}")
+        try:  # on the layout that wrote it, or resharded onto this one (launch/resume.py)
+            saved = load_checkpoint(engine, load_dir, tag, Layout(world_size, ep_size, p.zero_stage),
+                                    model_config.moe.num_experts)
+        except ResumeError as e:
+            raise SystemExit(f"error: {e}") from e
         state = TrainState(**{k: saved[k] for k in asdict(state)})
         log.info("resumed from %s: step %d, data epoch %d (+%d batches), lr %.3e", load_dir / tag, state.step,
                  state.batches_drawn // state.batches_per_epoch, state.batches_drawn % state.batches_per_epoch,
@@ -433,7 +432,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     # -- the loop -------------------------------------------------------------------------------
     stop_at = config.train.stop_after or config.train.steps
     run_log = RunLog(run_dir, state.step, config.train.steps, enabled=rank == 0)
-    extra = {"world_size": world_size, "ep_size": ep_size, "seed": config.seed}
+    extra = {"world_size": world_size, "ep_size": ep_size, "zero_stage": p.zero_stage, "seed": config.seed}
     log.info("training %s: %d ranks (ep_size %d, ZeRO %d, %s), batch %d x %d ranks x %d accum, "
              "steps %d..%d", model_config.name, world_size, ep_size, p.zero_stage, config.train.precision,
              config.train.batch_size, world_size, config.train.accum_freq, state.step, stop_at)
