@@ -93,6 +93,14 @@ def set_batched_experts(model, choice: bool | str) -> None:
         layer.deepspeed_moe.experts.batched = batched
 
 
+def expert_mode(model, device) -> str:
+    """How the experts will run on `device`, for the log."""
+    if not model.moe_layers():
+        return "none (dense model)"
+    batched = model.moe_layers()[0].deepspeed_moe.experts.batched
+    return "batched matmuls" if (device.type == "cuda" if batched is None else batched) else "one after another"
+
+
 # Parameters that get no weight decay besides every 1-d tensor (norms, biases):
 # embeddings, position embeddings, the MAP probe token, and the temperature.
 NO_DECAY_NAMES = ("token_embed.weight", "image_pos", "text_pos", ".probe", "logit_scale", "logit_bias")
@@ -377,6 +385,8 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     model = build_model(model_config, ep_size, ep_rank, config.seed)
     model.set_grad_checkpointing(config.train.grad_checkpointing)
     set_batched_experts(model, config.train.batched_experts)
+    log.info("experts: %s; gradient checkpointing %s", expert_mode(model, device),
+             "on" if config.train.grad_checkpointing else "off")
     o, s = config.optimizer, config.schedule
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.wd), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps)
