@@ -1,6 +1,7 @@
 """Resuming a checkpoint on another number of ranks, ep_size or ZeRO stage (launch/resume.py).
 
-One source run: 2 CPU ranks, ep_size 2, ZeRO 1, fp32, STEPS steps, a checkpoint at step HALF.
+One source run (conftest's two_rank_run): 2 CPU ranks, ep_size 2, ZeRO 1, fp32, STEPS steps,
+a checkpoint at step HALF.
 Copies of its run directory are resumed from that checkpoint with `--resume latest` on
 other layouts: 1 rank (ep_size 1), 4 ranks with ep_size 2 and 4 (limoe-nano has 4
 experts), and 2 ranks with ep_size 1 and ZeRO 2. With 2 ranks each rank draws the same
@@ -18,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from test_train_run import colour_records, free_port, metrics, tiny_config
+from test_train_run import free_port, metrics
 
 STEPS, HALF, BATCH = 8, 4, 8
 LAYOUTS = {  # name: (ranks, ep_size, ZeRO stage)
@@ -30,17 +31,9 @@ LAYOUTS = {  # name: (ranks, ep_size, ZeRO stage)
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    from data_pipelines.writer import ShardSetWriter
-    from launch.launcher import run_training
-
-    root = tmp_path_factory.mktemp("elastic")
-    with ShardSetWriter(root / "shards", "colours", maxcount=16) as writer:
-        for record in colour_records():
-            writer.write(record)
-    config = tiny_config(root, "source", train={"batch_size": BATCH, "accum_freq": 1, "steps": STEPS},
-                         checkpoint={"every": HALF, "keep": 3})
-    return run_training(config)
+def source(two_rank_run):
+    assert [r["step"] for r in metrics(two_rank_run)] == list(range(1, STEPS + 1))
+    return two_rank_run
 
 
 def resume_on(source: Path, name: str, ranks: int, ep_size: int, zero_stage: int) -> Path:
