@@ -72,6 +72,7 @@ def by_step(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in metrics(run_dir)}
 
 
+@pytest.mark.slow
 def test_resharded_resume_continues_at_the_next_step_with_the_schedule_and_samples_seen(source, resumed):
     name, run_dir = resumed
     ranks = LAYOUTS[name][0]
@@ -84,6 +85,7 @@ def test_resharded_resume_continues_at_the_next_step_with_the_schedule_and_sampl
         in (run_dir / "out.log").read_text()
 
 
+@pytest.mark.slow
 def test_resharded_resume_carries_the_optimizer_state_over_and_says_so(resumed):
     name, run_dir = resumed
     ranks, ep_size, zero_stage = LAYOUTS[name]
@@ -96,6 +98,7 @@ def test_resharded_resume_carries_the_optimizer_state_over_and_says_so(resumed):
     assert "STARTS AGAIN" not in out_log
 
 
+@pytest.mark.slow
 def test_export_after_a_resharded_resume_embeds_like_the_training_model(resumed):
     _, run_dir = resumed
     found = re.search(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
@@ -103,12 +106,14 @@ def test_export_after_a_resharded_resume_embeds_like_the_training_model(resumed)
     assert found and float(found.group(1)) <= float(found.group(2))
 
 
+@pytest.mark.slow
 def test_two_ranks_resumed_with_another_ep_size_and_zero_stage_repeat_the_uninterrupted_losses(source, resumed_on):
     reference, records = by_step(source), by_step(resumed_on("2-ranks-ep1-zero2"))
     for step in range(HALF + 1, STEPS + 1):
         assert records[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
 
 
+@pytest.mark.slow
 def test_four_ranks_compute_the_same_after_resharding_whatever_the_ep_size(resumed_on):
     """The same 4 ranks draw the same batches with ep_size 2 and 4: the losses agree."""
     a, b = by_step(resumed_on("4-ranks-ep2")), by_step(resumed_on("4-ranks-ep4"))
@@ -116,6 +121,7 @@ def test_four_ranks_compute_the_same_after_resharding_whatever_the_ep_size(resum
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4), step
 
 
+@pytest.mark.slow
 def test_old_optimizer_files_reassemble_to_the_checkpoint_weights(source):
     """The fp32 master weights put together from the ranks' ZeRO fragments (the resharding's
     source) are, in an fp32 run, exactly the module weights the export gathers."""

@@ -91,6 +91,24 @@ def test_the_cpu_variant_changes_only_what_a_cpu_forces(name, tmp_path):
     load_config(on_cpu(name, tmp_path))  # and it passes every pre-launch check
 
 
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_batched_experts_is_auto_true_or_false(value, tmp_path):
+    from launch.train_config import load_config
+
+    config = on_cpu("b16-8gpu", tmp_path)
+    config["train"]["batched_experts"] = value
+    assert load_config(config).train.batched_experts == value
+
+
+def test_batched_experts_rejects_other_values_naming_the_key(tmp_path):
+    from launch.train_config import ConfigError, load_config
+
+    config = on_cpu("b16-8gpu", tmp_path)
+    config["train"]["batched_experts"] = "sometimes"
+    with pytest.raises(ConfigError, match=r"'train.batched_experts': must be auto, true or false, got 'sometimes'"):
+        load_config(config)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Colour shards for training; ImageNet-layout shards (the first 8 wnids, i.e. tench,

@@ -34,8 +34,6 @@ import yaml
 
 from test_train_run import free_port, kill_tree, metrics
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parent.parent
 STOP_AT, STEPS = 4, 8
 HOSTS = ("127.0.0.1", "localhost")
@@ -116,6 +114,7 @@ def two_nodes(two_rank_run):
     return run_dir, part1, slurm
 
 
+@pytest.mark.slow
 def test_two_launchers_on_localhost_start_one_node_each_and_checkpoint(two_nodes):
     run_dir, part1, _ = two_nodes
     for node, (returncode, output) in enumerate(part1):
@@ -127,6 +126,7 @@ def test_two_launchers_on_localhost_start_one_node_each_and_checkpoint(two_nodes
     assert f"checkpoint {run_dir / 'checkpoints' / f'step_{STOP_AT:08d}'}" in out_log
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_its_own_lines_under_stand_ins_and_resumes(two_nodes):
     run_dir, _, slurm = two_nodes
     assert slurm.returncode == 0, slurm.stdout[-3000:]
@@ -139,6 +139,7 @@ def test_slurm_script_runs_its_own_lines_under_stand_ins_and_resumes(two_nodes):
         in (run_dir / "out.log").read_text()
 
 
+@pytest.mark.slow
 def test_two_node_run_computes_the_losses_of_the_one_node_run(two_nodes, two_rank_run):
     run_dir, _, _ = two_nodes
     reference = {r["step"]: r for r in metrics(two_rank_run)}
@@ -149,9 +150,17 @@ def test_two_node_run_computes_the_losses_of_the_one_node_run(two_nodes, two_ran
         assert record["lr"] == pytest.approx(reference[record["step"]]["lr"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_two_node_run_exports_and_the_export_embeds_like_the_training_model(two_nodes):
     run_dir, _, _ = two_nodes
     found = re.search(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
                       (run_dir / "out.log").read_text())
     assert found and float(found.group(1)) <= float(found.group(2))
     assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_a_node_launcher_refuses_overrides_its_ranks_would_not_see(capsys):
+    from launch.cli import main
+
+    assert main(["train", "--config", "cpu-demo", "--node-rank", "1", "--lr", "1e-3"]) == 2
+    assert "give optimizer.lr to the --prepare-only step instead" in capsys.readouterr().err
