@@ -21,6 +21,10 @@ def tiny_tokenizer():
     return limoe.Tokenizer.train(tiny_texts(), vocab_size=120, context_length=8)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; benchmarks/run_gpu.sh runs them)")
+
+
 TINY = dict(width=32, depth=2, heads=2, mlp_dim=64, embed_dim=16, image_size=16, patch_size=4)
 
 
