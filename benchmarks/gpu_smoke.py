@@ -43,6 +43,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
@@ -237,7 +238,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything except the device (configs, commands, scripts); no GPU needed")
     parser.add_argument("--out", default=str(BENCHMARKS / "results" / "gpu"),
-                        help="folder for smoke.json, the phase logs and the training run (default: %(default)s)")
+                        help="folder for smoke.json and the phase logs (default: %(default)s)")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "limoe-gpu-smoke"),
+                        help="folder for the training phase's data and run directory (checkpoints of several "
+                             "GB; its metrics and log are copied to --out) (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="pairs per GPU for the training phase (default: the config's 256)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "smoke-run"
+    work = Path(args.work).resolve()
     gpu, peak = gpu_peak_tflops(args.peak_tflops)
     if not args.dry_run and gpu is None:
         print("gpu_smoke: torch sees no CUDA device; nothing to measure (use --dry-run to check the plan)")
@@ -280,6 +284,9 @@ def main(argv=None) -> int:
                 result["phases"]["train"] = run_phase("train", cmd, out, env)
             result["train_memory"] = {"peak_used_mib": memory.peak_mib, "source": "nvidia-smi memory.used, GPU 0",
                                       "error": memory.error}
+        for name in ("config.yaml", "metrics.jsonl", "out.log"):  # the run's record, next to smoke.json
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, out / f"train_{name}")
         if (run_dir / "config.yaml").is_file():
             result["train_plan"] = plan = training_plan(run_dir)
             if not args.dry_run and (run_dir / "metrics.jsonl").is_file():

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_dry_run_resolves_the_config_builds_the_commands_and_imports_the_scripts(tmp_path):
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu.sh"), "--dry-run", "--out", str(tmp_path),
+                           "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     smoke = json.loads((tmp_path / "smoke_dry_run.json").read_text())
@@ -27,6 +28,7 @@ def test_dry_run_resolves_the_config_builds_the_commands_and_imports_the_scripts
         == ("limoe-b-16", "bf16", 1, 1, 256, 50)
     assert plan["ds_config_bf16"] is True and plan["train_tflop_per_step"] > 10
     assert "deepspeed --num_gpus 1" in (tmp_path / "train.log").read_text()
+    assert (tmp_path / "train_config.yaml").is_file()  # the prepared run's config, next to the JSON
     assert "--device cuda --dtype bf16 --d-model 768" in smoke["phases"]["moe_layer"]["command"]
 
 
