@@ -176,6 +176,8 @@ def training_plan(run_dir: Path) -> dict:
 
 
 def training_results(run_dir: Path, plan: dict, peak_tflops: float | None) -> dict:
+    from launch.trainer import read_export_check
+
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] >= TIMED_FROM]
     result = {"steps_done": records[-1]["step"] if records else 0,
@@ -188,11 +190,9 @@ def training_results(run_dir: Path, plan: dict, peak_tflops: float | None) -> di
                       timed_steps=f"{TIMED_FROM}-{timed[-1]['step']}")
         result["mfu"] = plan["train_tflop_per_step"] * 1e12 / step_s / (peak_tflops * 1e12) if peak_tflops else None
     out_log = (run_dir / "out.log").read_text() if (run_dir / "out.log").is_file() else ""
-    check = re.search(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
-                      out_log)
+    check = read_export_check(out_log)
     if check:
-        result["export_check"] = {"difference": float(check.group(1)), "tolerance": float(check.group(2)),
-                                  "passed": float(check.group(1)) <= float(check.group(2))}
+        result["export_check"] = {"difference": check[0], "tolerance": check[1], "passed": check[0] <= check[1]}
     return result
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -589,6 +590,16 @@ def export_and_check(engine, run_dir: Path, tokenizer, model_config, rank: int, 
                   str(run_dir / "export_probe.safetensors"))
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         (log.info if diff <= tolerance else log.error)(
-            "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)",
+            EXPORT_CHECK_LOG,
             diff, tolerance)
     dist.barrier()
+
+
+EXPORT_CHECK_LOG = "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)"
+
+
+def read_export_check(out_log: str) -> tuple[float, float] | None:
+    """(difference, tolerance) of the last export check in a run's out.log text; None if it has none."""
+    found = re.findall(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
+                       out_log)
+    return (float(found[-1][0]), float(found[-1][1])) if found else None
