@@ -4,7 +4,6 @@ CUDA, bf16 kernels against fp32 on CPU, and training through the launcher on GPU
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
