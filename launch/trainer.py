@@ -546,6 +546,16 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     return exit_code
 
 
+EXPORT_CHECK_LOG = "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)"
+
+
+def read_export_check(out_log: str) -> tuple[float, float] | None:
+    """(difference, tolerance) of the last export check in a run's out.log text; None if it has none."""
+    found = re.findall(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
+                       out_log)
+    return (float(found[-1][0]), float(found[-1][1])) if found else None
+
+
 def export_and_check(engine, run_dir: Path, tokenizer, model_config, rank: int, world_size: int, device,
                      dtype) -> None:
     """Export the final checkpoint (rank 0), then check the export against the training model:
@@ -589,17 +599,6 @@ def export_and_check(engine, run_dir: Path, tokenizer, model_config, rank: int, 
         save_file({"images": images, "tokens": tokens, "image_features": train_img, "text_features": train_txt},
                   str(run_dir / "export_probe.safetensors"))
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-        (log.info if diff <= tolerance else log.error)(
-            EXPORT_CHECK_LOG,
-            diff, tolerance)
+        (log.info if diff <= tolerance else log.error)(EXPORT_CHECK_LOG, diff, tolerance)
     dist.barrier()
 
-
-EXPORT_CHECK_LOG = "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)"
-
-
-def read_export_check(out_log: str) -> tuple[float, float] | None:
-    """(difference, tolerance) of the last export check in a run's out.log text; None if it has none."""
-    found = re.findall(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
-                       out_log)
-    return (float(found[-1][0]), float(found[-1][1])) if found else None
