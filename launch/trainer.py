@@ -601,4 +601,3 @@ def export_and_check(engine, run_dir: Path, tokenizer, model_config, rank: int, 
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         (log.info if diff <= tolerance else log.error)(EXPORT_CHECK_LOG, diff, tolerance)
     dist.barrier()
-
