@@ -186,7 +186,7 @@ COLUMNS = [
 ]
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: cuda when available, else cpu")
@@ -210,7 +210,11 @@ def main(argv=None):
                         help="measure dropless inference under a balanced and a 70%%-skewed router instead")
     parser.add_argument("--out", default=None,
                         help="JSON path (default benchmarks/results/moe_layer.json, or moe_layer_dropless.json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     args.out = args.out or f"benchmarks/results/moe_layer{'_dropless' if args.dropless else ''}.json"
 
     if args.threads:

@@ -130,7 +130,7 @@ COLUMNS = [("model", "model"), ("batch", "batch"), ("params_m", "params (M)"), (
            ("mfu", "MFU")]
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
@@ -148,7 +148,11 @@ def main(argv=None):
                         help="the accelerator's peak TFLOP/s for MFU (default: looked up from the GPU name)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per model")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -337,6 +337,9 @@ def run_train_command(args) -> int:
         overrides = overrides_from_args(args)
         if args.node_rank is not None:
             # One launcher per node (SLURM): the batch script prepared the run directory once.
+            if overrides:  # the ranks read the prepared config.yaml: an override here would be lost
+                raise ConfigError(f"--node-rank starts the ranks of a prepared run directory; give "
+                                  f"{', '.join(k for k, _ in overrides)} to the --prepare-only step instead")
             config = load_config(args.config, overrides)
             cmd = build_command(config, config.run_dir / "config.yaml", args.resume, node_rank=args.node_rank)
             print(f"command: {shlex.join(cmd)}", flush=True)

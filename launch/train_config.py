@@ -33,6 +33,7 @@ from limoe.config import LIMoEConfig, TwoTowerConfig, get_config, list_models
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("fp32", "bf16")
+BATCHED_EXPERTS = ("auto", True, False)
 ACCELERATORS = ("auto", "cpu", "cuda")
 
 
@@ -77,6 +78,9 @@ class TrainSection:
     grad_clip: float = 1.0  # global grad-norm clip; 0 turns it off
     precision: str = "fp32"  # fp32 (CPU) or bf16 (GPU)
     grad_checkpointing: bool = False
+    # The experts' matmuls: "auto" batches them on CUDA (one kernel per weight) and loops
+    # over them on CPU; true/false force one way (true on CPU runs the path a GPU takes).
+    batched_experts: bool | str = "auto"
     max_bad_steps: int = 5  # consecutive NaN/inf losses (each skipped) before the run stops
     log_every: int = 1  # steps between metrics.jsonl / TensorBoard records
 
@@ -456,6 +460,8 @@ def check_config(config: TrainConfig) -> None:
            f"must be in 1..train.steps={t.steps}, got {t.stop_after}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _check(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
+    _check(t.batched_experts in BATCHED_EXPERTS, "train.batched_experts",
+           f"must be auto, true or false, got {t.batched_experts!r}")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")

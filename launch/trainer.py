@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -83,6 +84,22 @@ def build_model(model_config, ep_size: int, ep_rank: int, seed: int):
     model = create_model(model_config, ep_size=ep_size)
     model.load_state_dict(state_dict)
     return model
+
+
+def set_batched_experts(model, choice: bool | str) -> None:
+    """train.batched_experts on every MoE layer: "auto" (None: batched matmuls on CUDA,
+    a loop over the experts on CPU), or True/False to force one way."""
+    batched = None if choice == "auto" else bool(choice)
+    for layer in model.moe_layers():
+        layer.deepspeed_moe.experts.batched = batched
+
+
+def expert_mode(model, device) -> str:
+    """How the experts will run on `device`, for the log."""
+    if not model.moe_layers():
+        return "none (dense model)"
+    batched = model.moe_layers()[0].deepspeed_moe.experts.batched
+    return "batched matmuls" if (device.type == "cuda" if batched is None else batched) else "one after another"
 
 
 # Parameters that get no weight decay besides every 1-d tensor (norms, biases):
@@ -369,6 +386,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     from .deepspeed_compat import patch_broadcast_of_scalar_parameters, remove_shm_buffers
     from .ds_config import build_ds_config, write_ds_config
     from .eval_hook import zero_shot_eval
+    from .resume import Layout, ResumeError, load_checkpoint
 
     # -- processes ---------------------------------------------------------------------
     # A share of the cores per rank (2 ranks on 2 cores: 1 thread each); LOCAL_SIZE is set by the launcher.
@@ -403,6 +421,9 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     ep_rank = rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
     model = build_model(model_config, ep_size, ep_rank, config.seed)
     model.set_grad_checkpointing(config.train.grad_checkpointing)
+    set_batched_experts(model, config.train.batched_experts)
+    log.info("experts: %s; gradient checkpointing %s", expert_mode(model, device),
+             "on" if config.train.grad_checkpointing else "off")
     o, s = config.optimizer, config.schedule
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.wd), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps)
@@ -428,13 +449,11 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         log.info("--resume %s: no checkpoint yet in %s, starting from scratch", resume, checkpoints.dir)
     if target is not None:
         load_dir, tag = target
-        path, client = engine.load_checkpoint(str(load_dir), tag=tag)
-        if path is None:
-            raise SystemExit(f"error: could not load checkpoint {load_dir / tag}")
-        saved = client[CLIENT_KEY]
-        if saved.get("world_size") != world_size or saved.get("ep_size") != ep_size:
-            raise SystemExit(f"error: checkpoint {tag} was written by {saved.get('world_size')} ranks with "
-                             f"ep_size={saved.get('ep_size')}; this run has {world_size} and {ep_size}")
+        try:  # on the layout that wrote it, or resharded onto this one (launch/resume.py)
+            saved = load_checkpoint(engine, load_dir, tag, Layout(world_size, ep_size, p.zero_stage),
+                                    model_config.moe.num_experts)
+        except ResumeError as e:
+            raise SystemExit(f"error: {e}") from e
         state = TrainState(**{k: saved[k] for k in asdict(state)})
         log.info("resumed from %s: step %d, data epoch %d (+%d batches), lr %.3e", load_dir / tag, state.step,
                  state.batches_drawn // state.batches_per_epoch, state.batches_drawn % state.batches_per_epoch,
@@ -461,7 +480,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     # -- the loop -------------------------------------------------------------------------------
     stop_at = config.train.stop_after or config.train.steps
     run_log = RunLog(run_dir, state.step, config.train.steps, enabled=rank == 0)
-    extra = {"world_size": world_size, "ep_size": ep_size, "seed": config.seed}
+    extra = {"world_size": world_size, "ep_size": ep_size, "zero_stage": p.zero_stage, "seed": config.seed}
     log.info("training %s: %d ranks (ep_size %d, ZeRO %d, %s), batch %d x %d ranks x %d accum, "
              "steps %d..%d", model_config.name, world_size, ep_size, p.zero_stage, config.train.precision,
              config.train.batch_size, world_size, config.train.accum_freq, state.step, stop_at)
@@ -562,6 +581,16 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     return exit_code
 
 
+EXPORT_CHECK_LOG = "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)"
+
+
+def read_export_check(out_log: str) -> tuple[float, float] | None:
+    """(difference, tolerance) of the last export check in a run's out.log text; None if it has none."""
+    found = re.findall(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
+                       out_log)
+    return (float(found[-1][0]), float(found[-1][1])) if found else None
+
+
 def export_and_check(engine, run_dir: Path, tokenizer, model_config, rank: int, world_size: int, device,
                      dtype) -> None:
     """Export the final checkpoint (rank 0), then check the export against the training model:
@@ -605,7 +634,5 @@ def export_and_check(engine, run_dir: Path, tokenizer, model_config, rank: int, 
         save_file({"images": images, "tokens": tokens, "image_features": train_img, "text_features": train_txt},
                   str(run_dir / "export_probe.safetensors"))
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-        (log.info if diff <= tolerance else log.error)(
-            "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)",
-            diff, tolerance)
+        (log.info if diff <= tolerance else log.error)(EXPORT_CHECK_LOG, diff, tolerance)
     dist.barrier()

@@ -21,6 +21,10 @@ def tiny_tokenizer():
     return limoe.Tokenizer.train(tiny_texts(), vocab_size=120, context_length=8)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; benchmarks/run_gpu.sh runs them)")
+
+
 TINY = dict(width=32, depth=2, heads=2, mlp_dim=64, embed_dim=16, image_size=16, patch_size=4)
 
 
@@ -64,3 +68,23 @@ def fake_emoji_tarballs(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("npm")
     return {style: make_fake_emoji_tarball(folder, style) for style in ("google", "twitter")}
+
+
+# ---- training ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory):
+    """One tiny training run on 2 CPU ranks (ep_size 2, ZeRO 1, fp32): 8 steps, a checkpoint
+    every 4 (both kept). The reference of the elastic-resume and multi-node tests, which
+    train the same config (test_train_run.tiny_config) in other layouts next to it."""
+    from data_pipelines.writer import ShardSetWriter
+    from launch.launcher import run_training
+    from test_train_run import colour_records, tiny_config
+
+    root = tmp_path_factory.mktemp("two-rank-run")
+    with ShardSetWriter(root / "shards", "colours", maxcount=16) as writer:
+        for record in colour_records():
+            writer.write(record)
+    return run_training(tiny_config(root, "reference", train={"batch_size": 8, "accum_freq": 1, "steps": 8},
+                                    checkpoint={"every": 4, "keep": 3}))
