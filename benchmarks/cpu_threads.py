@@ -11,10 +11,13 @@ process spinning on one core), the case of a shared box.
 
 A variant is `name:KEY=VALUE,KEY=VALUE`: `threads` (parallel.threads_per_proc;
 `default` = the launcher's default), `wait` (OMP_WAIT_POLICY for the ranks and
-their data workers: `unset`, `PASSIVE` or `ACTIVE`), `workers` (data.workers).
+their data workers: `unset`, `PASSIVE` or `ACTIVE`; `default` = what the
+launcher sets), `workers` (data.workers), `procs` (ranks, with ep_size = procs).
 
     python benchmarks/cpu_threads.py --data data/emoji-google --rounds 2 --neighbour
     python benchmarks/cpu_threads.py --variants "one:threads=1,wait=unset" "two:threads=2,wait=PASSIVE"
+    python benchmarks/cpu_threads.py --variants "r1-2t-unset:procs=1,threads=2,wait=unset" \
+        "r1-2t-passive:procs=1,threads=2,wait=PASSIVE" "r1-1t-passive:procs=1,threads=1,wait=PASSIVE"
 """
 from __future__ import annotations
 
@@ -40,11 +43,11 @@ BUSY_LOOP = "import time\nend = time.time() + {seconds}\nwhile time.time() < end
 
 def parse_variant(text: str) -> dict:
     name, _, spec = text.partition(":")
-    variant = {"name": name, "threads": "default", "wait": "unset", "workers": None}
+    variant = {"name": name, "threads": "default", "wait": "unset", "workers": None, "procs": None}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key not in variant or key == "name":
-            raise SystemExit(f"variant {text!r}: unknown setting {key!r} (threads, wait, workers)")
+            raise SystemExit(f"variant {text!r}: unknown setting {key!r} (threads, wait, workers, procs)")
         variant[key] = value
     return variant
 
@@ -58,13 +61,15 @@ def train_command(args, variant: dict, name: str) -> list[str]:
         cmd += ["--set", f"parallel.threads_per_proc={variant['threads']}"]
     if variant["workers"] is not None:
         cmd += ["--workers", variant["workers"]]
+    if variant["procs"] is not None:
+        cmd += ["--set", f"parallel.num_procs={variant['procs']}", "--set", f"parallel.ep_size={variant['procs']}"]
     return cmd
 
 
 def variant_env(variant: dict) -> dict:
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)  # the variant (or the launcher's default) decides
-    if variant["wait"] == "unset":
+    if variant["wait"] in ("unset", "default"):
         env.pop("OMP_WAIT_POLICY", None)
     else:
         env["OMP_WAIT_POLICY"] = variant["wait"]
