@@ -28,6 +28,15 @@ def start_wandb(config, run_dir: Path):
                       resume="allow")
 
 
+def finish_wandb(run) -> None:
+    """Finish the run and wait for wandb's service process to write it: `finish()` alone returned
+    before the offline run's .wandb file had its records in 2 of 5 tries here; `teardown()` waits."""
+    import wandb
+
+    run.finish()
+    wandb.teardown()
+
+
 def scalars(metrics: dict) -> dict[str, float]:
     """The numbers of a metrics record that are curves (not wall-clock time or the epoch counter)."""
     return {key: value for key, value in metrics.items()

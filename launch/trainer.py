@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .export import CLIENT_KEY, MODEL_STATES
-from .tracking import scalars, start_wandb
+from .tracking import finish_wandb, scalars, start_wandb
 from .train_config import TrainConfig, augment_config, report_targets, save_config
 
 log = logging.getLogger("limoe.train")
@@ -261,7 +261,7 @@ class RunLog:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            finish_wandb(self.wandb)
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:

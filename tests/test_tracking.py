@@ -82,7 +82,8 @@ def test_run_log_sends_each_record_to_wandb_with_its_step_and_the_config(tmp_pat
         calls.append(("init", kwargs))
         return FakeRun()
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    teardown = lambda: calls.append(("teardown",))  # noqa: E731
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, teardown=teardown))
     config = config_with(tmp_path, "wandb")
     log_records(config, tmp_path / "run")
     init_kwargs = calls[0][1]
@@ -90,7 +91,7 @@ def test_run_log_sends_each_record_to_wandb_with_its_step_and_the_config(tmp_pat
     assert init_kwargs["dir"] == str(tmp_path / "run") and init_kwargs["resume"] == "allow"
     assert init_kwargs["config"]["logging"]["report_to"] == "wandb"
     assert calls[1:] == [("log", step, {k: v for k, v in m.items() if k != "time"}) for step, m in RECORDS] + [
-        ("finish",)]
+        ("finish",), ("teardown",)]
     assert not (tmp_path / "run" / "tensorboard").exists()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3  # always written
 
