@@ -1,4 +1,4 @@
-"""`limoe eval zeroshot|retrieval|routing`: evaluate an export folder from the command line."""
+"""`limoe eval zeroshot|retrieval|suite|routing`: evaluate an export folder from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,8 @@ examples:
       --batch-size 256 --workers 8 --output results/imagenet.json --per-class-csv results/imagenet.csv
   limoe eval retrieval --model EXPORT --data 'data/coco/val-{000000..000004}.tar'
   limoe eval routing --model EXPORT --data data/emoji-google/shards --out results/routing
+  limoe eval zeroshot --model EXPORT --data datasets/wds_cifar10       # CLIP_benchmark's layout, its own templates
+  limoe eval suite --model EXPORT --data datasets/wds_* --output results/suite.md --output results/suite.json
 """
 
 
@@ -68,30 +70,27 @@ def _pct(x) -> str:
 # ---- zeroshot -------------------------------------------------------------------
 
 
-@_user_errors
-def run_zeroshot(args) -> int:
+def zeroshot_document(args, model, preprocess, tokenizer) -> tuple[dict, list, list[tuple[str, str]]]:
+    """Evaluate `args.data` zero-shot: (result document, per-class rows, summary table rows)."""
     from .classifier import build_zeroshot_classifier, cached_zeroshot_classifier, check_prompt_tokens
     from .datasets import open_labelled_images
-    from .files import write_json
-    from .metrics import write_per_class_csv
     from .prompts import (class_prompts, load_class_prompts, load_classnames, load_templates,
                           prompts_for_classes, template_text)
-    from .zeroshot import evaluate_zeroshot, warn_about_prompts
+    from .zeroshot import default_templates, evaluate_zeroshot, warn_about_prompts
 
-    model, preprocess, tokenizer = _load_model(args)
     classnames = load_classnames(args.classnames) if args.classnames else None
-    data = open_labelled_images(args.data, preprocess, model.config.image_size, classnames)
+    data = open_labelled_images(args.data, preprocess, model.config.image_size, classnames, split=args.split)
     classnames = data.classnames
     if classnames is None:
-        print(f"error: {args.data} has no classnames.txt; give --classnames imagenet|FILE", file=sys.stderr)
-        return 2
+        raise ValueError(f"{args.data} has no classnames.txt; give --classnames imagenet|FILE")
     if args.class_prompts:
         prompts = prompts_for_classes(classnames, load_class_prompts(args.class_prompts))
         templates_desc = {"class_prompts": str(args.class_prompts)}
     else:
-        templates = load_templates(args.templates)
+        templates = load_templates(default_templates(args.templates, data))
         prompts = class_prompts(classnames, templates)
-        templates_desc = {"name": str(args.templates), "templates": [template_text(t) for t in templates]}
+        name = str(args.templates) if args.templates is not None else ("from the data" if data.templates else "openai")
+        templates_desc = {"name": name, "templates": [template_text(t) for t in templates]}
     num_prompts = sum(len(p) for p in prompts)
     prompt_check = check_prompt_tokens(tokenizer, prompts)
     warn_about_prompts(prompt_check)
@@ -137,6 +136,16 @@ def run_zeroshot(args) -> int:
     rows += [("mean per-class recall", _pct(result["mean_per_class_recall"])),
              ("classifier", f"{cache['seconds']:.2f}s (cache {cache['cache']})"),
              ("images/s", f"{result['images_per_second'] or 0:.1f}")]
+    return doc, per_class, rows
+
+
+@_user_errors
+def run_zeroshot(args) -> int:
+    from .files import write_json
+    from .metrics import write_per_class_csv
+
+    model, preprocess, tokenizer = _load_model(args)
+    doc, per_class, rows = zeroshot_document(args, model, preprocess, tokenizer)
     print("zero-shot classification\n" + _table(rows))
     if args.output:
         write_json(doc, args.output)
@@ -150,29 +159,75 @@ def run_zeroshot(args) -> int:
 # ---- retrieval ------------------------------------------------------------------
 
 
-@_user_errors
-def run_retrieval(args) -> int:
+def retrieval_document(args, model, tokenizer) -> tuple[dict, list[tuple[str, str]]]:
+    """Evaluate retrieval on `args.data`: (result document, summary table rows)."""
     from data_pipelines import build_eval_loader
 
-    from .files import write_json
+    from .benchmark_sets import benchmark_caption_loader, is_benchmark_set, open_benchmark_set
     from .retrieval import caption_batches, evaluate_retrieval
 
-    model, _, tokenizer = _load_model(args)
-    loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers)
+    if is_benchmark_set(args.data, args.split):
+        benchmark_set = open_benchmark_set(args.data, args.split)
+        loader = benchmark_caption_loader(benchmark_set, model.config.image_size, args.batch_size, args.workers)
+        data_desc = benchmark_set.description()
+    else:
+        loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers)
+        data_desc = {"layout": "webdataset", "path": str(args.data)}
     result = evaluate_retrieval(model, tokenizer, caption_batches(loader), max_images=args.max_images,
                                 progress=True)
     doc = {"task": "retrieval", "model": {"export": str(args.model), "name": model.config.name},
-           "data": {"path": str(args.data)}, **result,
-           "skipped": dict(loader.skips.counts), "run": _run_info(args)}
-    rows = [("model", f"{args.model} ({model.config.name})"), ("data", str(args.data)),
+           "data": data_desc, **result, "skipped": dict(loader.skips.counts), "run": _run_info(args)}
+    rows = [("model", f"{args.model} ({model.config.name})"), ("data", f"{args.data} ({data_desc['layout']})"),
             ("images", str(result["counts"]["images"])), ("captions", str(result["counts"]["captions"]))]
     rows += [(name, _pct(value)) for name, value in result["metrics"].items()]
     rows.append(("images/s", f"{result['timing']['images_per_second'] or 0:.1f}"))
+    return doc, rows
+
+
+@_user_errors
+def run_retrieval(args) -> int:
+    from .files import write_json
+
+    model, _, tokenizer = _load_model(args)
+    doc, rows = retrieval_document(args, model, tokenizer)
     print("retrieval\n" + _table(rows))
     if args.output:
         write_json(doc, args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+# ---- suite ----------------------------------------------------------------------
+
+
+@_user_errors
+def run_suite(args) -> int:
+    from .suite import evaluate_suite, write_suite_outputs
+
+    for output in args.output:
+        check_suite_output(output)
+    model, preprocess, tokenizer = _load_model(args)
+    documents = {
+        "zeroshot_classification": lambda a: zeroshot_document(a, model, preprocess, tokenizer)[0],
+        "retrieval": lambda a: retrieval_document(a, model, tokenizer)[0],
+    }
+    table = evaluate_suite(args, documents)
+    print(table["markdown"])
+    for output in args.output:
+        write_suite_outputs(table, output)
+        print(f"wrote {output}")
+    failed = [row for row in table["rows"] if row.get("error")]
+    if failed:
+        print(f"error: {len(failed)} of {len(table['rows'])} datasets failed (see the error column)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_suite_output(path: str) -> None:
+    from .suite import TABLE_FORMATS
+
+    if Path(path).suffix.lower() not in TABLE_FORMATS:
+        raise ValueError(f"--output {path}: give a .csv, .json or .md file")
 
 
 # ---- routing --------------------------------------------------------------------
@@ -217,13 +272,24 @@ def run_routing(args) -> int:
 # ---- registration -----------------------------------------------------------------
 
 
-def _common(p, data_help: str) -> None:
+def _common(p, data_help: str, many: bool = False) -> None:
     p.add_argument("--model", required=True, metavar="EXPORT",
                    help="export folder (model.safetensors + config.json + tokenizer.model)")
-    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--data", required=True, help=data_help, **({"nargs": "+", "metavar": "DIR"} if many else {}))
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=0, help="data loading worker processes (default 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _classifier_flags(p) -> None:
+    p.add_argument("--text-batch-size", type=int, default=1024, help="prompts per text forward pass")
+    p.add_argument("--cache-dir", default=None,
+                   help="classifier cache folder (default $LIMOE_CACHE_DIR/zeroshot or ~/.cache/limoe/zeroshot)")
+    p.add_argument("--no-cache", action="store_true", help="build the classifier without reading or writing the cache")
+
+
+def _split_flag(p) -> None:
+    p.add_argument("--split", default="test", help="split folder of CLIP_benchmark dataset folders (default test)")
 
 
 def register(subparsers) -> None:
@@ -245,33 +311,56 @@ def register(subparsers) -> None:
                     "(templates filled with its name) are encoded, normalised, averaged and renormalised; "
                     "logits = 100 * image features @ classifier. The classifier is cached on disk, keyed by "
                     "the export and the prompts.",
-        epilog="data layouts: ImageNet (DIR/val/<wnid>/* or DIR/<wnid>/*), folder per class with classnames.txt "
-               "(numbered 00000/ folders or named folders), or WebDataset shards with a `cls` field "
-               "(classnames.txt beside them or --classnames).")
-    _common(z, "labelled images: an ImageNet-layout folder, a folder per class, or WebDataset shards "
-               "(folder, .tar, brace pattern)")
+        epilog="data layouts: CLIP_benchmark's WebDataset folders (DIR/test/*.tar, classnames.txt, "
+               "zeroshot_classification_templates.txt), ImageNet (DIR/val/<wnid>/* or DIR/<wnid>/*), folder "
+               "per class with classnames.txt (numbered 00000/ folders or named folders), or WebDataset shards "
+               "with a `cls` field (classnames.txt beside them or --classnames).")
+    _common(z, "labelled images: a CLIP_benchmark dataset folder, an ImageNet-layout folder, a folder per class, "
+               "or WebDataset shards (folder, .tar, brace pattern)")
+    _split_flag(z)
     z.add_argument("--classnames", default=None, metavar="imagenet|FILE",
                    help="class names: 'imagenet' (open_clip's 1000) or a file (JSON list or one per line); "
                         "default: classnames.txt in the data, or ImageNet's for the ImageNet layout")
-    z.add_argument("--templates", default="openai", metavar="openai|simple|FILE",
-                   help="prompt templates: 'openai' (80), 'simple' (7) or a file with {} or {c} "
-                        "(default openai)")
+    z.add_argument("--templates", default=None, metavar="openai|simple|FILE",
+                   help="prompt templates: 'openai' (80), 'simple' (7) or a file with {} or {c} (default: the "
+                        "data's zeroshot_classification_templates.txt if it has one, else openai)")
     z.add_argument("--class-prompts", default=None, metavar="JSON",
                    help="JSON mapping class name -> list of prompts, instead of templates")
     z.add_argument("--max-images", type=int, default=None, help="evaluate a seeded sample of at most N images")
-    z.add_argument("--text-batch-size", type=int, default=1024, help="prompts per text forward pass")
     z.add_argument("--output", default=None, metavar="FILE", help="write the result as JSON")
     z.add_argument("--per-class-csv", default=None, metavar="FILE", help="write per-class accuracy as CSV")
-    z.add_argument("--cache-dir", default=None,
-                   help="classifier cache folder (default $LIMOE_CACHE_DIR/zeroshot or ~/.cache/limoe/zeroshot)")
-    z.add_argument("--no-cache", action="store_true", help="build the classifier without reading or writing the cache")
+    _classifier_flags(z)
     z.set_defaults(func=run_zeroshot)
+
+    u = sub.add_parser(
+        "suite", help="one export on a list of dataset folders (CLIP_benchmark's layout), into one table",
+        formatter_class=fmt,
+        description="Evaluate an export on several dataset folders, each as `limoe eval zeroshot` or "
+                    "`limoe eval retrieval` would (a CLIP_benchmark folder with dataset_type.txt = retrieval "
+                    "is a retrieval set, any other labelled layout is classification), with each set's own "
+                    "classnames.txt and zeroshot_classification_templates.txt, into one table: a row per "
+                    "dataset with its metrics. A dataset that fails gets its error in the table (exit status 1) "
+                    "and the others still run.",
+        epilog="example: limoe eval suite --model EXPORT --data ~/datasets/wds_cifar10 ~/datasets/wds_imagenet1k "
+               "~/datasets/wds_mscoco_captions --output suite.md --output suite.csv --output suite.json")
+    _common(u, "dataset folders, one per dataset", many=True)
+    _split_flag(u)
+    u.add_argument("--output", action="append", default=[], metavar="FILE",
+                   help="write the table: .csv (fractions), .json (rows + every dataset's full result) or .md "
+                        "(percentages); repeat for several")
+    u.add_argument("--templates", default=None, metavar="openai|simple|FILE",
+                   help="templates for every classification set (default: each set's own, else openai)")
+    u.add_argument("--max-images", type=int, default=None, help="at most N images per dataset")
+    _classifier_flags(u)
+    u.set_defaults(func=run_suite)
 
     r = sub.add_parser("retrieval", help="image-to-text and text-to-image recall@1/5/10 on caption shards",
                        description="Retrieval recall@k on WebDataset caption shards (captions.json lists several "
                                    "captions per image, or txt one). An image counts as retrieved at k if any "
                                    "of its captions is in the top k; ties count against the query.")
-    _common(r, "caption shards (folder, .tar, brace pattern)")
+    _common(r, "caption shards (folder, .tar, brace pattern), or a CLIP_benchmark retrieval folder "
+               "(dataset_type.txt says retrieval; every line of a sample's txt is a caption)")
+    _split_flag(r)
     r.add_argument("--max-images", type=int, default=None, help="use at most the first N images")
     r.add_argument("--output", default=None, metavar="FILE", help="write the result as JSON")
     r.set_defaults(func=run_retrieval)

@@ -2,6 +2,10 @@
 
 `open_labelled_images(path)` looks at what is there:
 
+- CLIP_benchmark's WebDataset layout (`DIR/test/*.tar` + `classnames.txt` +
+  `zeroshot_classification_templates.txt`, see eval.benchmark_sets): the
+  split's shards, labels from `cls`, class names and templates from the
+  folder (`LabelledImages.templates`).
 - WebDataset shards (a `.tar`, a brace/glob pattern, or a folder holding
   `*.tar` or `shards/*.tar`): labels from each sample's `cls` field, read by
   `data_pipelines.build_eval_loader`; class names from the caller or a
@@ -76,6 +80,7 @@ class LabelledImages:
         self.classnames = classnames
         self.description = description
         self.skipped: Counter[str] = Counter()
+        self.templates: list[str] | None = None  # the data's own prompt templates, if it has them
 
     @property
     def num_images(self) -> int | None:
@@ -192,14 +197,33 @@ def _imagenet_layout(val_dir: Path, classnames: list[str] | None) -> tuple[list[
                           f"(give one per folder in sorted order, or all {len(standard)})")
 
 
+def open_benchmark_images(path: str | os.PathLike, image_size: int, classnames: Sequence[str] | None = None,
+                          split: str = "test") -> ShardImages:
+    """A CLIP_benchmark classification folder as labelled images, with its class names and templates."""
+    from .benchmark_sets import CLASSIFICATION, open_benchmark_set
+
+    benchmark_set = open_benchmark_set(path, split)
+    if benchmark_set.task != CLASSIFICATION:
+        raise DataLayoutError(f"{benchmark_set.root}: a retrieval set (dataset_type.txt); use `limoe eval retrieval`")
+    names = list(classnames) if classnames is not None else benchmark_set.classnames
+    data = ShardImages(benchmark_set.shards, image_size, names, benchmark_set.description())
+    data.templates = benchmark_set.templates
+    return data
+
+
 def open_labelled_images(path: str | os.PathLike, transform, image_size: int,
-                         classnames: Sequence[str] | None = None) -> LabelledImages:
-    """Open a labelled image set (see the module docstring for the layouts)."""
+                         classnames: Sequence[str] | None = None, split: str = "test") -> LabelledImages:
+    """Open a labelled image set (see the module docstring for the layouts); `split` is the
+    split folder of a CLIP_benchmark layout."""
     from data_pipelines.folder import class_display_name, class_folders, list_images
     from data_pipelines.imagenet import find_imagenet_val_dir
 
+    from .benchmark_sets import is_benchmark_set
+
     spec = str(path)
     classnames = list(classnames) if classnames is not None else None
+    if is_benchmark_set(spec, split):
+        return open_benchmark_images(spec, image_size, classnames, split)
     if _looks_like_shards(spec):
         names = classnames if classnames is not None else _shard_classnames(spec)
         return ShardImages(spec, image_size, names, {"layout": "webdataset", "path": spec})

@@ -37,6 +37,13 @@ def warn_about_prompts(check: dict) -> None:
                        "they cannot be told apart", check["classes_with_identical_tokens"])
 
 
+def default_templates(templates, data) -> str | Sequence[Template]:
+    """The templates asked for; else the data's own (LabelledImages.templates); else "openai"."""
+    if templates is not None:
+        return templates
+    return getattr(data, "templates", None) or "openai"
+
+
 def _image_batches(data, preprocess, image_size, classnames, batch_size, num_workers, max_images):
     """(batches, classnames, LabelledImages or None) for any accepted kind of `data`."""
     if isinstance(data, (str, os.PathLike)):
@@ -56,7 +63,7 @@ def _as_pairs(batches: Iterable):
 
 
 def evaluate_zeroshot(model, preprocess, tokenizer, data, classnames: str | Sequence[str] | None = None,
-                      templates: str | Sequence[Template] = "openai", batch_size: int = 64,
+                      templates: str | Sequence[Template] | None = None, batch_size: int = 64,
                       max_images: int | None = None, device: torch.device | str | None = None,
                       num_workers: int = 0, classifier: torch.Tensor | None = None,
                       prompts: Sequence[Sequence[str]] | None = None, text_batch_size: int = 1024,
@@ -67,8 +74,10 @@ def evaluate_zeroshot(model, preprocess, tokenizer, data, classnames: str | Sequ
       map-style Dataset of (image tensor, label), or an iterable of
       (images, labels) batches or of `build_eval_loader` dict batches.
     classnames: "imagenet", a file, a list; None takes them from the data.
-    templates: "openai", "simple", a file or a list; ignored if `prompts`
-      (per-class prompt lists) or a prebuilt `classifier` [D, C] is given.
+    templates: "openai", "simple", a file or a list; None: the data's own
+      templates (a CLIP_benchmark folder's zeroshot_classification_templates.txt),
+      else "openai". Ignored if `prompts` (per-class prompt lists) or a prebuilt
+      `classifier` [D, C] is given.
     max_images: evaluate on at most this many images (a seeded sample of
       folder data and datasets, the first ones of a stream), for quick
       periodic evaluation during training.
@@ -87,7 +96,7 @@ def evaluate_zeroshot(model, preprocess, tokenizer, data, classnames: str | Sequ
     t0 = time.perf_counter()
     if classifier is None:
         if prompts is None:
-            template_list = load_templates(templates)
+            template_list = load_templates(default_templates(templates, source))
             prompts = class_prompts(classnames, template_list)
         prompt_check = check_prompt_tokens(tokenizer, prompts)
         warn_about_prompts(prompt_check)

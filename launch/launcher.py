@@ -201,7 +201,8 @@ def build_command(config: TrainConfig, config_path: Path, resume: str | None = N
 
 
 def launch_env(config: TrainConfig) -> dict[str, str]:
-    """Environment for the ranks: accelerator choice and a sane thread count per rank."""
+    """Environment for the ranks: accelerator choice, a sane thread count per rank, and OpenMP
+    threads that sleep rather than spin while they wait (benchmarks/cpu_threads.py, docs/training.md)."""
     env = dict(os.environ)
     p = config.parallel
     if p.accelerator == "cpu":
@@ -213,6 +214,9 @@ def launch_env(config: TrainConfig) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(p.threads_per_proc)
     else:  # one share of the cores per rank, unless the user already chose
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.num_procs)))
+    # A spinning OpenMP thread holds its core while it waits for work, taking it from the other
+    # rank, the data workers and any neighbouring job; the user's own choice is kept.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -314,7 +318,7 @@ def run_training(config: str | os.PathLike | dict | TrainConfig, overrides=(), n
         config_path = config.run_dir / "config.yaml"
         cmd = build_command(config, config_path, resume)
         env = launch_env(config)
-        shown_env = f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} "
+        shown_env = f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} "
         if config.parallel.accelerator == "cpu":
             shown_env += "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES= "
         print(f"run directory: {config.run_dir}", flush=True)

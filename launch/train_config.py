@@ -34,6 +34,7 @@ from limoe.config import LIMoEConfig, TwoTowerConfig, get_config, list_models
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("fp32", "bf16")
 BATCHED_EXPERTS = ("auto", True, False)
+REPORT_TARGETS = ("tensorboard", "wandb")
 ACCELERATORS = ("auto", "cpu", "cuda")
 
 
@@ -133,6 +134,29 @@ class CheckpointSection:
 
 
 @dataclass
+class LoggingSection:
+    # Where rank 0 sends its metrics besides metrics.jsonl (always written), as open_clip's
+    # --report-to: "tensorboard", "wandb", "tensorboard,wandb", "all" or "none".
+    report_to: str = "tensorboard"
+    wandb_project: str = "limoe"  # open_clip's --wandb-project-name
+    wandb_notes: str | None = None
+
+
+def report_targets(report_to: str | None) -> list[str]:
+    """`logging.report_to` as a list of targets ("all" = every one, "none" or "" = none)."""
+    items = [item.strip().lower() for item in (report_to or "").split(",") if item.strip()]
+    if items == ["all"]:
+        return list(REPORT_TARGETS)
+    if items == ["none"]:
+        return []
+    unknown = [item for item in items if item not in REPORT_TARGETS]
+    if unknown:
+        raise ConfigError(f"'logging.report_to': unknown target {unknown[0]!r}; use a comma-separated list of "
+                          f"{', '.join(REPORT_TARGETS)}, or all, or none")
+    return items
+
+
+@dataclass
 class TrainConfig:
     name: str | None = None  # run name: logs/<name>/; null = a timestamp
     logs: str = "logs"
@@ -145,6 +169,7 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     @property
     def run_dir(self) -> Path:
@@ -334,6 +359,9 @@ OVERRIDE_FLAGS = {
     "master_port": ("parallel.master_port", int, "port on node 0"),
     "save_every": ("checkpoint.every", int, "steps between checkpoints"),
     "eval_every": ("eval.every", int, "steps between zero-shot evaluations (0 = off)"),
+    "report_to": ("logging.report_to", str, "metrics besides metrics.jsonl: tensorboard, wandb, tensorboard,wandb, "
+                                            "all or none"),
+    "wandb_project_name": ("logging.wandb_project", str, "Weights & Biases project"),
 }
 
 
@@ -489,6 +517,7 @@ def check_config(config: TrainConfig) -> None:
     for i, src in enumerate(config.data.train):
         _check(src.weight > 0, f"data.train[{i}].weight", f"must be > 0, got {src.weight}")
     _check(config.data.workers >= 0, "data.workers", f"must be >= 0, got {config.data.workers}")
+    report_targets(config.logging.report_to)
     augment_config(config.data.augment)
 
     model = config.model_config()
@@ -518,7 +547,7 @@ def augment_config(augment: bool | dict):
 
 
 def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, list[str]]:
-    """Checks against the file system: every shard exists, templates and hostfile exist.
+    """Checks against the file system: every shard exists, templates and hostfile exist, wandb if asked for.
 
     Returns {source index: shard list}.
     """
@@ -539,6 +568,12 @@ def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, l
     if config.parallel.ds_config:
         _check(Path(config.parallel.ds_config).is_file(), "parallel.ds_config",
                f"{config.parallel.ds_config} not found")
+    if "wandb" in report_targets(config.logging.report_to):
+        import importlib.util
+
+        _check(importlib.util.find_spec("wandb") is not None, "logging.report_to",
+               "wandb is asked for but not installed: pip install wandb (WANDB_MODE=offline works without an "
+               "account or network), or report to tensorboard only")
     if config.eval.every:
         try:
             import eval.zeroshot  # noqa: F401  (the hook imports it lazily; fail here, not at step N)

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from .export import CLIENT_KEY, MODEL_STATES
-from .train_config import TrainConfig, augment_config, save_config
+from .tracking import finish_wandb, scalars, start_wandb
+from .train_config import TrainConfig, augment_config, report_targets, save_config
 
 log = logging.getLogger("limoe.train")
 
@@ -239,20 +240,27 @@ def hold_run_lock(run_dir: Path):
 
 
 class RunLog:
-    """Rank 0's outputs: metrics.jsonl (appended), TensorBoard, and the progress bar."""
+    """Rank 0's outputs: metrics.jsonl (appended), TensorBoard and/or wandb (`logging.report_to`,
+    launch/tracking.py), and the progress bar."""
 
-    def __init__(self, run_dir: Path, start_step: int, total_steps: int, enabled: bool):
+    def __init__(self, run_dir: Path, start_step: int, total_steps: int, enabled: bool,
+                 config: TrainConfig | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.bar = self.tb = None
+        self.bar = self.tb = self.wandb = None
         if not enabled:
             return
         self._drop_records_after(start_step)
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        # purge_step hides events a crashed run logged past the checkpoint we resume from.
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        targets = report_targets(config.logging.report_to) if config is not None else ["tensorboard"]
+        if "tensorboard" in targets:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events a crashed run logged past the checkpoint we resume from.
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if "wandb" in targets:
+            self.wandb = start_wandb(config, run_dir)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=1.0, file=sys.stdout)
 
@@ -280,9 +288,12 @@ class RunLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in ("time", "epoch"):
+        curves = scalars(metrics)
+        if self.tb is not None:
+            for key, value in curves.items():
                 self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(curves, step=step)
 
     def progress(self, step: int, m: dict) -> None:
         if not self.enabled:
@@ -300,6 +311,8 @@ class RunLog:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            finish_wandb(self.wandb)
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -479,7 +492,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
 
     # -- the loop -------------------------------------------------------------------------------
     stop_at = config.train.stop_after or config.train.steps
-    run_log = RunLog(run_dir, state.step, config.train.steps, enabled=rank == 0)
+    run_log = RunLog(run_dir, state.step, config.train.steps, enabled=rank == 0, config=config)
     extra = {"world_size": world_size, "ep_size": ep_size, "zero_stage": p.zero_stage, "seed": config.seed}
     log.info("training %s: %d ranks (ep_size %d, ZeRO %d, %s), batch %d x %d ranks x %d accum, "
              "steps %d..%d", model_config.name, world_size, ep_size, p.zero_stage, config.train.precision,

@@ -204,8 +204,24 @@ def test_dry_run_prints_the_deepspeed_command_and_writes_nothing(tmp_path, shard
     out = capsys.readouterr().out
     assert re.search(r"deepspeed --num_gpus 2 --master_port \d+ ", out)
     assert f"launch/train.py --config {tmp_path / 'logs' / 'demo' / 'config.yaml'}" in out
-    assert "DS_ACCELERATOR=cpu" in out and "OMP_NUM_THREADS=" in out
+    assert "DS_ACCELERATOR=cpu" in out and "OMP_NUM_THREADS=" in out and "OMP_WAIT_POLICY=PASSIVE" in out
     assert not (tmp_path / "logs").exists()
+
+
+def test_ranks_get_a_share_of_the_cores_and_passive_openmp_waiting_unless_the_user_chose(monkeypatch):
+    import os
+
+    from launch.launcher import launch_env
+
+    config = load_config(minimal(parallel={"num_procs": 2, "accelerator": "cpu"}))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = launch_env(config)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert (launch_env(config)["OMP_WAIT_POLICY"], launch_env(config)["OMP_NUM_THREADS"]) == ("ACTIVE", "3")
 
 
 def test_multi_node_command_names_hostfile_nodes_and_master(tmp_path):

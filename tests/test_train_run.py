@@ -6,6 +6,7 @@ launch/train.py on each rank, checkpoints, the automatic export.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.slow
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40),
            "purple": (150, 40, 180), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245)}
 STEPS, EVERY, STOP_AT, BATCH, ACCUM = 24, 8, 12, 8, 2
+HAS_WANDB = importlib.util.find_spec("wandb") is not None  # installed by [dev]; optional for the project
 
 
 def free_port() -> int:
@@ -104,13 +106,17 @@ def full_run(workdir):
 
 @pytest.fixture(scope="module")
 def resumed_run(workdir, full_run):
-    """The same run stopped after STOP_AT steps, then continued with --resume latest."""
+    """The same run stopped after STOP_AT steps, then continued with --resume latest; it also
+    reports to an offline wandb run where wandb is installed."""
     from launch.launcher import run_training
 
-    config = tiny_config(workdir, "resumed")
-    stopped = run_training(config, [("train.stop_after", STOP_AT)])
-    first_part = metrics(stopped)
-    run_dir = run_training(config, resume="latest")
+    config = tiny_config(workdir, "resumed", logging={"report_to": "tensorboard,wandb" if HAS_WANDB else "tensorboard"})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")  # the ranks inherit it: no account, no network
+        env.setenv("WANDB_SILENT", "true")
+        stopped = run_training(config, [("train.stop_after", STOP_AT)])
+        first_part = metrics(stopped)
+        run_dir = run_training(config, resume="latest")
     return run_dir, first_part
 
 
@@ -181,6 +187,25 @@ def test_resumed_run_continues_at_the_next_step_with_the_same_lr_and_losses(full
         assert record["contrastive_loss"] == pytest.approx(want["contrastive_loss"], rel=1e-5, abs=1e-6)
     out_log = (run_dir / "out.log").read_text()
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000012'}: step {STOP_AT}" in out_log
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install wandb, or .[dev])")
+def test_the_resumed_run_reports_both_parts_to_one_offline_wandb_run(resumed_run):
+    from test_tracking import wandb_records
+
+    run_dir, _ = resumed_run
+    parts = sorted((run_dir / "wandb").glob("offline-run-*-resumed"))
+    assert len(parts) == 2, parts
+    logged = {r["step"]: r["loss"] for r in metrics(run_dir)}
+    steps = []
+    for part in parts:
+        records = wandb_records(part / "run-resumed.wandb")
+        assert [r.run.run_id for r in records if r.WhichOneof("record_type") == "run"] == ["resumed"]
+        history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        assert all(h["loss"] == pytest.approx(logged[h["_step"]]) for h in history)
+        steps.append([h["_step"] for h in history])
+    assert steps == [list(range(1, STOP_AT + 1)), list(range(STOP_AT + 1, STEPS + 1))]
 
 
 def test_export_embeds_like_the_training_model(full_run):

@@ -4,7 +4,7 @@ zero-shot classification, over one `Embedder`.
     POST /v1/embeddings          texts  (OpenAI embeddings API; the `openai` client works unchanged)
     POST /v1/images/embeddings   images (multipart uploads or base64 in JSON), same response shape
     POST /v1/classify            images + candidate labels -> labels ranked with probabilities
-    GET  /v1/models, /v1/models/{id}, /health, /docs (OpenAPI)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus), /docs (OpenAPI)
 
 Request handlers validate and prepare inputs (tokenizing, image decoding in
 the thread pool), then await the `DynamicBatcher`, whose single worker thread
@@ -35,6 +35,7 @@ from starlette.datastructures import UploadFile
 from ..embedder import Embedder, ImageError, average_prompt_embeddings, fill_template, label_probabilities
 from .batcher import DynamicBatcher, QueueFull
 from .errors import INTERNAL_ERROR, APIError, error_response, install_error_handlers
+from .metrics import ServiceMetrics, install_metrics
 from .settings import ServeSettings
 from .schemas import ClassifyRequest, ClassifyResponse, EmbeddingResponse, ErrorResponse, \
     ImageEmbeddingRequest, TextEmbeddingRequest
@@ -113,10 +114,12 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
     model_id = settings.model_name or embedder.config.name
     info = embedder.info()
     created = int(embedder.model_dir.joinpath("model.safetensors").stat().st_mtime)
+    metrics = ServiceMetrics()
     batcher = DynamicBatcher({"text": embedder.encode_tokens, "image": embedder.encode_pixels},
                              max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                              queue_size=settings.queue_size, forward_passes=lambda: embedder.forward_passes,
-                             torch_threads=settings.torch_threads)
+                             torch_threads=settings.torch_threads, on_batch=metrics.observe_batch)
+    metrics.queue_depth.set_function(batcher.queue.qsize)
     started = time.time()
 
     @asynccontextmanager
@@ -136,7 +139,9 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
         responses={400: {"model": ErrorResponse}},
     )
     app.state.embedder, app.state.batcher, app.state.settings = embedder, batcher, settings
+    app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    install_metrics(app, metrics)  # outside BodySizeLimit, so its 413s are counted too
     install_error_handlers(app)
 
     bearer = HTTPBearer(auto_error=False, description="needed when the server was started with an API key")

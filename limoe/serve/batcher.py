@@ -31,6 +31,7 @@ import torch
 log = logging.getLogger("limoe.serve")
 
 Encoder = Callable[[torch.Tensor], np.ndarray]  # [N, ...] prepared inputs -> [N, D] embeddings
+BatchObserver = Callable[[str, int, float, list], None]  # (kind, inputs, forward seconds, queue wait per job)
 QueueFull = queue.Full
 POLL_S = 0.001  # while waiting for company, re-check every millisecond whether any is coming
 
@@ -49,7 +50,7 @@ class Job:
 class DynamicBatcher:
     def __init__(self, encoders: dict[str, Encoder], max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  queue_size: int = 256, forward_passes: Callable[[], int] | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, on_batch: BatchObserver | None = None):
         if max_batch_size < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_ms >= 0")
         self.encoders = encoders
@@ -58,6 +59,7 @@ class DynamicBatcher:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._forward_passes = forward_passes
         self.torch_threads = torch_threads
+        self.on_batch = on_batch  # called after each successful batch (metrics.ServiceMetrics.observe_batch)
         self._carry: Job | None = None  # a job of the other modality that ended the last batch
         self._incoming = 0  # requests being prepared that will submit soon
         self._incoming_lock = threading.Lock()
@@ -196,8 +198,9 @@ class DynamicBatcher:
             return
         # Count before answering, so a client that reads /health after its reply sees its batch.
         n = len(embeddings)
-        self.seconds["model"] += time.perf_counter() - start
-        self.seconds["queue_wait"] += sum(start - job.submitted for job in batch)
+        model_seconds, waits = time.perf_counter() - start, [start - job.submitted for job in batch]
+        self.seconds["model"] += model_seconds
+        self.seconds["queue_wait"] += sum(waits)
         self.counts["requests"] += len(batch)
         self.counts["items"] += n
         self.counts["batches"] += 1
@@ -206,6 +209,11 @@ class DynamicBatcher:
         by_kind["requests"] += len(batch)
         by_kind["items"] += n
         by_kind["batches"] += 1
+        if self.on_batch is not None:
+            try:
+                self.on_batch(kind, n, model_seconds, waits)
+            except Exception:  # a metrics bug must not leave the jobs unanswered
+                log.exception("the batch observer failed")
         row = 0
         for job in batch:
             job.future.set_result(embeddings[row:row + len(job)])
