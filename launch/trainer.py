@@ -523,6 +523,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
             bad_in_a_row += 1
             log.warning("non-finite loss at step %d (batch %d), skipped (%d in a row, %d in all)",
                         state.step + 1, drawn, bad_in_a_row, state.skipped_batches)
+            del out, losses, numbers  # the skipped batch's graph must not live through the next forward
             if bad_in_a_row >= config.train.max_bad_steps:
                 stop_reason, exit_code = "bad", 3
                 break
