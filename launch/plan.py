@@ -226,9 +226,9 @@ def memory_plan(s: Setup) -> dict:
       step       weights + optimizer + gradients + the fp32 gradient partition DeepSpeed
                  hands the optimizer and AdamW's temporary (ZeRO 1/2), or AdamW's
                  temporaries (ZeRO 0).
-    With gradient checkpointing the recomputed MoE blocks' router graphs stay alive until
-    the next forward (see `held_after_backward` in limoe.flops.activation_bytes) and are
-    added to the reduction and step moments.
+    Whatever the activations leave alive after the backward (`held_after_backward` of
+    limoe.flops.activation_bytes; nothing, since the MoE layer stopped keeping its aux loss)
+    is added to the reduction and step moments.
     """
     states = model_state_bytes(s)
     weights = sum(g["weights"] for g in states.values())

@@ -86,14 +86,15 @@ def measured_flops_per_pair(model: torch.nn.Module, pairs: int = 8) -> float:
 #                              log-sum-exp (heads x 4 bytes)
 #   dense MLP, per token       the input and the hidden twice (d + 2h; SwiGLU d + 4h)
 #   MoE layer                  the router's fp32 copy of its input (d x 4 bytes) and its
-#                              per-expert probabilities (softmax, per-modality copies for the
-#                              aux losses: about 5 x E x 4 bytes a token), the slot map
+#                              per-expert probabilities (clean and noisy softmax, the masked
+#                              products of the aux losses: about 5 x E x 4 bytes a token), the slot map
 #                              (int64 indices), the [E, C, d] dispatch buffer the experts
 #                              read and the [E, C, d] expert outputs the combine keeps, and
-#                              the experts' hidden activations: all E x C rows on the batched
-#                              (CUDA) path or with ep_size > 1, only the filled rows (at most
-#                              k x S) on the per-expert CPU loop; the batched path also keeps
-#                              the stacked expert weights it multiplied with
+#                              the experts' hidden activations for all E x C rows (the CPU
+#                              per-expert loop runs each expert on its whole buffer too:
+#                              skipping empty slots would read the counts back to the host);
+#                              the batched path also keeps the stacked expert weights it
+#                              multiplied with
 #   outside the blocks         the input images (the patch convolution keeps them) and
 #                              token ids, the final LayerNorms, the MAP pooling heads' keys
 #                              and values, and the contrastive logits
@@ -208,14 +209,11 @@ def activation_bytes(c: LIMoEConfig, batch: int, *, dtype_bytes: int = 4, grad_c
         # ctx.slots, not in saved tensors) and the CPU RNG state; the inputs and heads as before.
         block_kept = [tokens * d * b + block.get("slot_map", 0) + CPU_RNG_STATE_BYTES for block in blocks]
         kept = inputs + head + tokens * INT64 + sum(block_kept)
-        # The MoE layer hands its aux loss on and keeps no reference to it, so a recomputation
-        # leaves nothing alive after the backward (tested in test_plan.py).
-        block_held = [0 for _ in blocks]
-        held = sum(block_held)
         # The backward goes down the blocks: at block i, the blocks below still keep their
-        # inputs, the MoE blocks above have left their recomputed router graphs, and block i
-        # is recomputed whole.
-        peak = max(inputs + tokens * INT64 + sum(block_kept[:i + 1]) + sum(block_held[i + 1:])
+        # inputs and block i is recomputed whole. The MoE layer hands its aux loss on and keeps
+        # no reference to it, so a recomputed block leaves nothing alive after its backward
+        # (held stays 0; tested in test_plan.py).
+        peak = max(inputs + tokens * INT64 + sum(block_kept[:i + 1])
                    + sum(blocks[i].values()) + workspace[i] for i in range(c.depth))
         peak = max(peak, kept + max(workspace))
     else:

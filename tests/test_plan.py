@@ -139,7 +139,7 @@ ACTIVATION_MODEL = dict(width=32, depth=4, heads=2, mlp_dim=128, image_size=16, 
 
 @pytest.mark.parametrize("variant", ["per-expert loop", "batched experts", "checkpointing"])
 def test_kept_activations_match_what_torch_allocates(variant):
-    # Capacity factor 4: no route is dropped, so the loop's filled rows are exactly k x S.
+    # Capacity factor 4: no route is dropped; every variant runs its experts on all E x C buffer rows.
     config = LIMoEConfig(**ACTIVATION_MODEL, moe=MoEConfig(num_experts=4, capacity_factor=4.0))
     torch.manual_seed(0)
     model = limoe.LIMoE(config).train()
@@ -163,7 +163,7 @@ def test_kept_activations_match_what_torch_allocates(variant):
 def test_with_checkpointing_nothing_outlives_the_backward_but_the_gradients():
     # DeepSpeed's MOELayer keeps its last aux loss on the module (l_aux); checkpointing's
     # recomputation stops early, so that was a graph nothing backwards through, alive until the
-    # next forward (6.1 GB of l16-multinode's 10.7 GB peak per GPU). limoe's layer returns it.
+    # next forward (6.1 GB of l16-multinode's then 10.7 GB planned peak per GPU). limoe's layer returns it.
     config = LIMoEConfig(**ACTIVATION_MODEL, moe=MoEConfig(num_experts=4, capacity_factor=4.0))
     torch.manual_seed(0)
     model = limoe.LIMoE(config).train()
