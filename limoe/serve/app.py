@@ -34,7 +34,7 @@ from starlette.datastructures import UploadFile
 
 from ..embedder import Embedder, ImageError, average_prompt_embeddings, fill_template, label_probabilities
 from .batcher import DynamicBatcher, QueueFull
-from .errors import INTERNAL_ERROR, APIError, error_response, install_error_handlers
+from .errors import INTERNAL_ERROR, APIError, error_response, install_error_handlers, validation_message
 from .metrics import ServiceMetrics, install_metrics
 from .settings import ServeSettings
 from .schemas import ClassifyRequest, ClassifyResponse, EmbeddingResponse, ErrorResponse, \
@@ -219,12 +219,8 @@ def create_app(embedder: Embedder, settings: ServeSettings | None = None) -> Fas
         try:
             body = schema.model_validate(fields)
         except ValidationError as e:
-            error = e.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "missing":
-                raise APIError(400, f"'{where}' is required", param=where, code="missing_parameter") from None
-            raise APIError(400, f"{where}: {message}", param=str(error["loc"][0]), code="invalid_value") from None
+            message, param, code = validation_message(e.errors()[0])
+            raise APIError(400, message, param=param, code=code) from None
         if blobs is None:
             if body.input is None:
                 raise APIError(400, "no images: upload files (multipart/form-data) or give base64 images in "
