@@ -47,9 +47,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
-    """The first validation error as (message, param, code)."""
-    error = exc.errors()[0]
+def validation_message(error: dict) -> tuple[str, str | None, str]:
+    """One pydantic validation error (an item of `errors()`) as (message, param, code)."""
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
     if error.get("type") == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "")
@@ -75,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        message, param, code = _validation_message(exc)
+        message, param, code = validation_message(exc.errors()[0])
         return error_response(400, message, param, code)
 
     @app.exception_handler(ClientDisconnect)

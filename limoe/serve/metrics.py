@@ -14,6 +14,7 @@ BackgroundServer next to another) count separately. What is exported:
     limoe_inputs_per_second{kind}                           gauge, inputs embedded over the last 60 s / 60
     limoe_queue_depth                                       gauge, requests waiting for the model worker
 
+The app adds `MetricsMiddleware`; `GET /metrics` is a route in routes.py.
 `endpoint` is the route's path template (`/v1/models/{name}`, not the id sent),
 or `other` for paths no route matches, so the label set stays bounded.
 """
@@ -116,11 +117,12 @@ class _RateCollector:
 class MetricsMiddleware:
     """ASGI middleware: count every HTTP request by route, method and status, and time it."""
 
-    def __init__(self, app, metrics: ServiceMetrics, routes: Callable[[], list]):
-        self.app, self.metrics, self.routes = app, metrics, routes
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
 
-    def endpoint(self, scope) -> str:
-        for route in self.routes():
+    @staticmethod
+    def endpoint(scope) -> str:
+        for route in scope["app"].router.routes:  # the app Starlette put in the scope, as `request.app` reads it
             match, _ = route.matches(scope)
             if match != Match.NONE:  # PARTIAL: the path matches, the method does not (405)
                 return route.path
@@ -145,12 +147,3 @@ class MetricsMiddleware:
             self.metrics.in_progress.dec()
             self.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - start)
 
-
-def install_metrics(app, metrics: ServiceMetrics) -> None:
-    """Add the request-counting middleware and `GET /metrics` to a FastAPI app."""
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=lambda: app.router.routes)
-
-    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (text exposition format)",
-             response_class=Response)
-    async def prometheus_metrics():
-        return metrics.exposition()
