@@ -17,6 +17,7 @@ the running sum of those events, maximised, is the peak.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -123,10 +124,9 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-    try:
-        import deepspeed
-        info["deepspeed"] = deepspeed.__version__
-    except ImportError:
+    try:  # the installed version, without importing it (its import has side effects)
+        info["deepspeed"] = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return info
 

@@ -41,7 +41,7 @@ from common import (format_table, header, median, peak_step_memory, pick_device,
 from limoe.config import MoEConfig
 from limoe.layers import MLP
 from limoe.moe import LIMoELayer
-from limoe.routing import IMAGE, TEXT
+from limoe.routing import IMAGE, TEXT, TokenGroups
 
 VARIANTS = ("limoe", "stock", "dense")
 
@@ -130,8 +130,8 @@ def skew_router(layer: LIMoELayer, x: torch.Tensor, share: float) -> torch.Tenso
 
 def busiest_share(layer: LIMoELayer, x: torch.Tensor, modality: torch.Tensor) -> float:
     with torch.no_grad():
-        layer(x, modality)
-    counts = layer.deepspeed_moe.exp_counts.float()
+        routes, _ = layer.gate(x, TokenGroups.from_modality(modality))
+    counts = routes.counts.float()
     return float(counts.max() / counts.sum())
 
 

@@ -14,6 +14,11 @@
    (19 GB), and the machine started to page (a 1.5-minute run slowed to 51 s a
    step). `remove_shm_buffers` deletes them: each training rank at exit, and
    the launcher once the ranks have exited.
+
+3. Without a GPU, DeepSpeed's accelerator detection prints a warning on
+   stdout at import, which would corrupt machine-readable output.
+   `default_to_cpu_accelerator` says so up front; launch/__init__.py calls it,
+   before any module here imports deepspeed (limoe/ never does).
 """
 from __future__ import annotations
 
@@ -23,6 +28,13 @@ import os
 _PATCHED = False
 SHM_DIR = "/dev/shm"
 SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def default_to_cpu_accelerator() -> None:
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def patch_broadcast_of_scalar_parameters() -> None:

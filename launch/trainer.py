@@ -1,9 +1,10 @@
 """The training loop, run by every rank (launch/train.py is its entry point).
 
-torchtitan-style composition: the model (limoe/) knows nothing about
-parallelism. Here it is built identically on every rank, handed to DeepSpeed
-(data parallel + expert parallel + ZeRO 1/2), and trained by a straight-line
-loop:
+torchtitan-style composition: the model (limoe/) knows nothing of DeepSpeed
+or of other processes. Here it is built identically on every rank, its MoE
+layers are made DeepSpeed's (launch/expert_parallel.py), it is handed to
+DeepSpeed (data parallel + expert parallel + ZeRO 1/2), and trained by a
+straight-line loop:
 
     draw a batch -> seed RNGs from (seed, batch number, rank) -> forward -> loss
     -> agree across ranks (non-finite loss? stop requested?) -> backward -> step
@@ -72,19 +73,21 @@ class StopRequest:
 
 def build_model(model_config, ep_size: int, ep_rank: int, seed: int):
     """The same model on every rank, whatever ep_size: initialise the full ep_size=1
-    model from the seed, then keep this rank's slice of the experts."""
+    model from the seed, keep this rank's slice of the experts, and make its MoE
+    layers DeepSpeed's (launch/expert_parallel.py)."""
     from limoe.checkpoint import shard_experts
     from limoe.factory import create_model
 
+    from .expert_parallel import apply_expert_parallel
+
     torch.manual_seed(seed)
-    full = create_model(model_config)
-    if ep_size == 1:
-        return full
-    state_dict = shard_experts(full.state_dict(), ep_rank, ep_size, model_config.moe.num_experts)
-    del full
-    model = create_model(model_config, ep_size=ep_size)
-    model.load_state_dict(state_dict)
-    return model
+    model = create_model(model_config)
+    if ep_size > 1:
+        state_dict = shard_experts(model.state_dict(), ep_rank, ep_size, model_config.moe.num_experts)
+        del model
+        model = create_model(model_config, ep_size=ep_size)
+        model.load_state_dict(state_dict)
+    return apply_expert_parallel(model)
 
 
 def set_batched_experts(model, choice: bool | str) -> None:
@@ -92,14 +95,14 @@ def set_batched_experts(model, choice: bool | str) -> None:
     a loop over the experts on CPU), or True/False to force one way."""
     batched = None if choice == "auto" else bool(choice)
     for layer in model.moe_layers():
-        layer.deepspeed_moe.experts.batched = batched
+        layer.experts.batched = batched
 
 
 def expert_mode(model, device) -> str:
     """How the experts will run on `device`, for the log."""
     if not model.moe_layers():
         return "none (dense model)"
-    batched = model.moe_layers()[0].deepspeed_moe.experts.batched
+    batched = model.moe_layers()[0].experts.batched
     return "batched matmuls" if (device.type == "cuda" if batched is None else batched) else "one after another"
 
 

@@ -1,13 +1,4 @@
 """limoe: LIMoE sparse multimodal mixture-of-experts models (open_clip-style interface)."""
-import os as _os
-
-import torch as _torch
-
-# Without a GPU, tell DeepSpeed so up front: its auto-detection otherwise prints a
-# warning on stdout at import, which would corrupt machine-readable output.
-if "DS_ACCELERATOR" not in _os.environ and not _torch.cuda.is_available():
-    _os.environ["DS_ACCELERATOR"] = "cpu"
-
 from .checkpoint import ExportError, save
 from .config import AuxLossWeights, LIMoEConfig, MoEConfig, TwoTowerConfig, get_config, list_models
 from .embedder import Embedder  # torch/numpy/PIL only: `import limoe` never imports fastapi

@@ -11,7 +11,7 @@ def count_parameters(model: torch.nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     experts = inactive = 0
     for layer in model.moe_layers():
-        per_expert = sum(p.numel() for p in layer.deepspeed_moe.experts.deepspeed_experts[0].parameters())
+        per_expert = sum(p.numel() for p in layer.experts.deepspeed_experts[0].parameters())
         experts += layer.num_experts * per_expert
         inactive += (layer.num_experts - layer.gate.k) * per_expert
     return {"total": total, "experts": experts, "active_per_token": total - inactive}

@@ -1,44 +1,40 @@
-"""The LIMoE mixture-of-experts layer, built on DeepSpeed's MoE.
+"""The LIMoE mixture-of-experts layer, in plain PyTorch.
 
-`LIMoELayer` is a `deepspeed.moe.layer.MoE`, so the DeepSpeed engine finds
-it: experts live in expert-parallel groups (`ep_size`), their gradients are
-reduced over the expert-data-parallel group, and engine checkpoints save
-them per expert. Three parts are replaced:
+`LIMoELayer` has three parts:
 
 - the gate, `LIMoEGate`, routes as docs/model.md says (routing.py): fp32
   router, noisy top-k, capacity from the routed tokens, Batch Priority
   Routing, per-modality auxiliary losses and statistics;
 - the experts, `GroupedExperts`, run all local experts with batched matmuls
   on CUDA and one after another on CPU;
-- the dispatch, `ExpertDispatch` (a DeepSpeed `MOELayer`):
+- the dispatch, in the layer itself:
   * with a capacity (training, or capacity-limited eval) tokens go into
-    [E, C, d] expert buffers, through DeepSpeed's all-to-all over the
-    expert-parallel group, and back, and every data movement, forward and
+    [E, C, d] expert buffers and back, and every data movement, forward and
     backward, is a single row gather (`DispatchTokens`, `CombineExperts`);
-    the buffer size C is a function of the batch shape only, so ranks agree
-    on it without talking and the step never waits for the GPU;
+    the buffer size C is a function of the batch shape only, so
+    expert-parallel ranks agree on it without talking and the step never
+    waits for the GPU;
   * dropless (inference): the routes are sorted by expert and each expert
-    runs on exactly its rows (row slices on CPU, a grouped matmul on CUDA,
-    an all-to-all with per-rank sizes across an expert-parallel group), so
-    skewed routing costs what the routed tokens cost, not E times the
+    runs on exactly its rows (row slices on CPU, a grouped matmul on CUDA),
+    so skewed routing costs what the routed tokens cost, not E times the
     busiest expert's buffer.
 
-Without a process group (ep_size=1) the layer runs as a plain module, for
-inference, evaluation and the API.
+The layer knows nothing of other processes. With ep_size > 1 it holds
+num_experts / ep_size experts, and launch/expert_parallel.py gives it the
+exchange of tokens with the ranks that hold the others (`expert_parallel`)
+and makes it the MoE layer DeepSpeed's engine looks for. Parameter names
+follow DeepSpeed's MoE (`deepspeed_moe.gate.wg`,
+`deepspeed_moe.experts.deepspeed_experts.<i>`): that is the checkpoint format
+of exports and engine checkpoints.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from deepspeed.moe.experts import Experts
-from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
-from deepspeed.utils import groups
-from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
 from . import routing
 from .config import MODALITIES, MoEConfig
@@ -59,10 +55,6 @@ class LIMoEGate(nn.Module):
         self.dropless_eval = config.eval_dropless
         self.wg = nn.Linear(width, config.num_experts, bias=False)
         nn.init.normal_(self.wg.weight, std=0.02)
-        self.ep_group = None
-
-    def _set_ep_group(self, ep_group) -> None:  # called by DeepSpeed's MOELayer
-        self.ep_group = ep_group
 
     @property
     def num_experts(self) -> int:
@@ -127,17 +119,18 @@ class LIMoEGate(nn.Module):
         return counts.scatter_add_(0, expert.clamp_min(0).reshape(-1), mask.reshape(-1).long())
 
 
-class GroupedExperts(Experts):
-    """DeepSpeed's expert container (same parameter names, so engine checkpoints
-    work). On CUDA all local experts run as one batched matmul per weight: one
+class GroupedExperts(nn.Module):
+    """The local experts. On CUDA they run as one batched matmul per weight: one
     big kernel instead of E small ones keeps the GPU busy. On CPU they run one
     after another: each expert's [C, 4d] activations stay in cache, and no
     stacked copy of the weights is made (docs/benchmarks.md has the numbers).
     `batched=True/False` overrides the choice."""
 
-    def __init__(self, expert: nn.Module, num_local_experts: int, expert_group_name: str,
-                 batched: bool | None = None):
-        super().__init__(expert, num_local_experts, expert_group_name)
+    def __init__(self, expert: nn.Module, num_local_experts: int, batched: bool | None = None):
+        super().__init__()
+        # The checkpoint format's name (DeepSpeed's Experts).
+        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
+        self.num_local_experts = num_local_experts
         self.batched = batched
         # deepcopy made identical experts; give each its own initialisation.
         for e in self.deepspeed_experts:
@@ -149,7 +142,7 @@ class GroupedExperts(Experts):
         return x.is_cuda if self.batched is None else self.batched
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """inputs: [ep_size, num_local_experts, capacity, d] -> the same shape."""
+        """inputs: [source ranks, num_local_experts, capacity, d] -> the same shape."""
         G, L, C, D = inputs.shape
         x = inputs.transpose(0, 1).reshape(L, G * C, D)
         if self.use_batched(x):
@@ -289,98 +282,24 @@ class SortedRoutes:
         return y.to(rows.dtype)
 
 
-def exchange_rows(rows: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], group) -> torch.Tensor:
-    """all_to_all with per-rank sizes: rows[sum(send_sizes[:q]) : ...] go to rank q."""
-    out = rows.new_empty(sum(recv_sizes), rows.shape[1])
-    dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv_sizes,
-                           input_split_sizes=send_sizes, group=group)
-    return out
-
-
-class ExpertDispatch(MOELayer):
-    """DeepSpeed's MOELayer (gate, experts, all-to-all over the expert-parallel
-    group) with the gather-only token dispatch above, and dropless inference."""
-
-    def forward(self, x: torch.Tensor, token_groups: TokenGroups) -> tuple[torch.Tensor, dict]:
-        """(y, this layer's aux dict). The aux dict is returned, not kept on the module as
-        DeepSpeed's MOELayer keeps `l_aux`: with gradient checkpointing the recomputation stops
-        early, so a kept one would hold the recomputed router graph alive until the next forward."""
-        if bwc_tensor_model_parallel_world_size(groups.mpu) > 1:
-            raise ValueError("LIMoE experts do not support tensor model parallelism")
-        d_model = x.shape[-1]
-        tokens = x.reshape(-1, d_model)
-        routes, aux = self.gate(tokens, token_groups)
-        self.exp_counts = routes.counts.detach()
-        if routes.capacity is None:
-            y = self.dropless(tokens, routes)
-        else:
-            y = self.with_capacity(tokens, routes)
-        return y.reshape(x.shape), aux
-
-    def with_capacity(self, tokens: torch.Tensor, routes: Routes) -> torch.Tensor:
-        d_model = tokens.shape[-1]
-        num_experts = self.gate.num_experts
-        slots = SlotMap.build(routes.expert, routes.position, routes.gate, num_experts,
-                              self.gate.buffer_capacity(tokens.shape[0]))
-        buffer = DispatchTokens.apply(tokens, slots)
-        if self.ep_size > 1:
-            buffer = _AllToAll.apply(self.ep_group, buffer.view(num_experts, -1, d_model))
-        out = self.experts(buffer.view(self.ep_size, self.num_local_experts, -1, d_model))
-        if self.ep_size > 1:
-            out = _AllToAll.apply(self.ep_group, out.reshape(num_experts, -1, d_model))
-        return CombineExperts.apply(out.reshape(-1, d_model), routes.gate, slots)
-
-    def dropless(self, tokens: torch.Tensor, routes: Routes) -> torch.Tensor:
-        """Every route reaches its expert; each expert computes exactly its rows."""
-        sorted_routes = SortedRoutes.build(routes)
-        rows = tokens.index_select(0, sorted_routes.token)
-        if self.ep_size == 1:
-            out = self.experts.forward_rows(rows, sorted_routes.sizes)
-        else:
-            out = self.dropless_expert_parallel(rows, sorted_routes.sizes, routes.counts)
-        return sorted_routes.combine(out, tokens.shape[0])
-
-    def dropless_expert_parallel(self, rows: torch.Tensor, sizes: list[int], counts: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by global expert -> the ranks that hold the experts -> back, with
-        per-rank sizes (no padding). Inference only: the exchange has no backward."""
-        if torch.is_grad_enabled() and rows.requires_grad:
-            raise RuntimeError("dropless routing across an expert-parallel group is for inference: "
-                               "run it under torch.no_grad(), or train with a capacity factor")
-        ep, local = self.ep_size, self.num_local_experts
-        # recv_counts[q, e]: rows rank q sends to this rank's local expert e.
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.ep_group)
-        recv = recv_counts.view(ep, local).tolist()
-        send_sizes = [sum(sizes[q * local:(q + 1) * local]) for q in range(ep)]
-        recv_sizes = [sum(r) for r in recv]
-        received = exchange_rows(rows, send_sizes, recv_sizes, self.ep_group)
-        # Received rows come grouped by source rank, then by local expert: regroup by expert.
-        starts, start = [], 0
-        for q in range(ep):
-            starts.append([])
-            for e in range(local):
-                starts[q].append(start)
-                start += recv[q][e]
-        index = torch.cat([torch.arange(starts[q][e], starts[q][e] + recv[q][e])
-                           for e in range(local) for q in range(ep)]).to(rows.device)
-        expert_sizes = [sum(recv[q][e] for q in range(ep)) for e in range(local)]
-        out = self.experts.forward_rows(received.index_select(0, index), expert_sizes)
-        back = torch.empty_like(out).index_copy_(0, index, out)
-        return exchange_rows(back, recv_sizes, send_sizes, self.ep_group)
-
-
-class LIMoELayer(MoE):
-    """Mixture of `num_experts` copies of `expert`, routed by LIMoEGate."""
+class LIMoELayer(nn.Module):
+    """Mixture of `num_experts` copies of `expert`, routed by LIMoEGate; holds
+    num_experts / ep_size of them (the expert-parallel rank's share)."""
 
     def __init__(self, width: int, expert: nn.Module, config: MoEConfig, ep_size: int = 1):
+        super().__init__()
         if config.num_experts % ep_size:
             raise ValueError(f"num_experts={config.num_experts} is not divisible by ep_size={ep_size}")
-        super().__init__(hidden_size=width, expert=expert, num_experts=config.num_experts, ep_size=ep_size,
-                         k=config.k, capacity_factor=config.capacity_factor,
-                         eval_capacity_factor=config.eval_capacity_factor, min_capacity=0, use_rts=False)
-        self.deepspeed_moe = ExpertDispatch(
-            LIMoEGate(width, config), GroupedExperts(expert, self.num_local_experts, self.expert_group_name),
-            self.expert_group_name, ep_size, self.num_local_experts)
+        self.num_experts = config.num_experts
+        self.ep_size = ep_size
+        self.num_local_experts = config.num_experts // ep_size
+        # The layer used to be a DeepSpeed MoE, whose constructor initialised a router it did not
+        # keep; drawing the same random numbers keeps each seed's initial weights as they were.
+        torch.empty(config.num_experts, width).uniform_()
+        # The checkpoint format's name for the gate and experts (DeepSpeed MoE's).
+        self.deepspeed_moe = nn.ModuleDict({"gate": LIMoEGate(width, config),
+                                            "experts": GroupedExperts(expert, self.num_local_experts)})
+        self.expert_parallel = None  # the exchange with the other ranks' experts, set from launch/
 
     @property
     def gate(self) -> LIMoEGate:
@@ -390,12 +309,46 @@ class LIMoELayer(MoE):
     def experts(self) -> GroupedExperts:
         return self.deepspeed_moe.experts
 
-    def forward(self, x: torch.Tensor, token_groups: TokenGroups | torch.Tensor):
+    def forward(self, x: torch.Tensor, token_groups: TokenGroups | torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x: [S, d] tokens of both modalities; `token_groups` from their modality ids (or the
-        [S] ids themselves). Returns (y, aux dict).
+        [S] ids themselves). Returns (y, this layer's aux dict: weighted loss, unweighted terms,
+        statistics).
 
-        Dropped routes contribute zero, so the caller's residual carries them on.
+        Dropped routes contribute zero, so the caller's residual carries them on. The aux dict is
+        returned, not kept on the module: with gradient checkpointing the recomputation stops
+        early, so a kept one would hold the recomputed router graph alive until the next forward.
         """
+        if self.ep_size > 1 and self.expert_parallel is None:
+            raise RuntimeError(f"this MoE layer holds {self.num_local_experts} of {self.num_experts} experts "
+                               f"(ep_size {self.ep_size}): launch.expert_parallel must give it its "
+                               "expert-parallel group first")
         if isinstance(token_groups, torch.Tensor):
             token_groups = TokenGroups.from_modality(token_groups)
-        return self.deepspeed_moe(x, token_groups)
+        tokens = x.reshape(-1, x.shape[-1])
+        routes, aux = self.gate(tokens, token_groups)
+        if routes.capacity is None:
+            y = self.dropless(tokens, routes)
+        else:
+            y = self.with_capacity(tokens, routes)
+        return y.reshape(x.shape), aux
+
+    def with_capacity(self, tokens: torch.Tensor, routes: Routes) -> torch.Tensor:
+        d_model = tokens.shape[-1]
+        slots = SlotMap.build(routes.expert, routes.position, routes.gate, self.num_experts,
+                              self.gate.buffer_capacity(tokens.shape[0]))
+        buffer = DispatchTokens.apply(tokens, slots)
+        if self.expert_parallel is None:
+            out = self.experts(buffer.view(1, self.num_local_experts, -1, d_model))
+        else:
+            out = self.expert_parallel.run_buffer(self.experts, buffer.view(self.num_experts, -1, d_model))
+        return CombineExperts.apply(out.reshape(-1, d_model), routes.gate, slots)
+
+    def dropless(self, tokens: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Every route reaches its expert; each expert computes exactly its rows."""
+        sorted_routes = SortedRoutes.build(routes)
+        rows = tokens.index_select(0, sorted_routes.token)
+        if self.expert_parallel is None:
+            out = self.experts.forward_rows(rows, sorted_routes.sizes)
+        else:
+            out = self.expert_parallel.run_rows(self.experts, rows, sorted_routes.sizes, routes.counts)
+        return sorted_routes.combine(out, tokens.shape[0])

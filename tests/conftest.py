@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+import launch  # noqa: F401  (sets DS_ACCELERATOR before any test imports deepspeed: launch/deepspeed_compat.py)
 import limoe
 
 WORDS = ("red green blue yellow purple orange black white grinning smiling face cat dog heart star "

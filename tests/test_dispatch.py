@@ -1,7 +1,8 @@
 """The LIMoE layer's gather-only token dispatch gives the same outputs and
 gradients as obviously-correct references: a per-token loop over the routes,
 DeepSpeed's stock `_sparse_encode` / `_sparse_decode`, and, across two gloo
-processes, the same layer with its experts split over an expert-parallel group.
+processes, the same layer with its experts split over an expert-parallel group
+(launch/expert_parallel.py).
 """
 import os
 import socket
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import _route_slots, _sparse_decode, _sparse_encode
 
+from launch.expert_parallel import as_deepspeed_moe
 from limoe.checkpoint import shard_experts
 from limoe.config import MoEConfig
 from limoe.layers import MLP, SwiGLU
@@ -177,7 +179,7 @@ def test_dispatch_and_combine_match_deepspeed_sparse_encode_decode(k, dtype):
 
 
 def test_layer_is_a_deepspeed_moe_with_expert_names_deepspeed_checkpoints_use():
-    layer = make_layer()
+    layer = as_deepspeed_moe(make_layer())  # as launch/ hands it to DeepSpeed
     assert isinstance(layer, MoE)
     names = {n for n, _ in layer.named_parameters()}
     assert {f"deepspeed_moe.experts.deepspeed_experts.{i}.fc1.weight" for i in range(4)} <= names
@@ -198,7 +200,7 @@ def _expert_parallel_rank(rank, world_size, port, full_state, result_queue):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    layer = make_layer(ep_size=world_size, capacity_factor=0.5)
+    layer = as_deepspeed_moe(make_layer(ep_size=world_size, capacity_factor=0.5))
     layer.load_state_dict(shard_experts(full_state, rank, world_size, num_experts=4))
     layer.set_deepspeed_parallelism()
     layer.train()
