@@ -22,8 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from eval.files import write_json
+
 from .deepspeed_compat import remove_shm_buffers
-from .ds_config import build_ds_config, write_ds_config
+from .ds_config import build_ds_config
 from .run_lock import HELD_ENV, RunDirectoryBusy, RunLock
 from .train_config import (
     ConfigError, TrainConfig, add_override_flags, check_files, load_config, overrides_from_args, save_config,
@@ -155,7 +157,7 @@ def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = Tr
     config.data.tokenizer = str(ensure_tokenizer(config, shards))
     check_tokenizer(config, config.data.tokenizer)
     save_config(config, config.run_dir / "config.yaml")
-    write_ds_config(build_ds_config(config), config.run_dir / "ds_config.json")
+    write_json(build_ds_config(config), config.run_dir / "ds_config.json")
     return config
 
 

@@ -111,7 +111,7 @@ class ParallelSection:
     hostfile: str | None = None  # DeepSpeed/MPI-style hostfile for multi-node runs
     master_addr: str | None = None
     master_port: int | None = None  # None: a free port on one node, 29500 across nodes
-    # A ds_config JSON template; null picks ds_configs/<cpu|gpu>-<precision>-zero<stage>.json.
+    # Your own ds_config JSON template, used as written; null: ds_config_template.json + ds_config.stage_keys.
     ds_config: str | None = None
     threads_per_proc: int | None = None  # torch/OMP threads per rank; null = cores / local ranks
 

@@ -261,7 +261,7 @@ def test_ds_config_takes_batch_accumulation_clip_precision_and_stage_from_the_co
     ds = build_ds_config(config)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (12, 3, 0.5)
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 2
-    assert ds["zero_optimization"]["overlap_comm"] is True  # from the gpu-bf16-zero2 template
+    assert ds["zero_optimization"]["overlap_comm"] is True  # stage_keys of bf16 at stage 2
 
 
 def test_ds_config_template_that_disagrees_with_the_config_names_both_keys(tmp_path):
@@ -277,6 +277,47 @@ def test_ds_config_template_with_its_own_optimizer_is_rejected(tmp_path):
     template.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match=r"sets 'optimizer'"):
         build_ds_config(load_config(minimal(parallel={"ds_config": str(template)})))
+
+
+# What the four former templates (launch/ds_configs/{cpu-fp32,gpu-bf16}-zero{1,2}.json, stage 0 using
+# zero1) gave, computed with that code before it was replaced by one template and stage_keys.
+DS_COMMON = {"steps_per_print": 1000000000, "wall_clock_breakdown": False}
+BF16_BUCKETS = {"reduce_bucket_size": 500000000, "allgather_bucket_size": 500000000}
+ZERO2 = {"contiguous_gradients": True, "reduce_scatter": True}
+FORMER_TEMPLATES = {
+    "fp32-zero0": {"gradient_clipping": 0.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": 0}},
+    "fp32-zero1": {"gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": 1}},
+    "fp32-zero2": {"gradient_clipping": 1.0, "bf16": {"enabled": False},
+                   "zero_optimization": {"stage": 2, **ZERO2, "overlap_comm": False}},
+    "bf16-zero0": {"gradient_clipping": 0.0, "bf16": {"enabled": True}, "communication_data_type": "fp32",
+                   "zero_optimization": {"stage": 0, **BF16_BUCKETS}},
+    "bf16-zero1": {"gradient_clipping": 1.0, "bf16": {"enabled": True}, "communication_data_type": "fp32",
+                   "zero_optimization": {"stage": 1, **BF16_BUCKETS}},
+    "bf16-zero2": {"gradient_clipping": 1.0, "bf16": {"enabled": True}, "communication_data_type": "fp32",
+                   "zero_optimization": {"stage": 2, **ZERO2, "overlap_comm": True, **BF16_BUCKETS}},
+}
+FORMER_SHIPPED = {
+    "cpu-demo": {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 1,
+                 **FORMER_TEMPLATES["fp32-zero1"]},
+    "b16-8gpu": {"train_micro_batch_size_per_gpu": 256, "gradient_accumulation_steps": 1,
+                 **FORMER_TEMPLATES["bf16-zero1"]},
+    "l16-multinode": {"train_micro_batch_size_per_gpu": 128, "gradient_accumulation_steps": 2,
+                      **FORMER_TEMPLATES["bf16-zero2"]},
+}
+
+
+@pytest.mark.parametrize("case", FORMER_TEMPLATES)
+def test_default_ds_config_of_each_precision_and_stage_is_what_the_former_templates_gave(case):
+    precision, stage = case.split("-zero")
+    config = load_config(minimal(train={"precision": precision, "grad_clip": 1.0 if int(stage) else 0.0},
+                                 parallel={"zero_stage": int(stage)}))
+    expected = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1, **FORMER_TEMPLATES[case]}
+    assert build_ds_config(config) == {**expected, **DS_COMMON}
+
+
+@pytest.mark.parametrize("name", FORMER_SHIPPED)
+def test_ds_config_of_each_shipped_config_is_what_the_former_templates_gave(name):
+    assert build_ds_config(load_config(name)) == {**FORMER_SHIPPED[name], **DS_COMMON}
 
 
 def test_run_directory_with_checkpoints_needs_resume(tmp_path):
