@@ -431,7 +431,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
 
     # -- model, tokenizer, optimizer, engine ------------------------------------------------------
     tokenizer = load_tokenizer(config.data.tokenizer)
-    model_config = config.model_config(tokenizer.vocab_size, tokenizer.context_length)
+    model_config = config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
     ep_size = p.ep_size
     ep_rank = rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
     model = build_model(model_config, ep_size, ep_rank, config.seed)
