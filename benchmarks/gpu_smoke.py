@@ -165,7 +165,7 @@ def training_plan(run_dir: Path) -> dict:
 
     config = load_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     tokenizer = Tokenizer.load(config.data.tokenizer)
-    model = config.model_config(tokenizer.vocab_size, tokenizer.context_length)
+    model = config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
     ds = json.loads((run_dir / "ds_config.json").read_text())
     pairs_per_step = config.train.batch_size * config.world_size * config.train.accum_freq
     return {"model": model.name, "precision": config.train.precision, "zero_stage": config.parallel.zero_stage,

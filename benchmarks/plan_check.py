@@ -131,7 +131,7 @@ def run_case(name: str, steps: int, profiled: bool) -> dict:
         recorder = (profile(activities=[ProfilerActivity.CPU], profile_memory=True) if profiled
                     else contextlib.nullcontext())
         with recorder as prof:
-            model_config = config.model_config()
+            model_config = config.model
             model = build_model(model_config, 1, 0, config.seed)
             model.set_grad_checkpointing(config.train.grad_checkpointing)
             for layer in model.moe_layers():

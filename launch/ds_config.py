@@ -1,8 +1,10 @@
 """DeepSpeed config (ds_config JSON) from a template plus the training config.
 
-Templates in launch/ds_configs/ hold DeepSpeed's own tuning knobs (buckets,
-overlap, communication dtype). Values the training config owns are written
-"auto" there and filled in here, so there is one place to set each thing:
+The default template, launch/ds_config_template.json, holds what every run shares;
+`stage_keys` adds DeepSpeed's tuning knobs that depend on the precision and the
+ZeRO stage (buckets, overlap, communication dtype). Values the training config
+owns are written "auto" in a template and filled in here, so there is one place
+to set each thing:
 
     train_micro_batch_size_per_gpu  <- train.batch_size
     gradient_accumulation_steps     <- train.accum_freq
@@ -10,10 +12,11 @@ overlap, communication dtype). Values the training config owns are written
     bf16.enabled                    <- train.precision == "bf16"
     zero_optimization.stage         <- parallel.zero_stage
 
-A custom template (parallel.ds_config) may also give these as concrete
-values; one that disagrees with the training config is an error naming both
-keys. The optimizer and scheduler are not in the ds_config: the trainer
-builds them (AdamW with MoE-split parameter groups, warmup + cosine).
+A custom template (parallel.ds_config) is used as written, without stage_keys;
+it may also give the owned values as concrete values, and one that disagrees
+with the training config is an error naming both keys. The optimizer and
+scheduler are not in the ds_config: the trainer builds them (AdamW with
+MoE-split parameter groups, warmup + cosine).
 """
 from __future__ import annotations
 
@@ -22,14 +25,23 @@ from pathlib import Path
 
 from .train_config import ConfigError, TrainConfig
 
-TEMPLATE_DIR = Path(__file__).parent / "ds_configs"
+TEMPLATE = Path(__file__).with_name("ds_config_template.json")
+BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's own default, written out where the buckets take GPU memory
 
 
-def default_template(config: TrainConfig) -> Path:
-    """cpu-fp32-zero{1,2}.json for fp32, gpu-bf16-zero{1,2}.json for bf16 (stage 0 uses the zero1 file)."""
-    family = "gpu-bf16" if config.train.precision == "bf16" else "cpu-fp32"
-    stage = max(1, config.parallel.zero_stage)
-    return TEMPLATE_DIR / f"{family}-zero{stage}.json"
+def stage_keys(precision: str, zero_stage: int) -> dict:
+    """What the default template gets for a precision and ZeRO stage. Keyed by precision, as the former
+    cpu-fp32 / gpu-bf16 templates were: the shipped GPU configs train in bf16, the CPU ones in fp32."""
+    bf16 = precision == "bf16"
+    zero = {}
+    if zero_stage == 2:
+        # overlap_comm reduces on a side CUDA stream during the backward (two buckets); CPU ranks have no streams.
+        zero.update(contiguous_gradients=True, overlap_comm=bf16, reduce_scatter=True)
+    if bf16:
+        zero.update(reduce_bucket_size=BUCKET_ELEMENTS, allgather_bucket_size=BUCKET_ELEMENTS)
+        # bf16 gradients are all-reduced in fp32: a sum over many ranks in bf16 loses precision.
+        return {"zero_optimization": zero, "communication_data_type": "fp32"}
+    return {"zero_optimization": zero}
 
 
 def _owned_values(config: TrainConfig) -> dict[tuple[str, ...], tuple[object, str]]:
@@ -44,13 +56,16 @@ def _owned_values(config: TrainConfig) -> dict[tuple[str, ...], tuple[object, st
 
 
 def build_ds_config(config: TrainConfig) -> dict:
-    path = Path(config.parallel.ds_config) if config.parallel.ds_config else default_template(config)
+    path = Path(config.parallel.ds_config or TEMPLATE)
     try:
         ds = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"'parallel.ds_config': {path} not found") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"'parallel.ds_config': {path} is not valid JSON ({e})") from e
+    if not config.parallel.ds_config:
+        for key, value in stage_keys(config.train.precision, config.parallel.zero_stage).items():
+            ds[key] = {**ds[key], **value} if isinstance(value, dict) else value
     for forbidden in ("optimizer", "scheduler", "train_batch_size", "fp16"):
         if forbidden in ds:
             raise ConfigError(f"'parallel.ds_config': {path} sets '{forbidden}'; the training config owns "
@@ -67,13 +82,3 @@ def build_ds_config(config: TrainConfig) -> dict:
     if ds["zero_optimization"]["stage"] == 3:
         raise ConfigError("'parallel.zero_stage': ZeRO stage 3 is not supported with DeepSpeed's native MoE")
     return ds
-
-
-def write_ds_config(ds: dict, path: Path) -> Path:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(ds, indent=2))
-    os.replace(tmp, path)
-    return path

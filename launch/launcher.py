@@ -22,8 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from eval.files import write_json
+
 from .deepspeed_compat import remove_shm_buffers
-from .ds_config import build_ds_config, write_ds_config
+from .ds_config import build_ds_config
 from .run_lock import HELD_ENV, RunDirectoryBusy, RunLock
 from .train_config import (
     ConfigError, TrainConfig, add_override_flags, check_files, load_config, overrides_from_args, save_config,
@@ -107,7 +109,7 @@ def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
     path = Path(config.data.tokenizer) if config.data.tokenizer else config.run_dir / "tokenizer.model"
     if path.is_file():
         return path
-    context_length = config.model_config().context_length
+    context_length = config.model.context_length
     if is_bpe_path(path):
         BPETokenizer(context_length).save(path)
         print(f"wrote {path}: open_clip's BPE vocabulary, context {context_length}", flush=True)
@@ -127,14 +129,14 @@ def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
 
 
 def check_tokenizer(config: TrainConfig, path: str | os.PathLike) -> None:
-    """The tokenizer file loads (a damaged one would crash every rank) and fits the model's vocab and context."""
+    """The tokenizer file loads (a damaged one would crash every rank); the model takes its vocab and context."""
     from limoe.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(path)
     except (ValueError, OSError, KeyError) as e:
         raise ConfigError(f"'data.tokenizer': {e}") from e
-    config.model_config(tokenizer.vocab_size, tokenizer.context_length)
+    config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
 
 
 def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = True,
@@ -155,7 +157,7 @@ def prepare_run(config: TrainConfig, resume: str | None = None, write: bool = Tr
     config.data.tokenizer = str(ensure_tokenizer(config, shards))
     check_tokenizer(config, config.data.tokenizer)
     save_config(config, config.run_dir / "config.yaml")
-    write_ds_config(build_ds_config(config), config.run_dir / "ds_config.json")
+    write_json(build_ds_config(config), config.run_dir / "ds_config.json")
     return config
 
 

@@ -29,6 +29,7 @@ benchmarks/plan_check.py compares the predicted peaks with measured ones on CPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -138,7 +139,7 @@ def setup_from_config(config) -> tuple[Setup, list[str]]:
     else:
         vocab = config.data.tokenizer_vocab_size
         notes.append(f"vocabulary {vocab} (data.tokenizer_vocab_size: `limoe train` trains that tokenizer)")
-    model_config = config.model_config(vocab, context)
+    model_config = copy.copy(config).fit_tokenizer(vocab, context)  # planning leaves `config` as it was
     params = parameter_counts(model_config)
     p = config.parallel
     device = p.accelerator

@@ -1,11 +1,13 @@
-"""Training configs: YAML files of plain data, checked before anything is launched.
+"""Training configs: YAML files of plain data, parsed into one typed tree and checked before launch.
 
-A config names the model preset (plus overrides of any LIMoEConfig / MoEConfig
-field, including the per-modality auxiliary-loss weights), the training data,
-batch size, steps, optimizer, schedule, parallelism (processes, ep_size,
-ZeRO stage), precision, and eval/checkpoint cadence. Every section is a
-dataclass below; the defaults are the values a key takes when a config leaves
-it out.
+TrainConfig is a tree of dataclasses: the sections below, and `model`, the
+LIMoEConfig itself (TwoTowerConfig for an `open_clip-*` preset), seeded from
+`model.preset`. Every key of a YAML file or an override, down to
+`model.moe.text.global_entropy_experts`, goes through the same parser
+(`_from_dict`): the key must exist, the value is coerced to the annotated type,
+and a key left out keeps the default (the preset's value, under `model`). The
+tokenizer then decides the model's vocab_size and context_length, in one step:
+`TrainConfig.fit_tokenizer`.
 
 Command-line overrides use open_clip's flag names where one exists
 (`--batch-size`, `--lr`, ...; see OVERRIDE_FLAGS) and `--set key.sub=value`
@@ -16,6 +18,7 @@ ConfigError with the dotted key in the message.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -36,6 +39,7 @@ PRECISIONS = ("fp32", "bf16")
 BATCHED_EXPERTS = ("auto", True, False)
 REPORT_TARGETS = ("tensorboard", "wandb")
 ACCELERATORS = ("auto", "cpu", "cuda")
+DEFAULT_PRESET = "limoe-nano"
 
 
 class ConfigError(ValueError):
@@ -111,7 +115,7 @@ class ParallelSection:
     hostfile: str | None = None  # DeepSpeed/MPI-style hostfile for multi-node runs
     master_addr: str | None = None
     master_port: int | None = None  # None: a free port on one node, 29500 across nodes
-    # A ds_config JSON template; null picks ds_configs/<cpu|gpu>-<precision>-zero<stage>.json.
+    # Your own ds_config JSON template, used as written; null: ds_config_template.json + ds_config.stage_keys.
     ds_config: str | None = None
     threads_per_proc: int | None = None  # torch/OMP threads per rank; null = cores / local ranks
 
@@ -161,7 +165,8 @@ class TrainConfig:
     name: str | None = None  # run name: logs/<name>/; null = a timestamp
     logs: str = "logs"
     seed: int = 0
-    model: dict = field(default_factory=lambda: {"preset": "limoe-nano"})
+    # In YAML `model: {preset: NAME, <field>: value, ...}`: the preset's config with those fields changed.
+    model: LIMoEConfig | TwoTowerConfig = field(default_factory=lambda: get_config(DEFAULT_PRESET))
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -170,6 +175,8 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    # What `model` was seeded from; not a key of its own in YAML, where it is model.preset.
+    preset: str = field(default=DEFAULT_PRESET, metadata={"key": "model.preset"})
 
     @property
     def run_dir(self) -> Path:
@@ -179,19 +186,36 @@ class TrainConfig:
     def world_size(self) -> int:
         return self.parallel.num_procs * self.parallel.num_nodes
 
+    def fit_tokenizer(self, vocab_size: int, context_length: int | None = None) -> LIMoEConfig | TwoTowerConfig:
+        """Give the model the tokenizer's vocab_size (and context_length): the one place they are decided.
+        The preset's values are placeholders; a value the config changed must agree. Returns the model."""
+        preset = get_config(self.preset)
+        sizes = {k: v for k, v in (("vocab_size", vocab_size), ("context_length", context_length)) if v is not None}
+        for key, value in sizes.items():
+            if getattr(self.model, key) not in (getattr(preset, key), value):
+                raise ConfigError(f"'model.{key}' is {getattr(self.model, key)} but the tokenizer has {key}={value}")
+        self.model = dataclasses.replace(self.model, **sizes)
+        return self.model
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The YAML form: every section in full, the model as its preset plus the fields that differ from it
+        (so a later model.preset override still takes effect when the dict is loaded again)."""
+        out = dataclasses.asdict(self)
+        preset = out.pop("preset")
+        out["model"] = {"preset": preset, **_changed(out["model"], get_config(preset).to_dict())}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def model_config(self, vocab_size: int | None = None,
-                     context_length: int | None = None) -> LIMoEConfig | TwoTowerConfig:
-        """The LIMoEConfig this run trains; vocab and context follow the tokenizer."""
-        return resolve_model_config(self.model, vocab_size, context_length)
+
+def _changed(new: dict, old: dict) -> dict:
+    """The entries of `new` that differ from `old`, recursing into mappings."""
+    return {k: _changed(v, old.get(k) or {}) if isinstance(v, dict) else v
+            for k, v in new.items() if v != old.get(k)}
 
 
-# -- parsing dicts into dataclasses, naming the key on every mistake -----------
+# -- parsing mappings into the dataclasses, naming the key on every mistake ---------------------
 
 
 def _unknown_key_error(key: str, prefix: str, known) -> ConfigError:
@@ -200,136 +224,106 @@ def _unknown_key_error(key: str, prefix: str, known) -> ConfigError:
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
 
 
-def _coerce(tp, value, key: str):
-    """Check/convert one value to the annotated type; the error names `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The leaf types a config uses: what a value must be, and how the error says it.
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: _is_number(v) and float(v).is_integer(), "an integer"),
+    float: (_is_number, "a number"),
+    str: (lambda v: isinstance(v, str) or _is_number(v), "a string"),
+    dict: (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def _coerce(tp, value, key: str, base=None):
+    """Check/convert one value to the annotated type `tp`; the error names `key`. A mapping for a
+    dataclass changes the fields of `base` (the type's defaults when None)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
             return None
-        for arg in args[:-1]:  # bool | dict and the like: the first type that accepts the value
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError:
-                pass
-        return _coerce(args[-1], value, key)
+        *first, last = [a for a in args if a is not type(None)]
+        for arg in first:  # bool | dict and the like: the first type that accepts the value
+            with contextlib.suppress(ConfigError):
+                return _coerce(arg, value, key, base)
+        return _coerce(last, value, key, base)
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key + ".")
-    if origin is list:
+        return _from_dict(tp, value, key + ".", base)
+    if typing.get_origin(tp) is list:
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+    if tp not in _SCALARS:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    accepts, what = _SCALARS[tp]
+    number = value
+    if tp is float and isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+        with contextlib.suppress(ValueError):
             number = float(value)
-        elif isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"'{key}' must be a number, got {value!r}")
-        if not math.isfinite(number):  # YAML's .inf / .nan, or "inf": every range check below would pass inf
-            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"'{key}' must be a string, got {value!r}")
-    return value
+    if not accepts(number):
+        raise ConfigError(f"'{key}' must be {what}, got {value!r}")
+    if tp is float and not math.isfinite(number):  # YAML's .inf / .nan would pass every range check
+        raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
+    return tp(number)
 
 
-def _from_dict(cls, data, prefix: str = ""):
+def _from_dict(cls, data, prefix: str = "", base=None):
+    """A `cls` from a mapping, each key checked and coerced; keys left out keep `base`'s values
+    (the defaults without one). The class's own checks (LIMoEConfig.validate) name the section."""
+    where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"'{where}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if "key" not in f.metadata]  # metadata "key": written elsewhere
     for key in data:
-        if key not in hints:
+        if key not in names:
             raise _unknown_key_error(key, prefix, names)
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    kwargs = {k: _coerce(hints[k], v, prefix + k, getattr(base, k, None)) for k, v in data.items()}
     try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}': {e}") from e
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+    except (TypeError, ValueError) as e:  # a required field is missing, or the values do not fit together
+        raise ConfigError(f"'{where}': {e}") from e
 
 
-# -- the model section: preset + overrides of LIMoEConfig fields ----------------
-
-
-def _merge_checked(base: dict, over: dict, cls, prefix: str) -> dict:
-    """Deep-merge `over` into `base` (a dataclass's asdict), checking keys and types."""
-    hints = typing.get_type_hints(cls)
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if key not in hints:
-            raise _unknown_key_error(key, prefix, hints)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{prefix}{key}' must be a mapping, got {value!r}")
-            out[key] = _merge_checked(out[key], value, tp, f"{prefix}{key}.")
-        else:
-            out[key] = _coerce(tp, value, prefix + key)
-    return out
-
-
-def resolve_model_config(model: dict, vocab_size: int | None = None,
-                         context_length: int | None = None) -> LIMoEConfig | TwoTowerConfig:
-    """`model: {preset: NAME, <LIMoEConfig field>: value, moe: {...}}` -> LIMoEConfig (or, for an
-    `open_clip-*` preset, the dense two-tower peer's TwoTowerConfig)."""
-    if not isinstance(model, dict):
-        raise ConfigError(f"'model' must be a mapping with a 'preset' key, got {model!r}")
-    over = dict(model)
-    preset = over.pop("preset", None)
+def parse_model(data) -> tuple[str, LIMoEConfig | TwoTowerConfig]:
+    """`model: {preset: NAME, <field>: value, moe: {...}}` -> (NAME, its LIMoEConfig with those fields
+    changed), or for an `open_clip-*` preset the dense two-tower peer's TwoTowerConfig."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'model' must be a mapping with a 'preset' key, got {data!r}")
+    fields = dict(data)
+    preset = fields.pop("preset", None)
     if preset is None:
         raise ConfigError("'model.preset' is required (see `limoe info --list`)")
     if preset not in list_models():
         close = difflib.get_close_matches(str(preset), list_models(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"'model.preset': unknown model {preset!r}{hint}; see `limoe info --list`")
-    base_config = get_config(preset)
-    kind = type(base_config)
-    base = base_config.to_dict()
-    if kind is TwoTowerConfig:
+    base = get_config(preset)
+    if isinstance(base, TwoTowerConfig):
         # Like a dense twin, the open_clip peer has no experts: routing settings do not apply to it.
-        over.pop("moe", None)
-    for key, value in (("vocab_size", vocab_size), ("context_length", context_length)):
-        if value is None:
-            continue
-        if key in over and int(over[key]) != value:
-            raise ConfigError(f"'model.{key}' is {over[key]} but the tokenizer has {key}={value}")
-        over[key] = value
-    data = _merge_checked(base, over, kind, "model.")
-    try:
-        return kind.from_dict(data)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"'model': {e}") from e
+        fields.pop("moe", None)
+    return preset, _from_dict(type(base), fields, "model.", base)
+
+
+def parse_config(raw) -> TrainConfig:
+    """A config mapping (YAML's data) -> TrainConfig; `model` is seeded from model.preset."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'config' must be a mapping, got {raw!r}")
+    config = _from_dict(TrainConfig, {k: v for k, v in raw.items() if k != "model"})
+    if "model" in raw:
+        config.preset, config.model = parse_model(raw["model"])
+    return config
 
 
 # -- overrides ------------------------------------------------------------------
 
 # open_clip-style flag -> dotted config key. Flags that open_clip does not have
 # use the same spelling style. `--train-data` (open_clip's "::"-joined list) and
-# `--set` are handled in apply_overrides.
+# `--set` are turned into (key, value) pairs in overrides_from_args.
 OVERRIDE_FLAGS = {
     "model": ("model.preset", str, "model preset, e.g. limoe-nano, limoe-b-16"),
     "batch_size": ("train.batch_size", int, "batch size per process (per GPU)"),
@@ -344,6 +338,7 @@ OVERRIDE_FLAGS = {
     "warmup": ("schedule.warmup", int, "linear warmup steps"),
     "precision": ("train.precision", str, "fp32 or bf16"),
     "grad_clip_norm": ("train.grad_clip", float, "gradient-norm clip (0 = off)"),
+    "grad_checkpointing": ("train.grad_checkpointing", bool, "recompute activations in backward (saves memory)"),
     "workers": ("data.workers", int, "data loader workers per process"),
     "tokenizer": ("data.tokenizer", str, "SentencePiece tokenizer.model (trained here if missing), "
                                          "or an open_clip BPE *.bpe.json (written here if missing)"),
@@ -373,13 +368,14 @@ def add_override_flags(parser) -> None:
     group.add_argument("--train-data-upsampling-factors", default=None, metavar="W::W",
                        help="sampling weight of each --train-data source, joined with '::'")
     for dest, (key, tp, help_text) in OVERRIDE_FLAGS.items():
-        metavar = {int: "N", float: "X"}.get(tp, "VALUE")
-        group.add_argument("--" + dest.replace("_", "-"), dest=dest, type=tp, default=None, metavar=metavar,
-                           help=f"{help_text} ({key})")
-    group.add_argument("--grad-checkpointing", action="store_true", default=None,
-                       help="recompute activations in backward (saves memory)")
+        flag, help_text = "--" + dest.replace("_", "-"), f"{help_text} ({key})"
+        if tp is bool:  # a switch: given means true
+            group.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=tp, default=None, metavar={int: "N", float: "X"}.get(tp, "VALUE"),
+                               help=help_text)
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="set any config key, e.g. --set model.moe.capacity_factor=1.5 (repeatable)")
+                       help="set any config key, model fields included, e.g. --set model.moe.k=2 (repeatable)")
 
 
 def overrides_from_args(args) -> list[tuple[str, object]]:
@@ -398,8 +394,6 @@ def overrides_from_args(args) -> list[tuple[str, object]]:
         value = getattr(args, dest, None)
         if value is not None:
             pairs.append((key, value))
-    if getattr(args, "grad_checkpointing", None):
-        pairs.append(("train.grad_checkpointing", True))
     for item in getattr(args, "set", None) or []:
         pairs.append(parse_set(item))
     return pairs
@@ -460,13 +454,13 @@ def load_config(source: str | os.PathLike | dict, overrides=(), fill_name: bool 
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    raw = apply_overrides(raw, overrides)
-    config = _from_dict(TrainConfig, raw)
+    if isinstance(raw, dict) and "model" not in raw:  # the default model, which --set model.<field> then changes
+        raw = {**raw, "model": {"preset": DEFAULT_PRESET}}
+    config = parse_config(apply_overrides(raw, overrides))
     if config.name is None and not fill_name:
         raise ConfigError("'name': required when train.py is started directly (limoe train fills in a timestamp)")
     if config.name is None:
-        preset = str(config.model.get("preset", "model")) if isinstance(config.model, dict) else "model"
-        config.name = datetime.datetime.now().strftime("%Y_%m_%d-%H_%M_%S") + f"-{preset}"
+        config.name = datetime.datetime.now().strftime("%Y_%m_%d-%H_%M_%S") + f"-{config.preset}"
     check_config(config)
     return config
 
@@ -520,8 +514,7 @@ def check_config(config: TrainConfig) -> None:
     report_targets(config.logging.report_to)
     augment_config(config.data.augment)
 
-    model = config.model_config()
-    experts = model.moe.num_experts
+    experts = config.model.moe.num_experts
     if experts == 0:
         _check(p.ep_size == 1, "parallel.ep_size", f"must be 1 for a dense model, got {p.ep_size}")
     else:
@@ -540,10 +533,7 @@ def augment_config(augment: bool | dict):
         return AugmentConfig(scale_min=1.0, scale_max=1.0, hflip=False, color_jitter=0.0)
     if augment is True:
         return AugmentConfig()
-    if not isinstance(augment, dict):
-        raise ConfigError(f"'data.augment' must be true, false or a mapping, got {augment!r}")
-    return AugmentConfig(**_merge_checked(dataclasses.asdict(AugmentConfig()), augment, AugmentConfig,
-                                          "data.augment."))
+    return _from_dict(AugmentConfig, augment, "data.augment.")
 
 
 def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, list[str]]:
@@ -586,9 +576,8 @@ def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, l
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config (every default filled in) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(config.to_yaml())
-    os.replace(tmp, path)
-    return path
+    from eval.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(config.to_yaml())
+    return Path(path)

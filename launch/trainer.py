@@ -400,7 +400,9 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     from limoe.tokenizer import load_tokenizer
 
     from .deepspeed_compat import patch_broadcast_of_scalar_parameters, remove_shm_buffers
-    from .ds_config import build_ds_config, write_ds_config
+    from eval.files import write_json
+
+    from .ds_config import build_ds_config
     from .eval_hook import zero_shot_eval
     from .resume import Layout, ResumeError, load_checkpoint
 
@@ -432,7 +434,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
 
     # -- model, tokenizer, optimizer, engine ------------------------------------------------------
     tokenizer = load_tokenizer(config.data.tokenizer)
-    model_config = config.model_config(tokenizer.vocab_size, tokenizer.context_length)
+    model_config = config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
     ep_size = p.ep_size
     ep_rank = rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
     model = build_model(model_config, ep_size, ep_rank, config.seed)
@@ -478,7 +480,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         raise SystemExit(f"error: engine is at step {engine.global_steps}, checkpoint state says {state.step}")
     if rank == 0:
         save_config(config, run_dir / "config.yaml")
-        write_ds_config(ds_config, run_dir / "ds_config.json")
+        write_json(ds_config, run_dir / "ds_config.json")
         if Path(config.data.tokenizer).resolve() != (run_dir / tokenizer.FILENAME).resolve():
             tokenizer.save(run_dir / tokenizer.FILENAME)  # exports take it from the run directory
 

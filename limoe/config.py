@@ -253,36 +253,33 @@ def config_from_dict(data: dict) -> "LIMoEConfig | TwoTowerConfig":
     return (TwoTowerConfig if data.get("family") == "open_clip" else LIMoEConfig).from_dict(data)
 
 
-def _preset(name, width, depth, heads, mlp_dim, image_size, patch_size, num_experts=8, **kw) -> LIMoEConfig:
-    moe = kw.pop("moe", {})
-    return LIMoEConfig(name=name, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
-                       image_size=image_size, patch_size=patch_size,
-                       moe=MoEConfig(num_experts=num_experts, **moe), **kw)
-
-
-def _build_presets() -> dict[str, LIMoEConfig]:
-    presets = [
-        # The demo preset: 32 px emoji, small enough to train in minutes on 2 CPU cores.
-        _preset("limoe-nano", 128, 4, 4, 512, 32, 4, num_experts=4, embed_dim=128,
-                vocab_size=4000, logit_scale_init=math.log(30.0)),
-        _preset("limoe-ti-16", 192, 12, 3, 768, 224, 16, num_experts=8, embed_dim=256, vocab_size=16000),
-        # V-MoE backbone widths (docs/model.md).
-        _preset("limoe-s-16", 512, 8, 8, 2048, 224, 16, embed_dim=512, vocab_size=32000),
-        _preset("limoe-b-32", 768, 12, 12, 3072, 224, 32, embed_dim=512, vocab_size=32000),
-        _preset("limoe-b-16", 768, 12, 12, 3072, 224, 16, embed_dim=512, vocab_size=32000),
-        _preset("limoe-l-16", 1024, 24, 16, 4096, 224, 16, embed_dim=768, vocab_size=32000),
-        _preset("limoe-h-14", 1280, 32, 16, 5120, 224, 14, num_experts=32, embed_dim=1024,
-                vocab_size=32000,
+# The presets, as big_vision writes its configs: every field a preset sets, by name; the rest are
+# the dataclass defaults (MoEConfig: 8 experts, top-1, MoE in every 2nd block).
+PRESETS = {c.name: c for c in (
+    # The demo preset: 32 px emoji, small enough to train in minutes on 2 CPU cores.
+    LIMoEConfig(name="limoe-nano", width=128, depth=4, heads=4, mlp_dim=512, image_size=32, patch_size=4,
+                embed_dim=128, vocab_size=4000, logit_scale_init=math.log(30.0), moe=MoEConfig(num_experts=4)),
+    LIMoEConfig(name="limoe-ti-16", width=192, depth=12, heads=3, mlp_dim=768, image_size=224, patch_size=16,
+                embed_dim=256, vocab_size=16000),
+    # V-MoE backbone widths (docs/model.md).
+    LIMoEConfig(name="limoe-s-16", width=512, depth=8, heads=8, mlp_dim=2048, image_size=224, patch_size=16,
+                embed_dim=512, vocab_size=32000),
+    LIMoEConfig(name="limoe-b-32", width=768, depth=12, heads=12, mlp_dim=3072, image_size=224, patch_size=32,
+                embed_dim=512, vocab_size=32000),
+    LIMoEConfig(name="limoe-b-16", width=768, depth=12, heads=12, mlp_dim=3072, image_size=224, patch_size=16,
+                embed_dim=512, vocab_size=32000),
+    LIMoEConfig(name="limoe-l-16", width=1024, depth=24, heads=16, mlp_dim=4096, image_size=224, patch_size=16,
+                embed_dim=768, vocab_size=32000),
+    LIMoEConfig(name="limoe-h-14", width=1280, depth=32, heads=16, mlp_dim=5120, image_size=224, patch_size=14,
+                embed_dim=1024, vocab_size=32000,
                 # As in the paper's H/14: MoE every other block of the last 24 (12 MoE layers).
-                moe={"placement": ",".join(str(i) for i in range(9, 32, 2))}),
-    ]
-    return {p.name: p for p in presets}
-
-
-PRESETS = _build_presets()
+                moe=MoEConfig(num_experts=32, placement=",".join(str(i) for i in range(9, 32, 2)))),
+)}
 # open_clip two-tower peers: the same width and depth as the LIMoE preset of the name.
-TWO_TOWER_PRESETS = {"open_clip-nano": TwoTowerConfig(name="open_clip-nano", width=128, depth=4, heads=4,
-                                                      mlp_dim=512, image_size=32, patch_size=4, embed_dim=128)}
+TWO_TOWER_PRESETS = {c.name: c for c in (
+    TwoTowerConfig(name="open_clip-nano", width=128, depth=4, heads=4, mlp_dim=512, image_size=32, patch_size=4,
+                   embed_dim=128),
+)}
 
 
 def list_models() -> list[str]:

@@ -216,7 +216,7 @@ def test_plan_of_b16_8gpu_shards_one_expert_per_gpu_and_fits_80gb():
     config = load_config("b16-8gpu")
     result = plan(config, parse_size("80GB"))
     assert result["fits"] and not result["suggestions"]
-    counts = parameter_counts(config.model_config(config.data.tokenizer_vocab_size))
+    counts = parameter_counts(config.fit_tokenizer(config.data.tokenizer_vocab_size))
     assert result["memory"]["states"]["expert"]["parameters"] == counts["experts"] // 8
     assert result["all_to_all"]["per_step"] > 0 and result["flops"]["step_time_s"] > 0
 

@@ -46,7 +46,7 @@ def test_every_variant_is_a_valid_cpu_demo_config_with_the_intended_model():
         overrides = quality.run_overrides(variant, 3, SETTINGS) + [("name", f"check-{variant}")]
         config = load_config("cpu-demo", overrides)
         assert config.seed == 3 and config.train.batch_size == 64 and config.parallel.ep_size == 1
-        models[variant] = config.model_config()
+        models[variant] = config.model
         assert quality.variant_tokenizer(variant) in quality.TOKENIZERS
     assert models["dense"].moe.num_experts == 0 and isinstance(models["open_clip"], TwoTowerConfig)
     assert quality.variant_tokenizer("open_clip") == "bpe" and quality.variant_tokenizer("limoe") == "sp1000"

@@ -46,7 +46,7 @@ def test_shipped_config_parses_and_gives_a_ds_config(path):
 
 def test_cpu_demo_is_limoe_nano_on_two_ranks_with_ep_size_2():
     config = load_config("cpu-demo")
-    assert config.model["preset"] == "limoe-nano"
+    assert config.preset == "limoe-nano"
     assert (config.parallel.num_procs, config.parallel.ep_size, config.train.precision) == (2, 2, "fp32")
     assert "emoji-google" in config.data.train[0].shards
 
@@ -94,9 +94,89 @@ def test_yaml_exponent_without_a_dot_is_read_as_a_number():
 def test_model_overrides_reach_the_moe_config():
     text = {"global_entropy": 0.2, "global_entropy_experts": 3}
     config = load_config(minimal(model={"preset": "limoe-nano", "moe": {"capacity_factor": 1.5, "text": text}}))
-    moe = config.model_config().moe
+    moe = config.model.moe
     assert moe.capacity_factor == 1.5 and moe.text.global_entropy == 0.2 and moe.text.global_entropy_experts == 3
     assert moe.image.global_entropy == 0.0  # untouched fields keep the preset's values
+
+
+@pytest.mark.parametrize("item, path, value", [
+    ("model.moe.k=2", ("moe", "k"), 2),
+    ("model.moe.text.global_entropy_experts=2", ("moe", "text", "global_entropy_experts"), 2.0),
+    ("model.width=64", ("width",), 64),
+    ("model.kv_heads=2", ("kv_heads",), 2),
+])
+def test_set_reaches_any_model_field_through_the_same_parser(item, path, value):
+    from launch.train_config import parse_set
+    from limoe.config import LIMoEConfig
+
+    model = load_config(minimal(), [parse_set(item)]).model
+    assert isinstance(model, LIMoEConfig) and model.name == "limoe-nano"
+    node = model
+    for part in path:
+        node = getattr(node, part)
+    assert node == value and type(node) is type(value)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("model.moe.k=two", r"'model\.moe\.k' must be an integer, got 'two'"),
+    ("model.widht=64", r"unknown config key 'model\.widht' \(did you mean 'model\.width'\?\)"),
+    ("model.moe.text.lod=0.1", r"unknown config key 'model\.moe\.text\.lod' \(did you mean 'model\.moe\.text\.load'\?\)"),
+    ("model.moe.k=9", r"'model': moe\.k=9 must be in 1\.\.num_experts=4"),
+    ("model.width=130", r"'model': width 130 is not divisible by heads 4"),
+    ("model.moe=3", r"'model\.moe' must be a mapping, got 3"),
+])
+def test_a_bad_model_key_or_value_is_named_like_any_other(item, message):
+    from launch.train_config import parse_set
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(minimal(), [parse_set(item)])
+
+
+def test_an_open_clip_preset_gives_the_two_tower_config_and_ignores_routing_keys():
+    from limoe.config import TwoTowerConfig
+
+    config = load_config("cpu-demo", [("model.preset", "open_clip-nano"), ("parallel.ep_size", 1),
+                                      ("model.width", 64)])
+    assert isinstance(config.model, TwoTowerConfig) and config.model.width == 64
+    assert config.preset == "open_clip-nano"
+
+
+def test_the_saved_form_is_the_preset_plus_what_differs_and_loads_back_to_the_same_config():
+    config = load_config("b16-8gpu")
+    saved = yaml.safe_load(config.to_yaml())
+    assert saved["model"] == {"preset": "limoe-b-16", "moe": {
+        "image": {"local_entropy": 0.01},
+        "text": {"local_entropy": 0.01, "global_entropy": 0.05, "global_entropy_experts": 2.0}}}
+    assert load_config(saved) == config
+    # A preset named afterwards still decides the model: the saved form holds only the changes.
+    assert load_config(saved, [("model.preset", "limoe-b-32")]).model.patch_size == 32
+
+
+def test_a_run_config_saved_before_the_typed_model_still_loads():
+    """config.yaml of an existing run: `model:` held the YAML's overrides as they were given."""
+    old = minimal(model={"preset": "limoe-nano", "moe": {"capacity_factor": 1.0, "image": {
+        "importance": 0.005, "load": 0.005, "local_entropy": 0.0, "global_entropy": 0.0}, "text": {
+        "importance": 0.005, "load": 0.005, "local_entropy": 0.0, "global_entropy": 0.0}}})
+    assert load_config(old).model == load_config(minimal()).model
+
+
+def test_the_tokenizer_decides_vocab_and_context_unless_the_config_set_other_values():
+    config = load_config(minimal())
+    assert config.model.vocab_size == 4000  # the preset's placeholder
+    model = config.fit_tokenizer(1000, 12)
+    assert (model.vocab_size, model.context_length) == (1000, 12) and config.model is model
+    assert yaml.safe_load(config.to_yaml())["model"] == {"preset": "limoe-nano", "vocab_size": 1000,
+                                                         "context_length": 12}
+    assert load_config(config.to_dict()).fit_tokenizer(1000, 12) == model  # a resumed run: the same tokenizer
+    with pytest.raises(ConfigError, match=r"'model\.vocab_size' is 1000 but the tokenizer has vocab_size=999"):
+        load_config(config.to_dict()).fit_tokenizer(999)
+    with pytest.raises(ConfigError, match=r"'model\.context_length' is 32 but the tokenizer has context_length=16"):
+        load_config(minimal(), [("model.context_length", 32)]).fit_tokenizer(1000, 16)
+
+
+def test_preset_is_a_key_under_model_only():
+    with pytest.raises(ConfigError, match=r"unknown config key 'preset'"):
+        load_config(minimal(preset="limoe-b-16"))
 
 
 def test_ep_size_that_does_not_divide_the_experts_is_rejected():
@@ -138,7 +218,7 @@ def test_open_clip_style_flags_override_config_keys():
     assert config.run_dir == Path("runs/x")
     assert [(s.shards, s.weight) for s in config.data.train] == [("a.tar", 1.0), ("b.tar", 3.0)]
     assert config.train.grad_checkpointing is True
-    assert config.model_config().moe.capacity_factor == 2.0
+    assert config.model.moe.capacity_factor == 2.0
     assert (config.parallel.ep_size, config.parallel.num_procs) == (4, 4)
     assert args.resume == "latest"
 
@@ -261,7 +341,7 @@ def test_ds_config_takes_batch_accumulation_clip_precision_and_stage_from_the_co
     ds = build_ds_config(config)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (12, 3, 0.5)
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 2
-    assert ds["zero_optimization"]["overlap_comm"] is True  # from the gpu-bf16-zero2 template
+    assert ds["zero_optimization"]["overlap_comm"] is True  # stage_keys of bf16 at stage 2
 
 
 def test_ds_config_template_that_disagrees_with_the_config_names_both_keys(tmp_path):
@@ -279,6 +359,47 @@ def test_ds_config_template_with_its_own_optimizer_is_rejected(tmp_path):
         build_ds_config(load_config(minimal(parallel={"ds_config": str(template)})))
 
 
+# What the four former templates (launch/ds_configs/{cpu-fp32,gpu-bf16}-zero{1,2}.json, stage 0 using
+# zero1) gave, computed with that code before it was replaced by one template and stage_keys.
+DS_COMMON = {"steps_per_print": 1000000000, "wall_clock_breakdown": False}
+BF16_BUCKETS = {"reduce_bucket_size": 500000000, "allgather_bucket_size": 500000000}
+ZERO2 = {"contiguous_gradients": True, "reduce_scatter": True}
+FORMER_TEMPLATES = {
+    "fp32-zero0": {"gradient_clipping": 0.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": 0}},
+    "fp32-zero1": {"gradient_clipping": 1.0, "bf16": {"enabled": False}, "zero_optimization": {"stage": 1}},
+    "fp32-zero2": {"gradient_clipping": 1.0, "bf16": {"enabled": False},
+                   "zero_optimization": {"stage": 2, **ZERO2, "overlap_comm": False}},
+    "bf16-zero0": {"gradient_clipping": 0.0, "bf16": {"enabled": True}, "communication_data_type": "fp32",
+                   "zero_optimization": {"stage": 0, **BF16_BUCKETS}},
+    "bf16-zero1": {"gradient_clipping": 1.0, "bf16": {"enabled": True}, "communication_data_type": "fp32",
+                   "zero_optimization": {"stage": 1, **BF16_BUCKETS}},
+    "bf16-zero2": {"gradient_clipping": 1.0, "bf16": {"enabled": True}, "communication_data_type": "fp32",
+                   "zero_optimization": {"stage": 2, **ZERO2, "overlap_comm": True, **BF16_BUCKETS}},
+}
+FORMER_SHIPPED = {
+    "cpu-demo": {"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 1,
+                 **FORMER_TEMPLATES["fp32-zero1"]},
+    "b16-8gpu": {"train_micro_batch_size_per_gpu": 256, "gradient_accumulation_steps": 1,
+                 **FORMER_TEMPLATES["bf16-zero1"]},
+    "l16-multinode": {"train_micro_batch_size_per_gpu": 128, "gradient_accumulation_steps": 2,
+                      **FORMER_TEMPLATES["bf16-zero2"]},
+}
+
+
+@pytest.mark.parametrize("case", FORMER_TEMPLATES)
+def test_default_ds_config_of_each_precision_and_stage_is_what_the_former_templates_gave(case):
+    precision, stage = case.split("-zero")
+    config = load_config(minimal(train={"precision": precision, "grad_clip": 1.0 if int(stage) else 0.0},
+                                 parallel={"zero_stage": int(stage)}))
+    expected = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1, **FORMER_TEMPLATES[case]}
+    assert build_ds_config(config) == {**expected, **DS_COMMON}
+
+
+@pytest.mark.parametrize("name", FORMER_SHIPPED)
+def test_ds_config_of_each_shipped_config_is_what_the_former_templates_gave(name):
+    assert build_ds_config(load_config(name)) == {**FORMER_SHIPPED[name], **DS_COMMON}
+
+
 def test_run_directory_with_checkpoints_needs_resume(tmp_path):
     config = load_config(minimal(logs=str(tmp_path)))
     (config.run_dir / "checkpoints" / "step_00000010").mkdir(parents=True)
@@ -293,7 +414,7 @@ def test_run_directory_with_checkpoints_needs_resume(tmp_path):
 def tiny_model_config():
     return load_config(minimal(model={"preset": "limoe-nano", "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
                                       "embed_dim": 16, "image_size": 16, "patch_size": 4, "vocab_size": 50,
-                                      "context_length": 8})).model_config()
+                                      "context_length": 8})).model
 
 
 def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
