@@ -217,7 +217,7 @@ def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, ob
         ("parallel.ep_size", 1),  # every rank holds all experts: the same model whatever num_procs
         ("parallel.threads_per_proc", max(1, (os.cpu_count() or 1) // num_procs)),
         ("parallel.master_port", free_port()),
-        ("eval.every", 0),
+        ("evals.*.every", 0),  # no evaluation during training: the export is evaluated afterwards
         ("checkpoint.keep", 1),
         *[tuple(item) for item in settings["extra_overrides"]],
     ]
