@@ -116,7 +116,7 @@ def make_data(work: Path, num_samples: int) -> tuple[Path, Path]:
 def train_command(work: Path, shards: Path, tokenizer: Path, batch_size: int | None, dry_run: bool) -> list[str]:
     overrides = {"name": "smoke-b16", "logs": str(work / "logs"), "data.tokenizer": str(tokenizer),
                  "data.tokenizer_vocab_size": 1000, "train.steps": TRAIN_STEPS, "train.log_every": 1,
-                 "schedule.warmup": 5, "parallel.num_procs": 1, "parallel.ep_size": 1, "eval.every": 0,
+                 "schedule.warmup": 5, "parallel.num_procs": 1, "parallel.ep_size": 1, "evals.*.every": 0,
                  "checkpoint.every": TRAIN_STEPS, "checkpoint.keep": 1}
     if batch_size:
         overrides["train.batch_size"] = batch_size

@@ -51,8 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python benchmarks/quality.py`
     sys.path.insert(0, str(REPO))
 
-from launch.demo import (GRANULARITIES, build_data, evaluate, prepare_tokenizer, train,  # noqa: E402 (light imports)
-                         twemoji_routing)
+from launch.demo import GRANULARITIES, build_data, evaluate, prepare_tokenizer, train  # noqa: E402 (light imports)
 
 MODALITIES = ("image", "text")
 GENERATED_START = "<!-- generated:start -->"
@@ -218,7 +217,7 @@ def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, ob
         ("parallel.ep_size", 1),  # every rank holds all experts: the same model whatever num_procs
         ("parallel.threads_per_proc", max(1, (os.cpu_count() or 1) // num_procs)),
         ("parallel.master_port", free_port()),
-        ("eval.every", 0),
+        ("evals.*.every", 0),  # no evaluation during training: the export is evaluated afterwards
         ("checkpoint.keep", 1),
         *[tuple(item) for item in settings["extra_overrides"]],
     ]
@@ -243,6 +242,7 @@ def routing_health(export_dir: Path, eval_dir: Path, batch_size: int, max_pairs:
     """Parameter counts, and for a sparse model the routing of Twemoji caption pairs at the training
     capacity factor, in batches of the per-rank training batch (capacity is per routing call)."""
     import limoe
+    from eval.evaluators import Routing
     from limoe.flops import count_parameters, flops_per_pair, measured_flops_per_pair
 
     model, _, tokenizer = limoe.load(export_dir)
@@ -251,7 +251,8 @@ def routing_health(export_dir: Path, eval_dir: Path, batch_size: int, max_pairs:
                                  "measured": measured_flops_per_pair(model)}}
     if model.config.is_dense:
         return health
-    result = twemoji_routing(model, tokenizer, eval_dir, batch_size, max_pairs)
+    routing = Routing(data=str(eval_dir / "shards"), batch_size=batch_size, max_pairs=max_pairs)
+    result = routing.evaluate(model, tokenizer)
     health["routing"] = {
         "num_experts": result["num_experts"],
         "capacity_factor": result["capacity_factor"],

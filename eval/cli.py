@@ -6,7 +6,6 @@ import datetime
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 EXAMPLES = """\
@@ -72,50 +71,23 @@ def _pct(x) -> str:
 
 def zeroshot_document(args, model, preprocess, tokenizer) -> tuple[dict, list, list[tuple[str, str]]]:
     """Evaluate `args.data` zero-shot: (result document, per-class rows, summary table rows)."""
-    from .classifier import build_zeroshot_classifier, cached_zeroshot_classifier, check_prompt_tokens
-    from .datasets import open_labelled_images
-    from .prompts import (class_prompts, load_class_prompts, load_classnames, load_templates,
-                          prompts_for_classes, template_text)
-    from .zeroshot import default_templates, evaluate_zeroshot, warn_about_prompts
+    from .evaluators import ZeroShot
 
-    classnames = load_classnames(args.classnames) if args.classnames else None
-    data = open_labelled_images(args.data, preprocess, model.config.image_size, classnames, split=args.split)
-    classnames = data.classnames
-    if classnames is None:
-        raise ValueError(f"{args.data} has no classnames.txt; give --classnames imagenet|FILE")
-    if args.class_prompts:
-        prompts = prompts_for_classes(classnames, load_class_prompts(args.class_prompts))
-        templates_desc = {"class_prompts": str(args.class_prompts)}
-    else:
-        templates = load_templates(default_templates(args.templates, data))
-        prompts = class_prompts(classnames, templates)
-        name = str(args.templates) if args.templates is not None else ("from the data" if data.templates else "openai")
-        templates_desc = {"name": name, "templates": [template_text(t) for t in templates]}
-    num_prompts = sum(len(p) for p in prompts)
-    prompt_check = check_prompt_tokens(tokenizer, prompts)
-    warn_about_prompts(prompt_check)
-    print(f"building the classifier: {len(classnames)} classes, {num_prompts} prompts", file=sys.stderr)
-    if args.no_cache:
-        t0 = time.perf_counter()
-        classifier = build_zeroshot_classifier(model, tokenizer, prompts, batch_size=args.text_batch_size,
-                                               progress=True)
-        cache = {"cache": "off", "seconds": time.perf_counter() - t0}
-    else:
-        classifier, cache = cached_zeroshot_classifier(model, tokenizer, prompts, args.model, args.cache_dir,
-                                                       batch_size=args.text_batch_size, progress=True)
-    result = evaluate_zeroshot(model, preprocess, tokenizer, data, classnames=classnames, classifier=classifier,
-                               batch_size=args.batch_size, max_images=args.max_images, num_workers=args.workers,
-                               progress=True)
+    evaluator = ZeroShot(data=args.data, classnames=args.classnames, templates=args.templates,
+                         class_prompts=args.class_prompts, max_images=args.max_images, split=args.split,
+                         batch_size=args.batch_size, workers=args.workers, text_batch_size=args.text_batch_size)
+    result = evaluator.evaluate(model, tokenizer, preprocess=preprocess, progress=True,
+                                cache_for=None if args.no_cache else args.model, cache_dir=args.cache_dir)
     per_class = result.pop("per_class")
-    result.pop("templates")
-    result.pop("prompt_check")
+    templates_desc, num_prompts, prompt_check, cache = (result.pop(k) for k in ("templates", "prompts",
+                                                                                 "prompt_check", "classifier"))
     doc = {
         "task": "zeroshot_classification",
         "model": {"export": str(args.model), "name": model.config.name},
         "data": result.pop("data"),
         "classnames": str(args.classnames) if args.classnames else "from the data",
         "templates": templates_desc,
-        "metrics": {k: result[k] for k in ("top1", "top5", "mean_per_class_recall") if k in result},
+        "metrics": evaluator.metrics(result),
         "counts": {"images": result["images"], "classes": result["classes"],
                    "classes_with_images": result["classes_with_images"], "prompts": num_prompts,
                    "truncated_prompts": prompt_check["truncated_prompts"],
@@ -161,22 +133,13 @@ def run_zeroshot(args) -> int:
 
 def retrieval_document(args, model, tokenizer) -> tuple[dict, list[tuple[str, str]]]:
     """Evaluate retrieval on `args.data`: (result document, summary table rows)."""
-    from data_pipelines import build_eval_loader
+    from .evaluators import Retrieval
 
-    from .benchmark_sets import benchmark_caption_loader, is_benchmark_set, open_benchmark_set
-    from .retrieval import caption_batches, evaluate_retrieval
-
-    if is_benchmark_set(args.data, args.split):
-        benchmark_set = open_benchmark_set(args.data, args.split)
-        loader = benchmark_caption_loader(benchmark_set, model.config.image_size, args.batch_size, args.workers)
-        data_desc = benchmark_set.description()
-    else:
-        loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers)
-        data_desc = {"layout": "webdataset", "path": str(args.data)}
-    result = evaluate_retrieval(model, tokenizer, caption_batches(loader), max_images=args.max_images,
-                                progress=True)
-    doc = {"task": "retrieval", "model": {"export": str(args.model), "name": model.config.name},
-           "data": data_desc, **result, "skipped": dict(loader.skips.counts), "run": _run_info(args)}
+    result = Retrieval(data=args.data, max_images=args.max_images, split=args.split, batch_size=args.batch_size,
+                       workers=args.workers).evaluate(model, tokenizer, progress=True)
+    data_desc = result["data"]
+    doc = {"task": "retrieval", "model": {"export": str(args.model), "name": model.config.name}, **result,
+           "run": _run_info(args)}
     rows = [("model", f"{args.model} ({model.config.name})"), ("data", f"{args.data} ({data_desc['layout']})"),
             ("images", str(result["counts"]["images"])), ("captions", str(result["counts"]["captions"]))]
     rows += [(name, _pct(value)) for name, value in result["metrics"].items()]
@@ -235,16 +198,14 @@ def check_suite_output(path: str) -> None:
 
 @_user_errors
 def run_routing(args) -> int:
-    from data_pipelines import build_eval_loader
-
+    from .evaluators import Routing
     from .files import write_json
-    from .routing import analyze_routing, pair_batches, plot_routing
+    from .routing import plot_routing
 
     model, _, tokenizer = _load_model(args)
-    loader = build_eval_loader(args.data, model.config.image_size, args.batch_size, num_workers=args.workers,
-                               tokenizer=tokenizer)
-    result = analyze_routing(model, pair_batches(loader), capacity_factor=args.capacity_factor,
-                             max_pairs=args.num_pairs, progress=True)
+    result = Routing(data=args.data, batch_size=args.batch_size, max_pairs=args.num_pairs,
+                     capacity_factor=args.capacity_factor, workers=args.workers).evaluate(model, tokenizer,
+                                                                                         progress=True)
     result["batch_size"] = args.batch_size
     result["data"] = str(args.data)
     result["export"] = str(args.model)

@@ -168,23 +168,15 @@ def facts_table(facts: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def twemoji_routing(model, tokenizer, eval_dir: Path, batch_size: int, max_pairs: int | None) -> dict:
-    """eval.routing.analyze_routing over an emoji set's image-caption pairs (at the training
-    capacity factor; capacity is per routing call, so `batch_size` matters)."""
-    from data_pipelines import build_eval_loader
-    from eval.routing import analyze_routing, pair_batches
-
-    loader = build_eval_loader(str(eval_dir / "shards"), model.config.image_size, batch_size, tokenizer=tokenizer)
-    return analyze_routing(model, pair_batches(loader), max_pairs=max_pairs)
-
-
 def analyze(export_dir: Path, eval_dir: Path, out: Path) -> dict:
     import limoe
+    from eval.evaluators import Routing
     from eval.files import write_json
     from eval.routing import plot_routing
 
     model, _, tokenizer = limoe.load(export_dir)
-    result = twemoji_routing(model, tokenizer, eval_dir, batch_size=128, max_pairs=1024)
+    # The Twemoji caption pairs at the training capacity factor, 128 pairs per routing call.
+    result = Routing(data=str(eval_dir / "shards"), batch_size=128, max_pairs=1024).evaluate(model, tokenizer)
     plot_routing(result, out / "routing.png")
     write_json(result, out / "routing.json")
     return result

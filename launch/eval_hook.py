@@ -1,19 +1,26 @@
-"""Periodic zero-shot evaluation during training, through eval/ (imported lazily).
+"""Periodic evaluation during training: the evaluators of the config (eval/evaluators.py) due at a step.
 
 With expert parallelism each rank holds only its experts, and an MoE forward
 needs every rank of the group. So the ranks send their weights to rank 0,
 which builds the full ep_size=1 model (the same one an export would give) and
-evaluates it alone while the others wait. That costs one model copy on rank
-0; for runs where that does not fit, evaluate exports instead (`limoe eval`).
+runs every due evaluator on it alone while the others wait. That costs one model
+copy on rank 0; for runs where that does not fit, evaluate exports instead (`limoe eval`).
+
+Metrics are logged as eval/<name>/<metric> for `evals.<name>`, and as
+eval/<metric> (eval/top1, ...) for the old `eval:` section, the names it always had.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
 
+from eval.evaluators import Evaluator
 from limoe.checkpoint import EXPERT_KEY, gather_experts
 from limoe.factory import create_model
-from limoe.transforms import image_transform
+
+log = logging.getLogger("limoe.train")  # the trainer's logger: rank 0's out.log
 
 
 class EvalNotAvailable(RuntimeError):
@@ -39,23 +46,31 @@ def full_state_dict_on_rank0(model, ep_size: int) -> dict | None:
     return full
 
 
-def zero_shot_eval(model, tokenizer, eval_config, ep_size: int, device) -> dict | None:
-    """Zero-shot top-1/top-5 of the current weights on eval_config.data; rank 0 returns the metrics."""
-    try:
-        from eval.zeroshot import evaluate_zeroshot
-    except ImportError as e:
-        raise EvalNotAvailable(f"zero-shot evaluation is not available ({e}); set eval.every: 0") from e
+def due_evaluators(config, step: int) -> list[tuple[str, Evaluator]]:
+    """(metric prefix, evaluator) of each evaluator due at `step`, the same on every rank."""
+    due = [("eval", config.eval)] if config.eval.due(step) else []
+    return due + [(f"eval/{name}", e) for name, e in config.evals.items() if e.due(step)]
+
+
+def run_evaluators(model, tokenizer, due: list[tuple[str, Evaluator]], step: int, ep_size: int, device) -> dict:
+    """Every rank calls this; rank 0 runs the `due` evaluators on the full model and returns their
+    metrics under their prefixes, the other ranks an empty dict."""
+    for prefix, evaluator in due:
+        try:
+            evaluator.check_available()
+        except ImportError as e:
+            raise EvalNotAvailable(f"{prefix}: {evaluator.what} evaluation is not available ({e}); "
+                                   "set its every: 0") from e
     state_dict = full_state_dict_on_rank0(model, ep_size)
-    metrics = None
+    metrics = {}
     if state_dict is not None:
         full = create_model(model.config)
         full.load_state_dict(state_dict)
         full.to(device)
-        result = evaluate_zeroshot(full, image_transform(model.config.image_size, train=False), tokenizer,
-                                   eval_config.data, classnames=eval_config.classnames,
-                                   templates=eval_config.templates, batch_size=eval_config.batch_size,
-                                   max_images=eval_config.max_images, device=device)
-        metrics = {k: float(result[k]) for k in ("top1", "top5", "mean_per_class_recall") if k in result}
+        for prefix, evaluator in due:
+            result = evaluator.run(full, tokenizer, device=device)
+            metrics.update({f"{prefix}/{k}": v for k, v in result.items()})
+            log.info("step %d %s: %s: %s", step, prefix, evaluator.describe(), result)
         del full
     if dist.is_initialized():
         dist.barrier()

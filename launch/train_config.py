@@ -25,6 +25,7 @@ import datetime
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from eval.evaluators import EVALUATORS, Evaluator, ZeroShot
 from limoe.config import LIMoEConfig, TwoTowerConfig, get_config, list_models
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -121,12 +123,12 @@ class ParallelSection:
 
 
 @dataclass
-class EvalSection:
-    every: int = 0  # steps between zero-shot evaluations; 0 = off
-    data: str | None = None  # labelled images for zero-shot (a folder or shards), read by eval/
-    classnames: str | None = None  # null: from the data (classnames.txt); or "imagenet", or a file
-    templates: str = "openai"  # prompt templates: "openai", "simple", or a file
-    batch_size: int = 64
+class EvalSection(ZeroShot):
+    """The `eval:` section from before `evals:`: one zero-shot evaluator, with this section's old
+    defaults, logging under the names it always had (eval/top1, ...). Kept so that existing
+    configs and run directories (a resumed run continues its metric series) work unchanged."""
+
+    templates: str | None = "openai"
     max_images: int | None = 1000  # a quick estimate during training; null = all
 
 
@@ -172,7 +174,9 @@ class TrainConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    # name -> evaluator (eval/evaluators.py); `type` picks the class, its fields are the other keys.
+    evals: dict[str, Evaluator] = field(default_factory=dict)
+    eval: EvalSection = field(default_factory=EvalSection)  # the old single zero-shot section
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     # What `model` was seeded from; not a key of its own in YAML, where it is model.preset.
@@ -185,6 +189,10 @@ class TrainConfig:
     @property
     def world_size(self) -> int:
         return self.parallel.num_procs * self.parallel.num_nodes
+
+    def evaluators(self) -> dict[str, Evaluator]:
+        """Every evaluator by its config key: `evals.<name>`, and `eval` for the old section."""
+        return {"eval": self.eval, **{f"evals.{name}": e for name, e in self.evals.items()}}
 
     def fit_tokenizer(self, vocab_size: int, context_length: int | None = None) -> LIMoEConfig | TwoTowerConfig:
         """Give the model the tokenizer's vocab_size (and context_length): the one place they are decided.
@@ -201,6 +209,9 @@ class TrainConfig:
         """The YAML form: every section in full, the model as its preset plus the fields that differ from it
         (so a later model.preset override still takes effect when the dict is loaded again)."""
         out = dataclasses.asdict(self)
+        out["evals"] = {name: {"type": e.type, **out["evals"][name]} for name, e in self.evals.items()}
+        if self.eval == EvalSection():  # written only by the configs that still use it
+            del out["eval"]
         preset = out.pop("preset")
         out["model"] = {"preset": preset, **_changed(out["model"], get_config(preset).to_dict())}
         return out
@@ -222,6 +233,11 @@ def _unknown_key_error(key: str, prefix: str, known) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _did_you_mean(value, known) -> str:
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _is_number(value) -> bool:
@@ -250,8 +266,15 @@ def _coerce(tp, value, key: str, base=None):
             with contextlib.suppress(ConfigError):
                 return _coerce(arg, value, key, base)
         return _coerce(last, value, key, base)
+    if tp is Evaluator:
+        return _evaluator(value, key)
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, key + ".", base)
+    if typing.get_origin(tp) is dict:  # dict[str, X]: names chosen by the user, each value checked as an X
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(name): _coerce(item, v, f"{key}.{name}") for name, v in value.items()}
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, got {value!r}")
@@ -289,6 +312,22 @@ def _from_dict(cls, data, prefix: str = "", base=None):
         raise ConfigError(f"'{where}': {e}") from e
 
 
+def _evaluator(data, key: str) -> Evaluator:
+    """One `evals.<name>` entry: its `type` picks the evaluator class (a plug-in), whose fields the
+    other keys set, parsed like any section."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{key}' must be a mapping with a 'type' key, got {data!r}")
+    fields = dict(data)
+    kind = fields.pop("type", None)
+    known = ", ".join(EVALUATORS)
+    if kind is None:
+        raise ConfigError(f"'{key}.type' is required: one of {known}")
+    if kind not in EVALUATORS:
+        raise ConfigError(f"'{key}.type': unknown evaluator {kind!r}{_did_you_mean(kind, EVALUATORS)}; "
+                          f"one of {known}")
+    return _from_dict(EVALUATORS[kind], fields, key + ".")
+
+
 def parse_model(data) -> tuple[str, LIMoEConfig | TwoTowerConfig]:
     """`model: {preset: NAME, <field>: value, moe: {...}}` -> (NAME, its LIMoEConfig with those fields
     changed), or for an `open_clip-*` preset the dense two-tower peer's TwoTowerConfig."""
@@ -299,9 +338,8 @@ def parse_model(data) -> tuple[str, LIMoEConfig | TwoTowerConfig]:
     if preset is None:
         raise ConfigError("'model.preset' is required (see `limoe info --list`)")
     if preset not in list_models():
-        close = difflib.get_close_matches(str(preset), list_models(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"'model.preset': unknown model {preset!r}{hint}; see `limoe info --list`")
+        raise ConfigError(f"'model.preset': unknown model {preset!r}{_did_you_mean(preset, list_models())}; "
+                          "see `limoe info --list`")
     base = get_config(preset)
     if isinstance(base, TwoTowerConfig):
         # Like a dense twin, the open_clip peer has no experts: routing settings do not apply to it.
@@ -320,6 +358,10 @@ def parse_config(raw) -> TrainConfig:
 
 
 # -- overrides ------------------------------------------------------------------
+
+# `--eval-every`: the `every` of each evaluator in `evals` (a `*` in a key stands for each entry of
+# the mapping there), and of the old `eval:` section when a config has one.
+EVERY_EVALUATOR = "evals.*.every"
 
 # open_clip-style flag -> dotted config key. Flags that open_clip does not have
 # use the same spelling style. `--train-data` (open_clip's "::"-joined list) and
@@ -353,7 +395,7 @@ OVERRIDE_FLAGS = {
     "master_addr": ("parallel.master_addr", str, "address of node 0"),
     "master_port": ("parallel.master_port", int, "port on node 0"),
     "save_every": ("checkpoint.every", int, "steps between checkpoints"),
-    "eval_every": ("eval.every", int, "steps between zero-shot evaluations (0 = off)"),
+    "eval_every": (EVERY_EVALUATOR, int, "steps between evaluations, for every evaluator (0 = off)"),
     "report_to": ("logging.report_to", str, "metrics besides metrics.jsonl: tensorboard, wandb, tensorboard,wandb, "
                                             "all or none"),
     "wandb_project_name": ("logging.wandb_project", str, "Weights & Biases project"),
@@ -410,21 +452,44 @@ def parse_set(item: str) -> tuple[str, object]:
     return key, yaml.safe_load(raw) if raw.strip() else None
 
 
+def _expand(raw: dict, key: str) -> list[str]:
+    """The dotted keys `key` stands for: itself, or with each `*` replaced by every key of the
+    mapping there. An error if that is none, so that a flag never silently does nothing."""
+    if "*" not in key.split("."):
+        return [key]
+    head, _, rest = key.partition(".*")
+    node = raw
+    for part in head.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    keys = [f"{head}.{name}{rest}" for name in node] if isinstance(node, dict) else []
+    if key == EVERY_EVALUATOR and isinstance(raw.get("eval"), dict):
+        keys.append("eval.every")  # the old section is one more evaluator
+    if not keys:
+        raise ConfigError(f"cannot set '{key}': the config has no '{head}' entries")
+    return [k for one in keys for k in _expand(raw, one)]
+
+
 def apply_overrides(raw: dict, overrides) -> dict:
     """Set dotted keys in the raw (not yet parsed) config dict; keys are checked later."""
     raw = copy.deepcopy(raw)
     for key, value in overrides:
-        node = raw
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[:i + 1])}' is not a mapping")
-            node = child
-        node[parts[-1]] = value
+        for one in _expand(raw, key):
+            _set_key(raw, one, value)
     return raw
+
+
+def _set_key(raw: dict, key: str, value) -> None:
+    """raw[a][b][c] = value for key "a.b.c", making the mappings on the way."""
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[:i + 1])}' is not a mapping")
+        node = child
+    node[parts[-1]] = value
 
 
 # -- loading and checking ---------------------------------------------------------
@@ -504,9 +569,7 @@ def check_config(config: TrainConfig) -> None:
     _check(p.threads_per_proc is None or p.threads_per_proc >= 1, "parallel.threads_per_proc", "must be >= 1")
     _check(c.every >= 1, "checkpoint.every", f"must be >= 1, got {c.every}")
     _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
-    _check(config.eval.every >= 0, "eval.every", f"must be >= 0, got {config.eval.every}")
-    _check(not config.eval.every or bool(config.eval.data), "eval.data",
-           "eval.every > 0 needs eval.data (a folder of labelled images or shards)")
+    check_evaluators(config)
     _check(bool(config.data.train), "data.train", "no training data: give at least one {shards: ..., weight: ...}")
     for i, src in enumerate(config.data.train):
         _check(src.weight > 0, f"data.train[{i}].weight", f"must be > 0, got {src.weight}")
@@ -523,6 +586,24 @@ def check_config(config: TrainConfig) -> None:
     _check(config.world_size % p.ep_size == 0, "parallel.ep_size",
            f"{p.ep_size} does not divide the world size {config.world_size} "
            f"(parallel.num_nodes={p.num_nodes} x parallel.num_procs={p.num_procs})")
+
+
+# An evaluator's name is a part of dotted keys (so no "."), of metric names (eval/<name>/top1, so no "/")
+# and of TensorBoard tags.
+EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_evaluators(config: TrainConfig) -> None:
+    """Each evaluator's own checks (Evaluator.problems) under its dotted key, a usable name, and
+    a model with experts for those that need one (routing)."""
+    for key, evaluator in config.evaluators().items():
+        name = key.removeprefix("evals.")
+        _check(key == "eval" or bool(EVAL_NAME.fullmatch(name)), key,
+               "an evaluator's name must be letters, digits, '_' or '-' (it becomes eval/<name>/<metric>)")
+        for field_name, message in evaluator.problems().items():
+            _check(False, f"{key}.{field_name}", message)
+        _check(not (evaluator.every and evaluator.needs_experts and config.model.moe.num_experts == 0),
+               f"{key}.type", f"{evaluator.type} needs a model with experts (model.moe.num_experts is 0)")
 
 
 def augment_config(augment: bool | dict):
@@ -564,13 +645,16 @@ def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, l
         _check(importlib.util.find_spec("wandb") is not None, "logging.report_to",
                "wandb is asked for but not installed: pip install wandb (WANDB_MODE=offline works without an "
                "account or network), or report to tensorboard only")
-    if config.eval.every:
+    for key, evaluator in config.evaluators().items():
+        if not evaluator.every:
+            continue
         try:
-            import eval.zeroshot  # noqa: F401  (the hook imports it lazily; fail here, not at step N)
+            evaluator.check_available()  # the hook imports it when the evaluator runs; fail here, not at step N
         except ImportError as e:
-            raise ConfigError(f"'eval.every': zero-shot evaluation is not available ({e}); set eval.every: 0") from e
-        _check(Path(config.eval.data).exists() or "::" in config.eval.data or "{" in config.eval.data,
-               "eval.data", f"{config.eval.data} not found")
+            raise ConfigError(f"'{key}.every': {evaluator.what} evaluation is not available ({e}); "
+                              f"set {key}.every: 0") from e
+        data = evaluator.data
+        _check(Path(data).exists() or "::" in data or "{" in data, f"{key}.data", f"{data} not found")
     return shards
 
 

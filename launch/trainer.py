@@ -403,7 +403,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     from eval.files import write_json
 
     from .ds_config import build_ds_config
-    from .eval_hook import zero_shot_eval
+    from .eval_hook import due_evaluators, run_evaluators
     from .resume import Layout, ResumeError, load_checkpoint
 
     # -- processes ---------------------------------------------------------------------
@@ -550,12 +550,9 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         state.samples_seen += step_samples
         elapsed = time.perf_counter() - t_step
         m = {}
-        if config.eval.every and state.step % config.eval.every == 0:
-            evaluated = zero_shot_eval(engine.module, tokenizer, config.eval, ep_size, device)
+        if due := due_evaluators(config, state.step):
+            m.update(run_evaluators(engine.module, tokenizer, due, state.step, ep_size, device))
             engine.train()
-            if evaluated is not None:
-                m.update({f"eval/{k}": v for k, v in evaluated.items()})
-                log.info("step %d zero-shot on %s: %s", state.step, config.eval.data, evaluated)
         if m or state.step % config.train.log_every == 0 or state.step == stop_at:
             m.update({k: v / micro_done for k, v in sums.items() if not k.startswith(("dropped/", "routes/"))})
             for modality in ("image", "text"):

@@ -38,8 +38,10 @@ CPU_CHANGES = {
     "schedule.warmup",  # warmup within the 8 steps
     "parallel.num_procs", "parallel.num_nodes", "parallel.ep_size",  # 2 CPU ranks on one node, ep_size = ranks
     "parallel.accelerator", "parallel.hostfile", "parallel.master_port",  # CPU (gloo), localhost, a free port
-    "eval.every", "eval.data", "eval.batch_size", "eval.max_images",  # every 4 steps on 16 images
-    "eval.templates",  # 7 prompts a class, not 80: 80,000 text forwards per evaluation take 8 s on this CPU
+    "evals.imagenet.every", "evals.imagenet.data",  # every 4 steps on 16 images
+    "evals.imagenet.batch_size", "evals.imagenet.max_images",
+    # 7 prompts a class, not 80: 80,000 text forwards per evaluation take 8 s on this CPU
+    "evals.imagenet.templates",
     "checkpoint.every",  # a checkpoint within the 8 steps
 }
 
@@ -59,8 +61,8 @@ def on_cpu(name: str, root: Path) -> dict:
     config["schedule"]["warmup"] = 2
     config["parallel"].update(num_procs=2, num_nodes=1, ep_size=2, accelerator="cpu", hostfile=None,
                               master_port=free_port())
-    config["eval"].update(every=EVERY, data=str(root / "imagenet" / "shards"), templates="simple", batch_size=16,
-                          max_images=None)
+    config["evals"]["imagenet"].update(every=EVERY, data=str(root / "imagenet" / "shards"), templates="simple",
+                                       batch_size=16, max_images=None)
     config["checkpoint"]["every"] = EVERY
     return config
 
@@ -84,7 +86,7 @@ def test_the_cpu_variant_changes_only_what_a_cpu_forces(name, tmp_path):
     differ = {k for k in shipped.keys() | changed.keys() if shipped.get(k) != changed.get(k)}
     assert differ <= CPU_CHANGES, sorted(differ - CPU_CHANGES)
     for key in ("train.precision", "parallel.zero_stage", "train.grad_checkpointing", "train.accum_freq",
-                "train.grad_clip", "model.moe", "eval.classnames", "parallel.ds_config"):
+                "train.grad_clip", "model.moe", "evals.imagenet.classnames", "parallel.ds_config"):
         assert changed.get(key) == shipped.get(key), key
     assert changed["parallel.ep_size"] == changed["parallel.num_procs"]
     load_config(on_cpu(name, tmp_path))  # and it passes every pre-launch check
@@ -179,9 +181,9 @@ def test_the_run_took_the_gpu_code_paths(shipped_run):
 @pytest.mark.slow
 def test_zero_shot_evaluation_ran_on_the_imagenet_shards_every_eval_steps(shipped_run, workdir):
     _, run_dir, _ = shipped_run
-    evaluated = {r["step"]: r for r in metrics(run_dir) if "eval/top1" in r}
+    evaluated = {r["step"]: r for r in metrics(run_dir) if "eval/imagenet/top1" in r}
     assert sorted(evaluated) == list(range(EVERY, STEPS + 1, EVERY))
-    assert all(0.0 <= r["eval/top1"] <= r["eval/top5"] <= 1.0 for r in evaluated.values())
+    assert all(0.0 <= r["eval/imagenet/top1"] <= r["eval/imagenet/top5"] <= 1.0 for r in evaluated.values())
     out_log = (run_dir / "out.log").read_text()
     assert out_log.count(f"zero-shot on {workdir / 'imagenet' / 'shards'}") == len(evaluated)
 

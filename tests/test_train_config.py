@@ -589,3 +589,90 @@ def test_a_second_signal_to_limoe_train_kills_the_job_at_once(tmp_path, capsys):
     returncode, signum = run_command([sys.executable, "-c", child, str(started)], dict(os.environ))
     assert (returncode, signum) == (-signal.SIGKILL, signal.SIGTERM)
     assert "SIGTERM again: killing the ranks without a checkpoint" in capsys.readouterr().err
+
+
+# ---- evaluators (`evals:`) ---------------------------------------------------------------
+
+
+def test_evals_are_typed_plug_ins_each_key_parsed_like_any_other():
+    from eval.evaluators import Retrieval, Routing, ZeroShot
+
+    config = load_config(minimal(evals={
+        "imagenet": {"type": "zeroshot", "every": 100, "data": "in", "classnames": "imagenet", "max_images": 500},
+        "coco": {"type": "retrieval", "every": 50, "data": "coco.tar", "batch_size": 16},
+        "routing": {"type": "routing", "every": 10, "data": "pairs", "max_pairs": 64, "capacity_factor": 1}}))
+    assert config.evals == {
+        "imagenet": ZeroShot(every=100, data="in", classnames="imagenet", max_images=500),
+        "coco": Retrieval(every=50, data="coco.tar", batch_size=16),
+        "routing": Routing(every=10, data="pairs", max_pairs=64, capacity_factor=1.0)}
+    assert config.eval.every == 0  # the old section is off unless a config gives it
+    saved = yaml.safe_load(config.to_yaml())
+    assert saved["evals"]["coco"]["type"] == "retrieval" and "eval" not in saved
+    assert load_config(saved) == config
+
+
+@pytest.mark.parametrize("evals, message", [
+    ({"a": {"every": 5, "data": "x"}}, r"'evals\.a\.type' is required: one of zeroshot, retrieval, routing"),
+    ({"a": {"type": "zeroshoot"}}, r"'evals\.a\.type': unknown evaluator 'zeroshoot' \(did you mean 'zeroshot'\?\)"),
+    ({"a": {"type": "retrieval", "evry": 5}}, r"unknown config key 'evals\.a\.evry' \(did you mean 'evals\.a\.every'\?\)"),
+    ({"a": {"type": "routing", "classnames": "x"}}, r"unknown config key 'evals\.a\.classnames'"),
+    ({"a": {"type": "zeroshot", "every": "often"}}, r"'evals\.a\.every' must be an integer, got 'often'"),
+    ({"a": {"type": "zeroshot", "every": 5}}, r"'evals\.a\.data': every > 0 needs data"),
+    ({"a": {"type": "zeroshot", "every": -1}}, r"'evals\.a\.every': must be >= 0, got -1"),
+    ({"a": {"type": "retrieval", "max_images": 0}}, r"'evals\.a\.max_images': must be >= 1 or null"),
+    ({"a": {"type": "routing", "capacity_factor": 0}}, r"'evals\.a\.capacity_factor': must be > 0"),
+    ({"a/b": {"type": "zeroshot"}}, r"'evals\.a/b': an evaluator's name must be"),
+    ({"a": "zeroshot"}, r"'evals\.a' must be a mapping with a 'type' key"),
+    (["zeroshot"], r"'evals' must be a mapping"),
+])
+def test_a_bad_evaluator_is_named_by_its_dotted_key(evals, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(minimal(evals=evals))
+
+
+def test_routing_evaluation_needs_a_model_with_experts():
+    evals = {"r": {"type": "routing", "every": 5, "data": "pairs"}}
+    with pytest.raises(ConfigError, match=r"'evals\.r\.type': routing needs a model with experts"):
+        load_config(minimal(model={"preset": "limoe-nano-dense"}, evals=evals))
+
+
+def test_missing_eval_data_is_named_before_launch(tmp_path, shards):
+    config = load_config(minimal(data={"train": [{"shards": str(tmp_path / "shards")}]},
+                                 evals={"coco": {"type": "retrieval", "every": 5, "data": str(tmp_path / "no")}}))
+    with pytest.raises(ConfigError, match=r"'evals\.coco\.data': .*no not found"):
+        check_files(config, need_tokenizer=False)
+
+
+def test_eval_every_flag_sets_every_evaluator_and_set_reaches_one():
+    evals = {"a": {"type": "zeroshot", "every": 5, "data": "x"}, "b": {"type": "routing", "data": "y"}}
+    args = parse_train_args(["--config", "cpu-demo", "--eval-every", "20", "--set", "evals.b.max_pairs=8"])
+    config = load_config(minimal(evals=evals), overrides_from_args(args))
+    assert (config.evals["a"].every, config.evals["b"].every, config.evals["b"].max_pairs) == (20, 20, 8)
+    every = overrides_from_args(parse_train_args(["--config", "cpu-demo", "--eval-every", "20"]))
+    assert load_config("cpu-demo", every).evals["twemoji"].every == 20
+    with pytest.raises(ConfigError, match=r"cannot set 'evals\.\*\.every': the config has no 'evals' entries"):
+        load_config(minimal(), every)
+
+
+def test_shipped_configs_evaluate_through_evals():
+    assert {name: load_config(name).evals["imagenet"].every for name in ("b16-8gpu", "l16-multinode")} == {
+        "b16-8gpu": 5000, "l16-multinode": 5000}
+    assert load_config("cpu-demo").evals["twemoji"].every == 0  # off on CPU
+
+
+def test_the_old_eval_section_still_works_with_its_defaults_and_saved_form(tmp_path, shards):
+    """Configs and run directories (config.yaml) from before `evals:`: one zero-shot evaluator,
+    templates openai and 1000 images unless set, written back as it was given."""
+    config = load_config(minimal(eval={"every": 4, "data": "shards", "batch_size": 8}))
+    assert (config.eval.every, config.eval.data, config.eval.batch_size) == (4, "shards", 8)
+    assert (config.eval.templates, config.eval.max_images, config.evals) == ("openai", 1000, {})
+    saved = yaml.safe_load(config.to_yaml())
+    assert "type" not in saved["eval"] and saved["evals"] == {}
+    assert load_config(saved) == config
+    args = parse_train_args(["--config", "cpu-demo", "--eval-every", "6"])
+    assert load_config(minimal(eval={"every": 4, "data": "x"}), overrides_from_args(args)).eval.every == 6
+    with pytest.raises(ConfigError, match=r"'eval\.data': every > 0 needs data"):
+        load_config(minimal(eval={"every": 4}))
+    config.data.train[0].shards = str(tmp_path / "shards")
+    with pytest.raises(ConfigError, match=r"'eval\.data': shards not found"):
+        check_files(config, need_tokenizer=False)
