@@ -128,6 +128,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-no-bpr": ("limoe without Batch Priority Routing", {**LIMOE, "model.moe.batch_priority_routing": False}),
     # Round 2: around the best tokenizer of round 1 (the largest SentencePiece, ~1.9k pieces).
     "dense-sp8000": ("dense twin with the largest SentencePiece", {**DENSE, "tokenizer": "sp8000"}),
+    "open_clip-sp8000": ("the peer with LIMoE's largest SentencePiece (pooling at its end token)",
+                         {**PEER_SP, "tokenizer": "sp8000"}),
     "limoe-sp8000-e8": ("limoe-sp8000 with 8 experts", {**LIMOE_SP, "model.moe.num_experts": 8}),
     "limoe-sp8000-e16": ("limoe-sp8000 with 16 experts", {**LIMOE_SP, "model.moe.num_experts": 16}),
     "limoe-sp8000-every1": ("limoe-sp8000 with an MoE MLP in every block (4 MoE layers)",
@@ -184,6 +186,7 @@ CONTRASTS = [
     # Round 2, against limoe-sp8000.
     ("LIMoE (SentencePiece ~1.9k) vs the open_clip peer", "limoe-sp8000", "open_clip", TOP1),
     ("LIMoE (SentencePiece ~1.9k) vs its dense twin", "limoe-sp8000", "dense-sp8000", TOP1),
+    ("LIMoE vs the peer, both with SentencePiece ~1.9k", "limoe-sp8000", "open_clip-sp8000", TOP1),
     ("experts (sp8000)", "limoe-sp8000-e8", "limoe-sp8000", TOP1),
     ("experts (sp8000)", "limoe-sp8000-e16", "limoe-sp8000", TOP1),
     ("experts (sp8000)", "limoe-sp8000-every1", "limoe-sp8000", TOP1),
