@@ -88,6 +88,7 @@ LIMOE = {
 }
 DENSE = {"model.preset": "limoe-nano-dense"}
 PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe"}
+LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -124,6 +125,24 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-entropy": ("limoe plus LIMoE's entropy losses (local 0.01; text global 0.05, S_text = 2)",
                       {**LIMOE, "model.moe.image": ENTROPY_IMAGE, "model.moe.text": ENTROPY_TEXT}),
     "limoe-no-bpr": ("limoe without Batch Priority Routing", {**LIMOE, "model.moe.batch_priority_routing": False}),
+    # Round 2: around the best tokenizer of round 1 (the largest SentencePiece, ~1.9k pieces).
+    "dense-sp8000": ("dense twin with the largest SentencePiece", {**DENSE, "tokenizer": "sp8000"}),
+    "open_clip-sp8000": ("the peer with LIMoE's largest SentencePiece (pooling at its end token)",
+                         {**PEER_SP, "tokenizer": "sp8000"}),
+    "limoe-sp8000-e8": ("limoe-sp8000 with 8 experts", {**LIMOE_SP, "model.moe.num_experts": 8}),
+    "limoe-sp8000-e16": ("limoe-sp8000 with 16 experts", {**LIMOE_SP, "model.moe.num_experts": 16}),
+    "limoe-sp8000-every1": ("limoe-sp8000 with an MoE MLP in every block (4 MoE layers)",
+                            {**LIMOE_SP, "model.moe.placement": "every 1"}),
+    "limoe-sp8000-e8-every1": ("limoe-sp8000 with 8 experts in every block",
+                               {**LIMOE_SP, "model.moe.num_experts": 8, "model.moe.placement": "every 1"}),
+    "limoe-sp8000-no-aux": ("limoe-sp8000 without any auxiliary loss",
+                            {**LIMOE_SP, "model.moe.image": NO_AUX, "model.moe.text": NO_AUX}),
+    "limoe-sp8000-entropy": ("limoe-sp8000 plus LIMoE's entropy losses (local 0.01; text global 0.05, S_text = 2)",
+                             {**LIMOE_SP, "model.moe.image": ENTROPY_IMAGE, "model.moe.text": ENTROPY_TEXT}),
+    "limoe-sp8000-no-bpr": ("limoe-sp8000 without Batch Priority Routing",
+                            {**LIMOE_SP, "model.moe.batch_priority_routing": False}),
+    "limoe-sp8000-t50": ("limoe-sp8000, initial temperature 50 instead of 30",
+                         {**LIMOE_SP, "model.logit_scale_init": 3.9120}),
 }
 DEFAULT_VARIANTS = ("limoe", "dense", "open_clip")
 
@@ -163,6 +182,20 @@ CONTRASTS = [
     ("routing losses", "limoe-entropy", "limoe",
      TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
     ("routing losses", "limoe-no-bpr", "limoe", TOP1 + ["routing/text/drop_rate"]),
+    # Round 2, against limoe-sp8000.
+    ("LIMoE (SentencePiece ~1.9k) vs the open_clip peer", "limoe-sp8000", "open_clip", TOP1),
+    ("LIMoE (SentencePiece ~1.9k) vs its dense twin", "limoe-sp8000", "dense-sp8000", TOP1),
+    ("LIMoE vs the peer, both with SentencePiece ~1.9k", "limoe-sp8000", "open_clip-sp8000", TOP1),
+    ("experts (sp8000)", "limoe-sp8000-e8", "limoe-sp8000", TOP1),
+    ("experts (sp8000)", "limoe-sp8000-e16", "limoe-sp8000", TOP1),
+    ("experts (sp8000)", "limoe-sp8000-every1", "limoe-sp8000", TOP1),
+    ("experts (sp8000)", "limoe-sp8000-e8-every1", "limoe-sp8000", TOP1),
+    ("temperature (sp8000)", "limoe-sp8000-t50", "limoe-sp8000", TOP1),
+    ("routing losses (sp8000)", "limoe-sp8000-no-aux", "limoe-sp8000",
+     TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
+    ("routing losses (sp8000)", "limoe-sp8000-entropy", "limoe-sp8000",
+     TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
+    ("routing losses (sp8000)", "limoe-sp8000-no-bpr", "limoe-sp8000", TOP1 + ["routing/text/drop_rate"]),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
