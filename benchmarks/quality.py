@@ -135,6 +135,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                             {**LIMOE_SP, "model.moe.placement": "every 1"}),
     "limoe-sp8000-e8-every1": ("limoe-sp8000 with 8 experts in every block",
                                {**LIMOE_SP, "model.moe.num_experts": 8, "model.moe.placement": "every 1"}),
+    "limoe-sp8000-cf2": ("limoe-sp8000 at training capacity factor 2 (almost nothing dropped; the experts' buffers "
+                         "are twice the tokens, so not equal compute)", {**LIMOE_SP, "model.moe.capacity_factor": 2.0}),
     "limoe-sp8000-no-aux": ("limoe-sp8000 without any auxiliary loss",
                             {**LIMOE_SP, "model.moe.image": NO_AUX, "model.moe.text": NO_AUX}),
     "limoe-sp8000-entropy": ("limoe-sp8000 plus LIMoE's entropy losses (local 0.01; text global 0.05, S_text = 2)",
@@ -190,6 +192,7 @@ CONTRASTS = [
     ("experts (sp8000)", "limoe-sp8000-e16", "limoe-sp8000", TOP1),
     ("experts (sp8000)", "limoe-sp8000-every1", "limoe-sp8000", TOP1),
     ("experts (sp8000)", "limoe-sp8000-e8-every1", "limoe-sp8000", TOP1),
+    ("experts (sp8000)", "limoe-sp8000-cf2", "limoe-sp8000", TOP1 + ["routing/text/drop_rate"]),
     ("temperature (sp8000)", "limoe-sp8000-t50", "limoe-sp8000", TOP1),
     ("routing losses (sp8000)", "limoe-sp8000-no-aux", "limoe-sp8000",
      TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
