@@ -21,36 +21,23 @@ an uninterrupted one.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import math
 import os
 import re
-import shutil
 import signal
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .export import CLIENT_KEY, MODEL_STATES
-from .tracking import finish_wandb, scalars, start_wandb
-from .train_config import TrainConfig, augment_config, report_targets, save_config
+from .checkpoints import Checkpoints, TrainState
+from .distributed import all_reduce_sum
+from .run_log import RunLog, setup_logging
+from .train_config import TrainConfig, augment_config, save_config
 
 log = logging.getLogger("limoe.train")
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds besides the model, optimizer and scheduler."""
-
-    step: int = 0  # optimizer steps done
-    batches_drawn: int = 0  # micro-batches drawn from the loader up to `step` (the data position)
-    batches_per_epoch: int = 1
-    skipped_batches: int = 0  # non-finite losses skipped so far
-    samples_seen: int = 0  # samples (all ranks) in the optimizer steps so far
 
 
 class StopRequest:
@@ -150,75 +137,6 @@ def clamp_logit_scale(model) -> None:
         safe_set_full_fp32_param(model.logit_scale, model.logit_scale.detach().float())
 
 
-# -- checkpoints ----------------------------------------------------------------------
-
-
-class Checkpoints:
-    """<run>/checkpoints/step_XXXXXXXX/ written by the DeepSpeed engine (experts per
-    expert-parallel rank), an atomically replaced `latest` file, the newest `keep` kept."""
-
-    def __init__(self, run_dir: Path, keep: int, rank: int):
-        self.dir = run_dir / "checkpoints"
-        self.keep = keep
-        self.rank = rank
-
-    @staticmethod
-    def tag(step: int) -> str:
-        return f"step_{step:08d}"
-
-    def latest_tag(self) -> str | None:
-        latest = self.dir / "latest"
-        return latest.read_text().strip() if latest.is_file() else None
-
-    def save(self, engine, state: TrainState, model_config, extra: dict) -> str | None:
-        """The tag written, or None if some rank's weights are not finite (nothing is written then:
-        `latest` keeps naming the last checkpoint whose weights were finite)."""
-        import deepspeed.comm as dist
-
-        tag = self.tag(state.step)
-        if self.latest_tag() == tag:
-            return tag  # this step is already saved (e.g. the final step was a periodic one)
-        bad = int(all_reduce_sum([torch.tensor(float(nonfinite_tensors(engine.module)))], engine.device)[0])
-        if bad:
-            log.error("not writing checkpoint %s: %d parameter tensors (counted over the ranks) hold NaN or inf",
-                      tag, bad)
-            return None
-        client = {CLIENT_KEY: {**asdict(state), "model_config": model_config.to_dict(), **extra}}
-        # DeepSpeed's own `latest` is written in place (not atomic); we write ours below.
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
-        # save_checkpoint ends with a barrier: every rank's files are on disk.
-        if self.rank == 0:
-            tmp = self.dir / f".latest.tmp-{os.getpid()}"
-            tmp.write_text(tag)
-            os.replace(tmp, self.dir / "latest")
-            self.prune(current=tag)
-        dist.barrier()
-        return tag
-
-    def prune(self, current: str) -> None:
-        tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.keep)]:
-            if old != current:
-                shutil.rmtree(self.dir / old, ignore_errors=True)
-
-    def resolve(self, resume: str | None) -> tuple[Path, str] | None:
-        """(load dir, tag) for --resume latest|DIR; None for a fresh start."""
-        if resume is None:
-            return None
-        if resume == "latest":
-            tag = self.latest_tag()
-            return None if tag is None else (self.dir, tag)
-        path = Path(resume)
-        if not (path / MODEL_STATES).is_file():
-            raise SystemExit(f"--resume {resume}: no {MODEL_STATES} there (not a checkpoint folder)")
-        return path.parent, path.name
-
-
-def nonfinite_tensors(module) -> int:
-    """How many of the module's parameters hold a NaN or an inf."""
-    return sum(1 for p in module.parameters() if not bool(torch.isfinite(p).all()))
-
-
 def stop_after_bad_steps_message(bad_in_a_row: int, step: int, saved: str | None, latest: str | None) -> str:
     """Why the run stopped and where usable weights are: a checkpoint is named as holding the
     step's weights only when it was written (save() refuses non-finite weights)."""
@@ -239,105 +157,6 @@ def hold_run_lock(run_dir: Path):
     return None if lock.is_held_by_parent() else lock.acquire()
 
 
-# -- logging ----------------------------------------------------------------------------
-
-
-class RunLog:
-    """Rank 0's outputs: metrics.jsonl (appended), TensorBoard and/or wandb (`logging.report_to`,
-    launch/tracking.py), and the progress bar."""
-
-    def __init__(self, run_dir: Path, start_step: int, total_steps: int, enabled: bool,
-                 config: TrainConfig | None = None):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.bar = self.tb = self.wandb = None
-        if not enabled:
-            return
-        self._drop_records_after(start_step)
-        from tqdm import tqdm
-
-        targets = report_targets(config.logging.report_to) if config is not None else ["tensorboard"]
-        if "tensorboard" in targets:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a crashed run logged past the checkpoint we resume from.
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        if "wandb" in targets:
-            self.wandb = start_wandb(config, run_dir)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=1.0, file=sys.stdout)
-
-    def _drop_records_after(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: move their old records to
-        metrics.discarded.jsonl (nothing is deleted) so the curve continues from `step`."""
-        if not self.path.is_file():
-            return
-        keep, drop = [], []
-        for line in self.path.read_text().splitlines(keepends=True):
-            try:
-                record_step = json.loads(line).get("step", 0)
-            except json.JSONDecodeError:
-                record_step = step + 1  # a torn last line from a killed run
-            (keep if record_step <= step else drop).append(line)
-        if drop:
-            with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
-                f.writelines(drop)
-            tmp = self.path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, self.path)
-
-    def record(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        curves = scalars(metrics)
-        if self.tb is not None:
-            for key, value in curves.items():
-                self.tb.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log(curves, step=step)
-
-    def progress(self, step: int, m: dict) -> None:
-        if not self.enabled:
-            return
-        self.bar.update(step - self.bar.n)
-        post = {"loss": f"{m['loss']:.4f}", "clip": f"{m['contrastive_loss']:.4f}", "aux": f"{m['aux_loss']:.4f}",
-                "lr": f"{m['lr']:.2e}", "smp/s": f"{m['samples_per_s']:.1f}",
-                "smp/s/dev": f"{m['samples_per_s_per_device']:.1f}", "data": f"{100 * m['data_wait_fraction']:.0f}%"}
-        if "drop_rate/image" in m:
-            post["drop img/txt"] = f"{100 * m['drop_rate/image']:.1f}%/{100 * m['drop_rate/text']:.1f}%"
-        self.bar.set_postfix(post, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            finish_wandb(self.wandb)
-
-
-def setup_logging(run_dir: Path, rank: int) -> None:
-    import warnings
-
-    import deepspeed
-
-    deepspeed.utils.logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines drown the progress bar
-    # torch.distributed deprecation notices raised inside open_clip's and DeepSpeed's collectives
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(all_gather|torch\.distributed).*")
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(fmt)
-    log.addHandler(stream)
-    if rank == 0:
-        file = logging.FileHandler(run_dir / "out.log")
-        file.setFormatter(fmt)
-        log.addHandler(file)
-
-
 # -- the per-step numbers every rank agrees on ------------------------------------------------
 
 
@@ -355,14 +174,6 @@ def step_numbers(losses: dict, out: dict) -> dict[str, torch.Tensor]:
             numbers[f"dropped/{modality}"] = sum(s[modality]["dropped"] for s in out["routing"]).float()
             numbers[f"routes/{modality}"] = sum(s[modality]["routes"] for s in out["routing"]).float()
     return numbers
-
-
-def all_reduce_sum(values: list[torch.Tensor], device) -> torch.Tensor:
-    import deepspeed.comm as dist
-
-    packed = torch.stack([v.to(device).reshape(()) for v in values])
-    dist.all_reduce(packed)
-    return packed
 
 
 # -- the run ---------------------------------------------------------------------------------
