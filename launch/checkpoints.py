@@ -13,6 +13,7 @@ import torch
 
 from .distributed import all_reduce_sum
 from .export import CLIENT_KEY, MODEL_STATES
+from .resume import Layout, ResumeError, load_checkpoint
 
 log = logging.getLogger("limoe.train")
 
@@ -75,6 +76,27 @@ class Checkpoints:
         for old in tags[: max(0, len(tags) - self.keep)]:
             if old != current:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
+
+    def restore(self, engine, resume: str | None, fresh: TrainState, layout: Layout, num_experts: int) -> TrainState:
+        """The state to continue from: `fresh`, unless --resume finds a checkpoint, which is loaded into the
+        engine on the layout that wrote it or resharded onto this one (launch/resume.py)."""
+        target = self.resolve(resume)
+        if resume and target is None:
+            log.info("--resume %s: no checkpoint yet in %s, starting from scratch", resume, self.dir)
+        state = fresh
+        if target is not None:
+            load_dir, tag = target
+            try:
+                saved = load_checkpoint(engine, load_dir, tag, layout, num_experts)
+            except ResumeError as e:
+                raise SystemExit(f"error: {e}") from e
+            state = TrainState(**{k: saved[k] for k in asdict(fresh)})
+            log.info("resumed from %s: step %d, data epoch %d (+%d batches), lr %.3e", load_dir / tag, state.step,
+                     state.batches_drawn // state.batches_per_epoch, state.batches_drawn % state.batches_per_epoch,
+                     engine.lr_scheduler.get_last_lr()[0])
+        if engine.global_steps != state.step:
+            raise SystemExit(f"error: engine is at step {engine.global_steps}, checkpoint state says {state.step}")
+        return state
 
     def resolve(self, resume: str | None) -> tuple[Path, str] | None:
         """(load dir, tag) for --resume latest|DIR; None for a fresh start."""
