@@ -4,11 +4,17 @@ torchtitan-style composition: the model (limoe/) knows nothing of DeepSpeed
 or of other processes. Here it is built identically on every rank, its MoE
 layers are made DeepSpeed's (launch/expert_parallel.py), it is handed to
 DeepSpeed (data parallel + expert parallel + ZeRO 1/2), and trained by a
-straight-line loop:
+straight-line loop, `train`:
+
+    set up the processes -> build model, optimizer, engine -> resume -> data
+    -> repeat: train_step -> eval (every eval.every) -> log -> checkpoint (every checkpoint.every)
+    -> checkpoint, export, summary
+
+`train_step` is one optimizer step, over train.accum_freq micro-batches:
 
     draw a batch -> seed RNGs from (seed, batch number, rank) -> forward -> loss
-    -> agree across ranks (non-finite loss? stop requested?) -> backward -> step
-    -> clamp logit_scale -> log -> checkpoint / eval
+    -> agree across ranks (stop requested? non-finite loss? the numbers to log)
+    -> backward -> step; then clamp logit_scale
 
 A data "epoch" here is the stretch between two periodic checkpoints
 (checkpoint.every optimizer steps): each one's draws are seeded by (seed,
@@ -16,41 +22,32 @@ epoch, rank, worker), so a run resumed from a periodic checkpoint starts a
 fresh epoch with no batches to skip, and one resumed from an interruption
 skips the batches it had already drawn in that epoch. Together with the
 per-batch RNG seeding (router noise), a resumed run reproduces the losses of
-an uninterrupted one.
+an uninterrupted one. Checkpoints and the run's state: launch/checkpoints.py;
+metrics, trackers and the log: launch/run_log.py.
 """
 from __future__ import annotations
 
-import atexit
-import json
 import logging
 import math
-import os
 import re
-import shutil
 import signal
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .export import CLIENT_KEY, MODEL_STATES
-from .tracking import finish_wandb, scalars, start_wandb
-from .train_config import TrainConfig, augment_config, report_targets, save_config
+from data_pipelines.loader import DataSource, build_train_loader, stable_seed
+from limoe.config import MODALITIES
+
+from .checkpoints import Checkpoints, TrainState
+from .distributed import Ranks, init_processes, sum_over_ranks
+from .eval_hook import due_evaluators, run_evaluators
+from .resume import Layout
+from .run_log import RunLog, setup_logging
+from .train_config import TrainConfig, augment_config, save_config
 
 log = logging.getLogger("limoe.train")
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds besides the model, optimizer and scheduler."""
-
-    step: int = 0  # optimizer steps done
-    batches_drawn: int = 0  # micro-batches drawn from the loader up to `step` (the data position)
-    batches_per_epoch: int = 1
-    skipped_batches: int = 0  # non-finite losses skipped so far
-    samples_seen: int = 0  # samples (all ranks) in the optimizer steps so far
 
 
 class StopRequest:
@@ -150,75 +147,6 @@ def clamp_logit_scale(model) -> None:
         safe_set_full_fp32_param(model.logit_scale, model.logit_scale.detach().float())
 
 
-# -- checkpoints ----------------------------------------------------------------------
-
-
-class Checkpoints:
-    """<run>/checkpoints/step_XXXXXXXX/ written by the DeepSpeed engine (experts per
-    expert-parallel rank), an atomically replaced `latest` file, the newest `keep` kept."""
-
-    def __init__(self, run_dir: Path, keep: int, rank: int):
-        self.dir = run_dir / "checkpoints"
-        self.keep = keep
-        self.rank = rank
-
-    @staticmethod
-    def tag(step: int) -> str:
-        return f"step_{step:08d}"
-
-    def latest_tag(self) -> str | None:
-        latest = self.dir / "latest"
-        return latest.read_text().strip() if latest.is_file() else None
-
-    def save(self, engine, state: TrainState, model_config, extra: dict) -> str | None:
-        """The tag written, or None if some rank's weights are not finite (nothing is written then:
-        `latest` keeps naming the last checkpoint whose weights were finite)."""
-        import deepspeed.comm as dist
-
-        tag = self.tag(state.step)
-        if self.latest_tag() == tag:
-            return tag  # this step is already saved (e.g. the final step was a periodic one)
-        bad = int(all_reduce_sum([torch.tensor(float(nonfinite_tensors(engine.module)))], engine.device)[0])
-        if bad:
-            log.error("not writing checkpoint %s: %d parameter tensors (counted over the ranks) hold NaN or inf",
-                      tag, bad)
-            return None
-        client = {CLIENT_KEY: {**asdict(state), "model_config": model_config.to_dict(), **extra}}
-        # DeepSpeed's own `latest` is written in place (not atomic); we write ours below.
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
-        # save_checkpoint ends with a barrier: every rank's files are on disk.
-        if self.rank == 0:
-            tmp = self.dir / f".latest.tmp-{os.getpid()}"
-            tmp.write_text(tag)
-            os.replace(tmp, self.dir / "latest")
-            self.prune(current=tag)
-        dist.barrier()
-        return tag
-
-    def prune(self, current: str) -> None:
-        tags = sorted(p.name for p in self.dir.glob("step_*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.keep)]:
-            if old != current:
-                shutil.rmtree(self.dir / old, ignore_errors=True)
-
-    def resolve(self, resume: str | None) -> tuple[Path, str] | None:
-        """(load dir, tag) for --resume latest|DIR; None for a fresh start."""
-        if resume is None:
-            return None
-        if resume == "latest":
-            tag = self.latest_tag()
-            return None if tag is None else (self.dir, tag)
-        path = Path(resume)
-        if not (path / MODEL_STATES).is_file():
-            raise SystemExit(f"--resume {resume}: no {MODEL_STATES} there (not a checkpoint folder)")
-        return path.parent, path.name
-
-
-def nonfinite_tensors(module) -> int:
-    """How many of the module's parameters hold a NaN or an inf."""
-    return sum(1 for p in module.parameters() if not bool(torch.isfinite(p).all()))
-
-
 def stop_after_bad_steps_message(bad_in_a_row: int, step: int, saved: str | None, latest: str | None) -> str:
     """Why the run stopped and where usable weights are: a checkpoint is named as holding the
     step's weights only when it was written (save() refuses non-finite weights)."""
@@ -239,133 +167,147 @@ def hold_run_lock(run_dir: Path):
     return None if lock.is_held_by_parent() else lock.acquire()
 
 
-# -- logging ----------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------
 
 
-class RunLog:
-    """Rank 0's outputs: metrics.jsonl (appended), TensorBoard and/or wandb (`logging.report_to`,
-    launch/tracking.py), and the progress bar."""
-
-    def __init__(self, run_dir: Path, start_step: int, total_steps: int, enabled: bool,
-                 config: TrainConfig | None = None):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.bar = self.tb = self.wandb = None
-        if not enabled:
-            return
-        self._drop_records_after(start_step)
-        from tqdm import tqdm
-
-        targets = report_targets(config.logging.report_to) if config is not None else ["tensorboard"]
-        if "tensorboard" in targets:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a crashed run logged past the checkpoint we resume from.
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        if "wandb" in targets:
-            self.wandb = start_wandb(config, run_dir)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=1.0, file=sys.stdout)
-
-    def _drop_records_after(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: move their old records to
-        metrics.discarded.jsonl (nothing is deleted) so the curve continues from `step`."""
-        if not self.path.is_file():
-            return
-        keep, drop = [], []
-        for line in self.path.read_text().splitlines(keepends=True):
-            try:
-                record_step = json.loads(line).get("step", 0)
-            except json.JSONDecodeError:
-                record_step = step + 1  # a torn last line from a killed run
-            (keep if record_step <= step else drop).append(line)
-        if drop:
-            with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
-                f.writelines(drop)
-            tmp = self.path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, self.path)
-
-    def record(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        curves = scalars(metrics)
-        if self.tb is not None:
-            for key, value in curves.items():
-                self.tb.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log(curves, step=step)
-
-    def progress(self, step: int, m: dict) -> None:
-        if not self.enabled:
-            return
-        self.bar.update(step - self.bar.n)
-        post = {"loss": f"{m['loss']:.4f}", "clip": f"{m['contrastive_loss']:.4f}", "aux": f"{m['aux_loss']:.4f}",
-                "lr": f"{m['lr']:.2e}", "smp/s": f"{m['samples_per_s']:.1f}",
-                "smp/s/dev": f"{m['samples_per_s_per_device']:.1f}", "data": f"{100 * m['data_wait_fraction']:.0f}%"}
-        if "drop_rate/image" in m:
-            post["drop img/txt"] = f"{100 * m['drop_rate/image']:.1f}%/{100 * m['drop_rate/text']:.1f}%"
-        self.bar.set_postfix(post, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            finish_wandb(self.wandb)
-
-
-def setup_logging(run_dir: Path, rank: int) -> None:
-    import warnings
-
-    import deepspeed
-
-    deepspeed.utils.logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines drown the progress bar
-    # torch.distributed deprecation notices raised inside open_clip's and DeepSpeed's collectives
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(all_gather|torch\.distributed).*")
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(fmt)
-    log.addHandler(stream)
-    if rank == 0:
-        file = logging.FileHandler(run_dir / "out.log")
-        file.setFormatter(fmt)
-        log.addHandler(file)
-
-
-# -- the per-step numbers every rank agrees on ------------------------------------------------
-
-
-def step_numbers(losses: dict, out: dict) -> dict[str, torch.Tensor]:
-    """Scalars to all-reduce (summed over ranks) for decisions and logging."""
-    numbers = {
-        "loss": losses["loss"].detach().float(),
-        "contrastive_loss": losses["contrastive_loss"].detach().float(),
-        "aux_loss": torch.as_tensor(losses["aux_loss"]).detach().float(),
-    }
-    for name, value in sorted(out["aux_terms"].items()):
-        numbers[f"aux_layer_mean/{name}"] = value.detach().float()  # unweighted, mean over MoE layers
-    for modality in ("image", "text"):
-        if out["routing"]:
-            numbers[f"dropped/{modality}"] = sum(s[modality]["dropped"] for s in out["routing"]).float()
-            numbers[f"routes/{modality}"] = sum(s[modality]["routes"] for s in out["routing"]).float()
-    return numbers
-
-
-def all_reduce_sum(values: list[torch.Tensor], device) -> torch.Tensor:
+def train(config: TrainConfig, resume: str | None = None) -> int:
+    """Train to train.steps (or train.stop_after) from a fresh start or `resume`; the exit code
+    (3 after train.max_bad_steps non-finite losses in a row)."""
     import deepspeed.comm as dist
 
-    packed = torch.stack([v.to(device).reshape(()) for v in values])
-    dist.all_reduce(packed)
-    return packed
+    from limoe.losses import LIMoELoss
+    from limoe.tokenizer import load_tokenizer
+
+    # -- processes, model, optimizer, engine -----------------------------------------------------
+    ranks = init_processes(config)
+    run_lock = open_run(config.run_dir, ranks.rank)  # noqa: F841 (the kernel releases it when this process exits)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model_config = config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
+    engine, ds_config = build_engine(config, model_config, ranks)
+    loss_fn = LIMoELoss(model_config.loss, rank=ranks.rank, world_size=ranks.world_size)
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+
+    # -- resume, data ----------------------------------------------------------------------------
+    p = config.parallel
+    checkpoints = Checkpoints(config.run_dir, config.checkpoint.keep, ranks.rank)
+    fresh = TrainState(batches_per_epoch=config.checkpoint.every * config.train.accum_freq)
+    state = checkpoints.restore(engine, resume, fresh, Layout(ranks.world_size, p.ep_size, p.zero_stage),
+                                model_config.moe.num_experts)
+    if ranks.rank == 0:
+        save_run_files(config, ds_config, tokenizer)
+    loader = train_loader(config, tokenizer, model_config, state, ranks)
+    batches = data_batches(loader, state)
+
+    # -- the loop -------------------------------------------------------------------------------
+    stop_at = config.train.stop_after or config.train.steps
+    run_log = RunLog(config.run_dir, state.step, config.train.steps, enabled=ranks.rank == 0, config=config)
+    extra = {"world_size": ranks.world_size, "ep_size": p.ep_size, "zero_stage": p.zero_stage, "seed": config.seed}
+    log.info("training %s: %d ranks (ep_size %d, ZeRO %d, %s), batch %d x %d ranks x %d accum, steps %d..%d",
+             model_config.name, ranks.world_size, p.ep_size, p.zero_stage, config.train.precision,
+             config.train.batch_size, ranks.world_size, config.train.accum_freq, state.step, stop_at)
+    engine.train()
+    step = StepResult()  # none taken yet
+    while state.step < stop_at:
+        step = train_step(engine, loss_fn, batches, state, config, ranks, dtype)
+        if step.stop:
+            break
+
+        evaluated = periodic_eval(engine, tokenizer, config, state.step, ranks.device)
+
+        if evaluated or state.step % config.train.log_every == 0 or state.step == stop_at:
+            metrics = {**evaluated, **step_metrics(step, engine, state, ranks.world_size)}
+            run_log.record(state.step, metrics)
+            run_log.progress(state.step, metrics)
+        if state.step % config.checkpoint.every == 0:
+            checkpoints.save(engine, state, model_config, extra)
+
+    # -- the end: checkpoint, export, summary ---------------------------------------------------
+    run_log.close()
+    tag = checkpoints.save(engine, state, model_config, extra) if state.step > 0 else None
+    if tag is not None:
+        log.info("checkpoint %s", checkpoints.dir / tag)
+    if step.stop == "signal":
+        name = signal.Signals(StopRequest.signum).name if StopRequest.signum else "a signal on another rank"
+        log.warning("stopped by %s at step %d; continue with --resume latest", name, state.step)
+    elif step.stop == "bad_steps":
+        log.error(stop_after_bad_steps_message(step.bad_in_a_row, state.step, tag, checkpoints.latest_tag()))
+    elif state.step == config.train.steps and config.checkpoint.export and tag is not None:
+        export_and_check(engine, config.run_dir, tokenizer, model_config, ranks.rank, ranks.world_size,
+                         ranks.device, dtype)
+    if loader.skips.total:
+        log.warning("data: %s", loader.skips.summary())
+    dist.barrier()
+    return 3 if step.stop == "bad_steps" else 0
 
 
-# -- the run ---------------------------------------------------------------------------------
+def open_run(run_dir: Path, rank: int):
+    """Rank 0 makes and locks the run directory (the lock, or None); then every rank logs and
+    listens for SIGINT/SIGTERM."""
+    import deepspeed.comm as dist
+
+    run_lock = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock = hold_run_lock(run_dir)
+    dist.barrier()
+    setup_logging(run_dir, rank)
+    StopRequest.install()
+    return run_lock
+
+
+def build_engine(config: TrainConfig, model_config, ranks: Ranks):
+    """(DeepSpeed engine, its ds_config): the model (built alike on every rank, this rank's experts),
+    AdamW and the warmup-cosine schedule."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    from .deepspeed_compat import patch_broadcast_of_scalar_parameters
+    from .ds_config import build_ds_config
+
+    ep_size = config.parallel.ep_size
+    ep_rank = ranks.rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
+    model = build_model(model_config, ep_size, ep_rank, config.seed)
+    model.set_grad_checkpointing(config.train.grad_checkpointing)
+    set_batched_experts(model, config.train.batched_experts)
+    log.info("experts: %s; gradient checkpointing %s", expert_mode(model, ranks.device),
+             "on" if config.train.grad_checkpointing else "off")
+    o, s = config.optimizer, config.schedule
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.wd), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, s.warmup, config.train.steps, o.lr, s.min_lr) / o.lr)
+    ds_config = build_ds_config(config)
+    patch_broadcast_of_scalar_parameters()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    if model.moe_layers():
+        actual = groups._get_expert_parallel_rank(model.moe_layers()[0].expert_group_name)
+        if actual != ep_rank:
+            raise SystemExit(f"error: DeepSpeed gave rank {ranks.rank} expert-parallel rank {actual}, "
+                             f"expected {ep_rank}")
+    return engine, ds_config
+
+
+def save_run_files(config: TrainConfig, ds_config: dict, tokenizer) -> None:
+    """config.yaml, ds_config.json and the tokenizer in the run directory (rank 0)."""
+    from eval.files import write_json
+
+    run_dir = config.run_dir
+    save_config(config, run_dir / "config.yaml")
+    write_json(ds_config, run_dir / "ds_config.json")
+    if Path(config.data.tokenizer).resolve() != (run_dir / tokenizer.FILENAME).resolve():
+        tokenizer.save(run_dir / tokenizer.FILENAME)  # exports take it from the run directory
+
+
+def train_loader(config: TrainConfig, tokenizer, model_config, state: TrainState, ranks: Ranks):
+    return build_train_loader(
+        [DataSource(src.shards, src.weight) for src in config.data.train], tokenizer,
+        image_size=model_config.image_size, batch_size=config.train.batch_size,
+        batches_per_epoch=state.batches_per_epoch, rank=ranks.rank, world_size=ranks.world_size,
+        num_workers=config.data.workers, seed=config.seed,
+        augment=augment_config(config.data.augment),
+        shuffle_buffer=config.data.shuffle_buffer, pin_memory=ranks.device.type == "cuda",
+        unique_captions=config.data.unique_captions)
 
 
 def data_batches(loader, state: TrainState):
@@ -389,212 +331,135 @@ def data_batches(loader, state: TrainState):
         epoch += 1
 
 
-def train(config: TrainConfig, resume: str | None = None) -> int:
-    import deepspeed
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import groups
+# -- the step ---------------------------------------------------------------------------------
 
-    from data_pipelines.loader import DataSource, build_train_loader, stable_seed
-    from limoe.losses import LIMoELoss
-    from limoe.tokenizer import load_tokenizer
 
-    from .deepspeed_compat import patch_broadcast_of_scalar_parameters, remove_shm_buffers
-    from eval.files import write_json
+@dataclass
+class StepResult:
+    """One optimizer step, or why the run stops without taking it."""
 
-    from .ds_config import build_ds_config
-    from .eval_hook import due_evaluators, run_evaluators
-    from .resume import Layout, ResumeError, load_checkpoint
+    stop: str | None = None  # "signal" (some rank got SIGINT/SIGTERM) or "bad_steps" (train.max_bad_steps)
+    bad_in_a_row: int = 0  # non-finite losses in a row, when stop == "bad_steps"
+    sums: dict[str, float] = field(default_factory=dict)  # step_numbers summed over micro-batches, mean over ranks
+    micro_batches: int = 0  # with a finite loss (skipped ones are not counted)
+    samples: int = 0  # in those micro-batches, all ranks
+    epoch: int = 0  # the data epoch of the last micro-batch
+    lr: float = 0.0  # the learning rate the step used
+    seconds: float = 0.0  # wall time of the step
+    data_seconds: float = 0.0  # of which waiting for batches
 
-    # -- processes ---------------------------------------------------------------------
-    # A share of the cores per rank (2 ranks on 2 cores: 1 thread each); LOCAL_SIZE is set by the launcher.
-    threads = (config.parallel.threads_per_proc or int(os.environ.get("OMP_NUM_THREADS", "0"))
-               or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
-    torch.set_num_threads(threads)
-    deepspeed.init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if "MASTER_PORT" in os.environ:  # DeepSpeed's CPU all-reduce buffer outlives the process otherwise
-        atexit.register(remove_shm_buffers, os.environ["MASTER_PORT"], rank)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    accelerator = get_accelerator()
-    accelerator.set_device(local_rank)
-    device = torch.device(accelerator.device_name(local_rank))
-    p = config.parallel
-    if world_size != config.world_size:
-        raise SystemExit(f"error: started with {world_size} ranks but the config says parallel.num_nodes="
-                         f"{p.num_nodes} x parallel.num_procs={p.num_procs} = {config.world_size}")
-    run_dir = config.run_dir
-    run_lock = None
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_lock = hold_run_lock(run_dir)  # noqa: F841 (the kernel releases it when this process exits)
-    dist.barrier()
-    setup_logging(run_dir, rank)
-    StopRequest.install()
 
-    # -- model, tokenizer, optimizer, engine ------------------------------------------------------
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    model_config = config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
-    ep_size = p.ep_size
-    ep_rank = rank % ep_size  # DeepSpeed puts consecutive ranks in one expert-parallel group (checked below)
-    model = build_model(model_config, ep_size, ep_rank, config.seed)
-    model.set_grad_checkpointing(config.train.grad_checkpointing)
-    set_batched_experts(model, config.train.batched_experts)
-    log.info("experts: %s; gradient checkpointing %s", expert_mode(model, device),
-             "on" if config.train.grad_checkpointing else "off")
-    o, s = config.optimizer, config.schedule
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, o.wd), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, s.warmup, config.train.steps, o.lr, s.min_lr) / o.lr)
-    ds_config = build_ds_config(config)
-    patch_broadcast_of_scalar_parameters()
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config)
-    if model.moe_layers():
-        group = model.moe_layers()[0].expert_group_name
-        actual = groups._get_expert_parallel_rank(group)
-        if actual != ep_rank:
-            raise SystemExit(f"error: DeepSpeed gave rank {rank} expert-parallel rank {actual}, expected {ep_rank}")
-    loss_fn = LIMoELoss(model_config.loss, rank=rank, world_size=world_size)
-    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
-
-    # -- resume ---------------------------------------------------------------------------------
-    checkpoints = Checkpoints(run_dir, config.checkpoint.keep, rank)
-    state = TrainState(batches_per_epoch=config.checkpoint.every * config.train.accum_freq)
-    target = checkpoints.resolve(resume)
-    if resume and target is None:
-        log.info("--resume %s: no checkpoint yet in %s, starting from scratch", resume, checkpoints.dir)
-    if target is not None:
-        load_dir, tag = target
-        try:  # on the layout that wrote it, or resharded onto this one (launch/resume.py)
-            saved = load_checkpoint(engine, load_dir, tag, Layout(world_size, ep_size, p.zero_stage),
-                                    model_config.moe.num_experts)
-        except ResumeError as e:
-            raise SystemExit(f"error: {e}") from e
-        state = TrainState(**{k: saved[k] for k in asdict(state)})
-        log.info("resumed from %s: step %d, data epoch %d (+%d batches), lr %.3e", load_dir / tag, state.step,
-                 state.batches_drawn // state.batches_per_epoch, state.batches_drawn % state.batches_per_epoch,
-                 scheduler.get_last_lr()[0])
-    if engine.global_steps != state.step:
-        raise SystemExit(f"error: engine is at step {engine.global_steps}, checkpoint state says {state.step}")
-    if rank == 0:
-        save_config(config, run_dir / "config.yaml")
-        write_json(ds_config, run_dir / "ds_config.json")
-        if Path(config.data.tokenizer).resolve() != (run_dir / tokenizer.FILENAME).resolve():
-            tokenizer.save(run_dir / tokenizer.FILENAME)  # exports take it from the run directory
-
-    # -- data -----------------------------------------------------------------------------------
-    loader = build_train_loader(
-        [DataSource(src.shards, src.weight) for src in config.data.train], tokenizer,
-        image_size=model_config.image_size, batch_size=config.train.batch_size,
-        batches_per_epoch=state.batches_per_epoch, rank=rank, world_size=world_size,
-        num_workers=config.data.workers, seed=config.seed,
-        augment=augment_config(config.data.augment),
-        shuffle_buffer=config.data.shuffle_buffer, pin_memory=device.type == "cuda",
-        unique_captions=config.data.unique_captions)
-    batches = data_batches(loader, state)
-
-    # -- the loop -------------------------------------------------------------------------------
-    stop_at = config.train.stop_after or config.train.steps
-    run_log = RunLog(run_dir, state.step, config.train.steps, enabled=rank == 0, config=config)
-    extra = {"world_size": world_size, "ep_size": ep_size, "zero_stage": p.zero_stage, "seed": config.seed}
-    log.info("training %s: %d ranks (ep_size %d, ZeRO %d, %s), batch %d x %d ranks x %d accum, "
-             "steps %d..%d", model_config.name, world_size, ep_size, p.zero_stage, config.train.precision,
-             config.train.batch_size, world_size, config.train.accum_freq, state.step, stop_at)
-    bad_in_a_row, exit_code, stop_reason = 0, 0, None
-    sums: dict[str, float] = {}
-    t_step, t_data, micro_done = time.perf_counter(), 0.0, 0
-    drawn = state.batches_drawn
-    step_lr = scheduler.get_last_lr()[0]  # the rate the next optimizer step uses
-    engine.train()
-    while state.step < stop_at:
+def train_step(engine, loss_fn, batches, state: TrainState, config: TrainConfig, ranks: Ranks, dtype) -> StepResult:
+    """Micro-batches until the engine takes an optimizer step (gradient accumulation), each:
+    seed -> forward -> loss -> agree across ranks -> backward -> step; then clamp logit_scale.
+    A non-finite loss on any rank skips the micro-batch on every rank; a stop request on any rank,
+    or train.max_bad_steps skips in a row, return before the step is taken."""
+    step = StepResult(lr=engine.lr_scheduler.get_last_lr()[0])
+    start, drawn, bad_in_a_row = time.perf_counter(), state.batches_drawn, 0
+    while engine.global_steps == state.step:
         t0 = time.perf_counter()
-        epoch, images, tokens = next(batches)
-        t_data += time.perf_counter() - t0
+        step.epoch, images, tokens = next(batches)
+        step.data_seconds += time.perf_counter() - t0
         drawn += 1
-        torch.manual_seed(stable_seed(config.seed, "batch", drawn, rank))  # router noise, reproducible
-        out = engine(images.to(device, dtype, non_blocking=True), tokens.to(device, non_blocking=True))
+        torch.manual_seed(stable_seed(config.seed, "batch", drawn, ranks.rank))  # router noise, reproducible
+        out = engine(images.to(ranks.device, dtype, non_blocking=True), tokens.to(ranks.device, non_blocking=True))
         losses = loss_fn(out)
-        numbers = step_numbers(losses, out)
-        nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
-        stop = torch.tensor(float(StopRequest.signum is not None))
-        reduced = all_reduce_sum([nonfinite, stop, *numbers.values()], device).tolist()
-        if reduced[1] > 0:
-            stop_reason = "signal"
-            break
-        if reduced[0] > 0:
+        agreed = agree(losses, out, ranks.device)
+        if agreed.stop_requested:
+            step.stop = "signal"
+            return step
+        if agreed.nonfinite_loss:
             state.skipped_batches += 1
             bad_in_a_row += 1
             log.warning("non-finite loss at step %d (batch %d), skipped (%d in a row, %d in all)",
                         state.step + 1, drawn, bad_in_a_row, state.skipped_batches)
-            del out, losses, numbers  # the skipped batch's graph must not live through the next forward
+            del out, losses  # the skipped batch's graph must not live through the next forward
             if bad_in_a_row >= config.train.max_bad_steps:
-                stop_reason, exit_code = "bad", 3
-                break
+                step.stop, step.bad_in_a_row = "bad_steps", bad_in_a_row
+                return step
             continue
         bad_in_a_row = 0
         engine.backward(losses["loss"])
         engine.step()
-        for name, value in zip(numbers, reduced[2:]):
-            sums[name] = sums.get(name, 0.0) + value / world_size
-        micro_done += 1
-        if engine.global_steps == state.step:
-            continue  # inside a gradient-accumulation window
+        for name, value in agreed.sums.items():
+            step.sums[name] = step.sums.get(name, 0.0) + value / ranks.world_size
+        step.micro_batches += 1
 
-        # -- an optimizer step was taken ---------------------------------------------------
-        clamp_logit_scale(engine.module)
-        state.step = engine.global_steps
-        state.batches_drawn = drawn
-        step_samples = micro_done * config.train.batch_size * world_size
-        state.samples_seen += step_samples
-        elapsed = time.perf_counter() - t_step
-        m = {}
-        if due := due_evaluators(config, state.step):
-            m.update(run_evaluators(engine.module, tokenizer, due, state.step, ep_size, device))
-            engine.train()
-        if m or state.step % config.train.log_every == 0 or state.step == stop_at:
-            m.update({k: v / micro_done for k, v in sums.items() if not k.startswith(("dropped/", "routes/"))})
-            for modality in ("image", "text"):
-                if f"routes/{modality}" in sums:
-                    m[f"drop_rate/{modality}"] = sums[f"dropped/{modality}"] / max(1.0, sums[f"routes/{modality}"])
-            grad_norm = engine.get_global_grad_norm()
-            m.update({
-                "lr": step_lr,
-                "logit_scale": float(engine.module.logit_scale.detach().float().exp()),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "samples_per_s": step_samples / elapsed,
-                "samples_per_s_per_device": step_samples / elapsed / world_size,
-                "data_wait_fraction": t_data / elapsed,
-                "skipped_batches": state.skipped_batches,
-                "samples_seen": state.samples_seen,
-                "epoch": epoch,
-                "time": time.time(),
-            })
-            run_log.record(state.step, m)
-            run_log.progress(state.step, m)
-        sums, micro_done, t_data = {}, 0, 0.0
-        step_lr = scheduler.get_last_lr()[0]
-        if state.step % config.checkpoint.every == 0:
-            checkpoints.save(engine, state, model_config, extra)
-        t_step = time.perf_counter()
+    clamp_logit_scale(engine.module)
+    step.samples = step.micro_batches * config.train.batch_size * ranks.world_size
+    step.seconds = time.perf_counter() - start
+    state.step = engine.global_steps
+    state.batches_drawn = drawn
+    state.samples_seen += step.samples
+    return step
 
-    # -- the end: checkpoint, export --------------------------------------------------------------
-    run_log.close()
-    tag = checkpoints.save(engine, state, model_config, extra) if state.step > 0 else None
-    if tag is not None:
-        log.info("checkpoint %s", checkpoints.dir / tag)
-    if stop_reason == "signal":
-        name = signal.Signals(StopRequest.signum).name if StopRequest.signum else "a signal on another rank"
-        log.warning("stopped by %s at step %d; continue with --resume latest", name, state.step)
-    elif stop_reason == "bad":
-        log.error(stop_after_bad_steps_message(bad_in_a_row, state.step, tag, checkpoints.latest_tag()))
-    elif state.step == config.train.steps and config.checkpoint.export and tag is not None:
-        export_and_check(engine, run_dir, tokenizer, model_config, rank, world_size, device, dtype)
-    if loader.skips.total:
-        log.warning("data: %s", loader.skips.summary())
-    dist.barrier()
-    return exit_code
+
+@dataclass
+class Agreed:
+    """What every rank knows after a micro-batch's forward, from one all-reduce."""
+
+    stop_requested: bool  # on some rank
+    nonfinite_loss: bool  # on some rank
+    sums: dict[str, float]  # step_numbers summed over the ranks
+
+
+def agree(losses: dict, out: dict, device) -> Agreed:
+    flags = {"nonfinite_loss": (~torch.isfinite(losses["loss"].detach())).float(),
+             "stop_requested": torch.tensor(float(StopRequest.signum is not None))}
+    sums = sum_over_ranks({**flags, **step_numbers(losses, out)}, device)
+    return Agreed(stop_requested=sums.pop("stop_requested") > 0, nonfinite_loss=sums.pop("nonfinite_loss") > 0,
+                  sums=sums)
+
+
+def step_numbers(losses: dict, out: dict) -> dict[str, torch.Tensor]:
+    """Scalars to all-reduce (summed over ranks) for decisions and logging."""
+    numbers = {
+        "loss": losses["loss"].detach().float(),
+        "contrastive_loss": losses["contrastive_loss"].detach().float(),
+        "aux_loss": torch.as_tensor(losses["aux_loss"]).detach().float(),
+    }
+    for name, value in sorted(out["aux_terms"].items()):
+        numbers[f"aux_layer_mean/{name}"] = value.detach().float()  # unweighted, mean over MoE layers
+    for modality in MODALITIES:
+        if out["routing"]:
+            numbers[f"dropped/{modality}"] = sum(s[modality]["dropped"] for s in out["routing"]).float()
+            numbers[f"routes/{modality}"] = sum(s[modality]["routes"] for s in out["routing"]).float()
+    return numbers
+
+
+def step_metrics(step: StepResult, engine, state: TrainState, world_size: int) -> dict:
+    """An optimizer step's record in metrics.jsonl (and TensorBoard, wandb)."""
+    m = {k: v / step.micro_batches for k, v in step.sums.items() if not k.startswith(("dropped/", "routes/"))}
+    for modality in MODALITIES:
+        if f"routes/{modality}" in step.sums:
+            m[f"drop_rate/{modality}"] = step.sums[f"dropped/{modality}"] / max(1.0, step.sums[f"routes/{modality}"])
+    grad_norm = engine.get_global_grad_norm()
+    m.update({
+        "lr": step.lr,
+        "logit_scale": float(engine.module.logit_scale.detach().float().exp()),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "samples_per_s": step.samples / step.seconds,
+        "samples_per_s_per_device": step.samples / step.seconds / world_size,
+        "data_wait_fraction": step.data_seconds / step.seconds,
+        "skipped_batches": state.skipped_batches,
+        "samples_seen": state.samples_seen,
+        "epoch": step.epoch,
+        "time": time.time(),
+    })
+    return m
+
+
+def periodic_eval(engine, tokenizer, config: TrainConfig, step: int, device) -> dict:
+    """The metrics (`eval/<name>/...`) of the evaluators due at `step`, on rank 0; {} otherwise."""
+    due = due_evaluators(config, step)
+    if not due:
+        return {}
+    metrics = run_evaluators(engine.module, tokenizer, due, step, config.parallel.ep_size, device)
+    engine.train()
+    return metrics
+
+
+# -- the end: export and its check -------------------------------------------------------------
 
 
 EXPORT_CHECK_LOG = "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)"

@@ -11,7 +11,7 @@ import pytest
 
 from launch.train_config import (ConfigError, add_override_flags, check_files, load_config, overrides_from_args,
                                  report_targets)
-from launch.trainer import RunLog
+from launch.run_log import RunLog
 
 RECORDS = [(1, {"loss": 2.0, "lr": 1e-4, "time": 123.0}), (2, {"loss": 1.5, "lr": 2e-4, "time": 124.0}),
            (3, {"loss": 1.25, "lr": 3e-4, "time": 125.0})]

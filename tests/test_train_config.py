@@ -460,7 +460,7 @@ def test_initial_weights_do_not_depend_on_ep_size():
 
 
 def test_checkpoint_pruning_keeps_the_newest(tmp_path):
-    from launch.trainer import Checkpoints
+    from launch.checkpoints import Checkpoints
 
     checkpoints = Checkpoints(tmp_path, keep=2, rank=0)
     for step in (5, 10, 15, 20):
@@ -470,7 +470,7 @@ def test_checkpoint_pruning_keeps_the_newest(tmp_path):
 
 
 def test_resumed_metrics_drop_records_past_the_checkpoint_into_a_side_file(tmp_path):
-    from launch.trainer import RunLog
+    from launch.run_log import RunLog
 
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)]
     (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 8, "lo')  # torn last line
@@ -523,7 +523,7 @@ def test_the_stop_message_names_a_checkpoint_only_when_it_was_written():
 
 
 def test_nonfinite_tensors_counts_parameters_holding_nan_or_inf():
-    from launch.trainer import nonfinite_tensors
+    from launch.checkpoints import nonfinite_tensors
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     assert nonfinite_tensors(model) == 0
@@ -547,18 +547,18 @@ class FakeEngine:
 def test_a_checkpoint_is_never_written_of_weights_that_are_not_finite(tmp_path, monkeypatch):
     import deepspeed.comm
 
-    from launch import trainer
+    from launch import checkpoints as ckpt
 
-    monkeypatch.setattr(trainer, "all_reduce_sum", lambda values, device: torch.stack(values))  # one rank
+    monkeypatch.setattr(ckpt, "all_reduce_sum", lambda values, device: torch.stack(values))  # one rank
     monkeypatch.setattr(deepspeed.comm, "barrier", lambda: None)
     config = tiny_model_config()
     model = torch.nn.Linear(4, 4)
     engine = FakeEngine(model)
-    checkpoints = trainer.Checkpoints(tmp_path, keep=2, rank=0)
-    assert checkpoints.save(engine, trainer.TrainState(step=3), config, {}) == "step_00000003"
+    checkpoints = ckpt.Checkpoints(tmp_path, keep=2, rank=0)
+    assert checkpoints.save(engine, ckpt.TrainState(step=3), config, {}) == "step_00000003"
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    assert checkpoints.save(engine, trainer.TrainState(step=4), config, {}) is None
+    assert checkpoints.save(engine, ckpt.TrainState(step=4), config, {}) is None
     assert engine.saved == ["step_00000003"] and checkpoints.latest_tag() == "step_00000003"
 
 
