@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import os
 import platform
 import shlex
@@ -33,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import write_json  # noqa: E402
 from data_pipelines import build_train_loader, iter_captions  # noqa: E402
 from data_pipelines.writer import Record, write_shards  # noqa: E402
 from limoe.tokenizer import Tokenizer  # noqa: E402
@@ -139,12 +139,7 @@ def main() -> None:
         "data": data,
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import datetime
 import io
-import json
 import os
 import platform
 import random
@@ -39,7 +38,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common import cpu_model
+from common import cpu_model, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue yellow purple orange grinning smiling face cat dog heart star moon sun tree "
@@ -254,11 +253,7 @@ def main() -> int:
         "results": rows,
     }
     print("\n" + markdown_table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {write_json(args.out, report)}")
     return 0
 
 

@@ -113,7 +113,7 @@ def zeroshot_document(args, model, preprocess, tokenizer) -> tuple[dict, list, l
 
 @_user_errors
 def run_zeroshot(args) -> int:
-    from .files import write_json
+    from limoe.files import write_json
     from .metrics import write_per_class_csv
 
     model, preprocess, tokenizer = _load_model(args)
@@ -149,7 +149,7 @@ def retrieval_document(args, model, tokenizer) -> tuple[dict, list[tuple[str, st
 
 @_user_errors
 def run_retrieval(args) -> int:
-    from .files import write_json
+    from limoe.files import write_json
 
     model, _, tokenizer = _load_model(args)
     doc, rows = retrieval_document(args, model, tokenizer)
@@ -199,7 +199,7 @@ def check_suite_output(path: str) -> None:
 @_user_errors
 def run_routing(args) -> int:
     from .evaluators import Routing
-    from .files import write_json
+    from limoe.files import write_json
     from .routing import plot_routing
 
     model, _, tokenizer = _load_model(args)

@@ -171,7 +171,7 @@ def facts_table(facts: dict[str, dict]) -> str:
 def analyze(export_dir: Path, eval_dir: Path, out: Path) -> dict:
     import limoe
     from eval.evaluators import Routing
-    from eval.files import write_json
+    from limoe.files import write_json
     from eval.routing import plot_routing
 
     model, _, tokenizer = limoe.load(export_dir)
@@ -295,7 +295,7 @@ def run_demo(args) -> int:
 
 
 def demo(args) -> int:
-    from eval.files import write_json
+    from limoe.files import write_json
     from launch.train_config import parse_set
 
     t0 = time.time()

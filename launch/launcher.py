@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from eval.files import write_json
+from limoe.files import write_json
 
 from .deepspeed_compat import remove_shm_buffers
 from .ds_config import build_ds_config

@@ -660,8 +660,6 @@ def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, l
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config (every default filled in) atomically."""
-    from eval.files import atomic_path
+    from limoe.files import atomic_write
 
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(config.to_yaml())
-    return Path(path)
+    return atomic_write(path, config.to_yaml())

@@ -290,7 +290,7 @@ def build_engine(config: TrainConfig, model_config, ranks: Ranks):
 
 def save_run_files(config: TrainConfig, ds_config: dict, tokenizer) -> None:
     """config.yaml, ds_config.json and the tokenizer in the run directory (rank 0)."""
-    from eval.files import write_json
+    from limoe.files import write_json
 
     run_dir = config.run_dir
     save_config(config, run_dir / "config.yaml")
