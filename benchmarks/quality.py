@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -52,6 +51,7 @@ if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python be
     sys.path.insert(0, str(REPO))
 
 from launch.demo import GRANULARITIES, build_data, evaluate, prepare_tokenizer, train  # noqa: E402 (light imports)
+from launch.distributed import free_port  # noqa: E402
 from limoe.files import atomic_path, atomic_write  # noqa: E402
 
 MODALITIES = ("image", "text")
@@ -220,13 +220,6 @@ def run_name(variant: str, seed: int) -> str:
 
 def result_path(out: Path, variant: str, seed: int) -> Path:
     return out / "results" / f"{run_name(variant, seed)}.json"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, so concurrent launches never share a rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_average() -> float | None:

@@ -26,7 +26,6 @@ import io
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from common import cpu_model, write_json
+from launch.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue yellow purple orange grinning smiling face cat dog heart star moon sun tree "
@@ -69,12 +69,6 @@ def make_export(preset: str, out_dir: Path) -> Path:
     torch.manual_seed(0)
     model = limoe.create_model(preset, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
     return limoe.save(model, tokenizer, out_dir / "export", metadata={"note": "random weights (benchmark)"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir: Path, port: int, args) -> subprocess.Popen:

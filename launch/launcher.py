@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from limoe.files import write_json
 
 from .deepspeed_compat import remove_shm_buffers
+from .distributed import free_port
 from .ds_config import build_ds_config
 from .run_lock import HELD_ENV, RunDirectoryBusy, RunLock
 from .train_config import (
@@ -174,9 +174,7 @@ def master_port(config: TrainConfig) -> int:
         return p.master_port
     if p.num_nodes > 1 or p.hostfile:
         return 29500
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def command_master_port(cmd: list[str]) -> str | None:
