@@ -52,9 +52,9 @@ if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python be
 
 from launch.demo import GRANULARITIES, build_data, evaluate, prepare_tokenizer, train  # noqa: E402 (light imports)
 from launch.distributed import free_port  # noqa: E402
+from limoe.config import MODALITIES  # noqa: E402
 from limoe.files import atomic_path, atomic_write  # noqa: E402
 
-MODALITIES = ("image", "text")
 GENERATED_START = "<!-- generated:start -->"
 GENERATED_END = "<!-- generated:end -->"
 

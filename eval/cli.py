@@ -114,6 +114,7 @@ def zeroshot_document(args, model, preprocess, tokenizer) -> tuple[dict, list, l
 @_user_errors
 def run_zeroshot(args) -> int:
     from limoe.files import write_json
+
     from .metrics import write_per_class_csv
 
     model, preprocess, tokenizer = _load_model(args)
@@ -198,8 +199,10 @@ def check_suite_output(path: str) -> None:
 
 @_user_errors
 def run_routing(args) -> int:
-    from .evaluators import Routing
+    from limoe.config import MODALITIES
     from limoe.files import write_json
+
+    from .evaluators import Routing
     from .routing import plot_routing
 
     model, _, tokenizer = _load_model(args)
@@ -215,7 +218,7 @@ def run_routing(args) -> int:
     plot_routing(result, out / "routing.png")
     rows = []
     for layer in result["layers"]:
-        for m in ("image", "text"):
+        for m in MODALITIES:
             s = layer[m]
             rows.append((f"block {layer['block']} {m}",
                          f"drop {_pct(s['drop_rate']):>7}  entropy {s['mean_entropy']:.3f}  "
@@ -223,7 +226,7 @@ def run_routing(args) -> int:
                          f"{result['num_experts']}"))
         roles = layer["expert_roles"]
         rows.append((f"block {layer['block']} experts",
-                     ", ".join(f"{r} {roles.count(r)}" for r in ("image", "text", "shared", "unused"))))
+                     ", ".join(f"{r} {roles.count(r)}" for r in (*MODALITIES, "shared", "unused"))))
     print(f"routing of {result['pairs']} pairs at capacity factor {result['capacity_factor']:g} "
           f"(max entropy {result['max_entropy']:.3f})\n" + _table(rows))
     print(f"wrote {out / 'routing.json'} and {out / 'routing.png'}")
