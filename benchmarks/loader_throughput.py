@@ -33,9 +33,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import write_json  # noqa: E402
-from data_pipelines import build_train_loader, iter_captions  # noqa: E402
+from data_pipelines import build_train_loader, train_tokenizer  # noqa: E402
 from data_pipelines.writer import Record, write_shards  # noqa: E402
-from limoe.tokenizer import Tokenizer  # noqa: E402
 
 
 def synthetic_jpeg(index: int, size: int = 256) -> bytes:
@@ -121,7 +120,7 @@ def main() -> None:
         else:
             shards = write_synthetic_shards(Path(tmp), args.images)
             data = f"synthetic: {args.images} JPEGs 256x256"
-        tokenizer = Tokenizer.train(iter_captions(shards), vocab_size=1000, context_length=16)
+        tokenizer = train_tokenizer(shards, vocab_size=1000, context_length=16)
         rows = [measure(shards, tokenizer, size, workers, args.batch_size, args.seconds)
                 for size in args.sizes for workers in args.workers]
 

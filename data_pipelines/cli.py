@@ -176,14 +176,11 @@ def _run_check(args):
 
 @_user_errors
 def _run_tokenizer_train(args):
-    from limoe.tokenizer import Tokenizer
-
-    from .loader import iter_captions
+    from .loader import train_tokenizer
     from .skips import SkipCounter
 
     skips = SkipCounter()
-    tokenizer = Tokenizer.train(iter_captions(args.data, skips), vocab_size=args.vocab_size,
-                                context_length=args.context_length, model_type=args.model_type)
+    tokenizer = train_tokenizer(args.data, args.vocab_size, args.context_length, skips, model_type=args.model_type)
     path = tokenizer.save(args.out)
     print(f"wrote {path} (vocab {tokenizer.vocab_size}, context length {tokenizer.context_length}); "
           f"{skips.summary()}")

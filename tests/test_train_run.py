@@ -374,10 +374,9 @@ def test_unreadable_training_data_ends_the_whole_job_with_its_error(workdir, wor
     (empty / "broken-000000.tar").write_bytes(b"")
     tokenizer = workdir / "colours-tokenizer.model"  # from the good shards: the broken ones have no captions
     if not tokenizer.is_file():
-        from data_pipelines.loader import iter_captions
-        from limoe.tokenizer import Tokenizer
+        from data_pipelines.loader import train_tokenizer
 
-        Tokenizer.train(iter_captions(str(workdir / "shards")), vocab_size=40, context_length=8).save(tokenizer)
+        train_tokenizer(str(workdir / "shards"), vocab_size=40, context_length=8).save(tokenizer)
     config = tiny_config(workdir, f"unreadable-{workers}",
                          data={"train": [{"shards": str(empty)}], "workers": workers, "tokenizer": str(tokenizer)},
                          parallel={"num_procs": ranks, "ep_size": ranks})
