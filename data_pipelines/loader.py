@@ -47,11 +47,11 @@ DEFAULT_SHUFFLE_BUFFER = 1000
 
 @dataclass
 class DataSource:
-    """One training source: a shard spec and its share of the mix."""
+    """One training source: a shard spec and its share of the mix (also an entry of a training
+    config's `data.train`)."""
 
-    shards: str | Sequence[str]
-    weight: float = 1.0
-    name: str | None = None
+    shards: list[str] | str  # brace pattern, glob, folder, or "::"-joined list of those; or a list of shard paths
+    weight: float = 1.0  # sampling weight relative to the other sources
 
 
 def stable_seed(*parts) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from data_pipelines.loader import DataSource
 from eval.evaluators import EVALUATORS, Evaluator, ZeroShot
 from limoe.config import LIMoEConfig, TwoTowerConfig, get_config, list_models
 
@@ -49,12 +50,6 @@ class ConfigError(ValueError):
 
 
 # -- sections -----------------------------------------------------------------
-
-
-@dataclass
-class DataSource:
-    shards: str  # brace pattern, glob, folder, or "::"-joined list of those
-    weight: float = 1.0  # sampling weight relative to the other sources
 
 
 @dataclass
