@@ -8,6 +8,8 @@ import platform
 import sys
 from pathlib import Path
 
+from limoe.cli_errors import user_errors
+
 EXAMPLES = """\
 examples:
   limoe eval zeroshot --model runs/demo/export --data data/emoji-twitter/zeroshot/name
@@ -38,23 +40,6 @@ def _run_info(args) -> dict:
     return {"command": " ".join(["limoe"] + sys.argv[1:]) if sys.argv else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": args.device, "host": platform.node(), "python": platform.python_version()}
-
-
-def _user_errors(run):
-    """Bad input (missing export or data, unknown layout, bad prompt files) is a one-line error, not a traceback."""
-    import functools
-
-    @functools.wraps(run)
-    def wrapper(args) -> int:
-        from limoe.checkpoint import ExportError
-
-        try:
-            return run(args)
-        except (ExportError, FileNotFoundError, ValueError) as error:  # PromptError, DataLayoutError are ValueErrors
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return wrapper
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -111,7 +96,7 @@ def zeroshot_document(args, model, preprocess, tokenizer) -> tuple[dict, list, l
     return doc, per_class, rows
 
 
-@_user_errors
+@user_errors
 def run_zeroshot(args) -> int:
     from limoe.files import write_json
 
@@ -148,7 +133,7 @@ def retrieval_document(args, model, tokenizer) -> tuple[dict, list[tuple[str, st
     return doc, rows
 
 
-@_user_errors
+@user_errors
 def run_retrieval(args) -> int:
     from limoe.files import write_json
 
@@ -164,7 +149,7 @@ def run_retrieval(args) -> int:
 # ---- suite ----------------------------------------------------------------------
 
 
-@_user_errors
+@user_errors
 def run_suite(args) -> int:
     from .suite import evaluate_suite, write_suite_outputs
 
@@ -197,7 +182,7 @@ def check_suite_output(path: str) -> None:
 # ---- routing --------------------------------------------------------------------
 
 
-@_user_errors
+@user_errors
 def run_routing(args) -> int:
     from limoe.config import MODALITIES
     from limoe.files import write_json
