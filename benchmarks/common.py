@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from limoe.files import atomic_write
+
 
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
@@ -153,12 +155,7 @@ def header(description: str) -> dict:
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write atomically (temp file, then rename), so a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import os
 import platform
 import shlex
@@ -33,9 +32,9 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipelines import build_train_loader, iter_captions  # noqa: E402
+from common import write_json  # noqa: E402
+from data_pipelines import build_train_loader, train_tokenizer  # noqa: E402
 from data_pipelines.writer import Record, write_shards  # noqa: E402
-from limoe.tokenizer import Tokenizer  # noqa: E402
 
 
 def synthetic_jpeg(index: int, size: int = 256) -> bytes:
@@ -121,7 +120,7 @@ def main() -> None:
         else:
             shards = write_synthetic_shards(Path(tmp), args.images)
             data = f"synthetic: {args.images} JPEGs 256x256"
-        tokenizer = Tokenizer.train(iter_captions(shards), vocab_size=1000, context_length=16)
+        tokenizer = train_tokenizer(shards, vocab_size=1000, context_length=16)
         rows = [measure(shards, tokenizer, size, workers, args.batch_size, args.seconds)
                 for size in args.sizes for workers in args.workers]
 
@@ -139,12 +138,7 @@ def main() -> None:
         "data": data,
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
 
 
 if __name__ == "__main__":

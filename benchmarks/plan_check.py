@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +79,6 @@ def child(name: str, steps: int, env: dict, profiled: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -100,7 +93,7 @@ def run_case(name: str, steps: int, profiled: bool) -> dict:
     """Train `steps` steps of case `name` in this process and measure its memory: the
     allocations (under the profiler) or only the RSS high-water mark (without it)."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+                      DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     import contextlib
     import time
 
@@ -109,12 +102,14 @@ def run_case(name: str, steps: int, profiled: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from launch.deepspeed_compat import patch_broadcast_of_scalar_parameters, remove_shm_buffers
+    from launch.distributed import free_port
     from launch.ds_config import build_ds_config
     from launch.train_config import load_config
     from launch.trainer import build_model, optimizer_param_groups
     from limoe.losses import LIMoELoss
     from train_step import make_batch
 
+    os.environ["MASTER_PORT"] = str(free_port())
     config = load_config("cpu-demo", case_overrides(name))
     torch.set_num_threads(config.parallel.threads_per_proc)
     deepspeed.init_distributed()

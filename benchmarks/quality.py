@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -52,8 +51,10 @@ if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python be
     sys.path.insert(0, str(REPO))
 
 from launch.demo import GRANULARITIES, build_data, evaluate, prepare_tokenizer, train  # noqa: E402 (light imports)
+from launch.distributed import free_port  # noqa: E402
+from limoe.config import MODALITIES  # noqa: E402
+from limoe.files import atomic_path, atomic_write  # noqa: E402
 
-MODALITIES = ("image", "text")
 GENERATED_START = "<!-- generated:start -->"
 GENERATED_END = "<!-- generated:end -->"
 
@@ -221,24 +222,13 @@ def result_path(out: Path, variant: str, seed: int) -> Path:
     return out / "results" / f"{run_name(variant, seed)}.json"
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now, so concurrent launches never share a rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load_average() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def write_json(path: Path, data) -> Path:
     """Temp file then rename: a killed run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, object]]:
@@ -634,10 +624,8 @@ def plot_summary(summary: dict, results: list[dict], path: Path) -> Path:
                  f"unseen Twemoji; {seeds} seed(s) per variant (bars: mean, whiskers: std, dots: seeds, "
                  "dashes: chance)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
 
 
@@ -728,11 +716,7 @@ def update_report(path: Path, generated: str) -> Path:
                          "fix the file so both are there (or neither)")
     else:
         text = text.rstrip("\n") + "\n\n## Results\n\n" + generated + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, text)
 
 
 def report(out: Path, report_path: Path | None, plot_path: Path | None, session: dict) -> dict:

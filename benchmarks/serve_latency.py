@@ -23,11 +23,9 @@ import asyncio
 import base64
 import datetime
 import io
-import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +37,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common import cpu_model
+from common import cpu_model, write_json
+from launch.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("red green blue yellow purple orange grinning smiling face cat dog heart star moon sun tree "
@@ -70,12 +69,6 @@ def make_export(preset: str, out_dir: Path) -> Path:
     torch.manual_seed(0)
     model = limoe.create_model(preset, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
     return limoe.save(model, tokenizer, out_dir / "export", metadata={"note": "random weights (benchmark)"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir: Path, port: int, args) -> subprocess.Popen:
@@ -254,11 +247,7 @@ def main() -> int:
         "results": rows,
     }
     print("\n" + markdown_table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {write_json(args.out, report)}")
     return 0
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Errors that are the user's to fix: print them plainly instead of a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+from limoe.cli_errors import user_errors
 
 
 def register(subparsers) -> None:
@@ -110,18 +109,7 @@ def register(subparsers) -> None:
     train.set_defaults(func=_run_tokenizer_train)
 
 
-def _user_errors(func):
-    def run(args):
-        try:
-            return func(args)
-        except USER_ERRORS as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-@_user_errors
+@user_errors
 def _run_emoji(args):
     from .emoji import DEFAULT_VERSION, build_emoji_dataset
 
@@ -132,7 +120,7 @@ def _run_emoji(args):
     print(summary)
 
 
-@_user_errors
+@user_errors
 def _run_folder(args):
     from .folder import build_folder_dataset
 
@@ -140,7 +128,7 @@ def _run_folder(args):
                                maxcount=args.maxcount))
 
 
-@_user_errors
+@user_errors
 def _run_table(args):
     from .table import build_table_dataset
 
@@ -149,14 +137,14 @@ def _run_table(args):
                               maxcount=args.maxcount))
 
 
-@_user_errors
+@user_errors
 def _run_imagenet(args):
     from .imagenet import build_imagenet_shards
 
     print(build_imagenet_shards(args.val, args.out, classnames_file=args.classnames))
 
 
-@_user_errors
+@user_errors
 def _run_check(args):
     from .samples import parse_sample
     from .shards import count_samples, read_shard, resolve_shards
@@ -174,16 +162,13 @@ def _run_check(args):
     return 1 if skips.total else 0
 
 
-@_user_errors
+@user_errors
 def _run_tokenizer_train(args):
-    from limoe.tokenizer import Tokenizer
-
-    from .loader import iter_captions
+    from .loader import train_tokenizer
     from .skips import SkipCounter
 
     skips = SkipCounter()
-    tokenizer = Tokenizer.train(iter_captions(args.data, skips), vocab_size=args.vocab_size,
-                                context_length=args.context_length, model_type=args.model_type)
+    tokenizer = train_tokenizer(args.data, args.vocab_size, args.context_length, skips, model_type=args.model_type)
     path = tokenizer.save(args.out)
     print(f"wrote {path} (vocab {tokenizer.vocab_size}, context length {tokenizer.context_length}); "
           f"{skips.summary()}")

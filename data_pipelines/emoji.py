@@ -38,9 +38,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from limoe.files import replace_directory
 from limoe.transforms import to_rgb
 
-from .writer import Record, ShardSetWriter, WriteSummary, replace_directory
+from .writer import Record, ShardSetWriter, WriteSummary
 
 STYLES = ("google", "twitter")
 DEFAULT_VERSION = "16.0.0"  # pinned so class lists and numbers stay comparable; "latest" to follow npm

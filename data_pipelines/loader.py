@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from limoe.tokenizer import Tokenizer
 from limoe.transforms import AugmentConfig, image_transform
 
 from .samples import parse_sample
@@ -46,11 +47,11 @@ DEFAULT_SHUFFLE_BUFFER = 1000
 
 @dataclass
 class DataSource:
-    """One training source: a shard spec and its share of the mix."""
+    """One training source: a shard spec and its share of the mix (also an entry of a training
+    config's `data.train`)."""
 
-    shards: str | Sequence[str]
-    weight: float = 1.0
-    name: str | None = None
+    shards: list[str] | str  # brace pattern, glob, folder, or "::"-joined list of those; or a list of shard paths
+    weight: float = 1.0  # sampling weight relative to the other sources
 
 
 def stable_seed(*parts) -> int:
@@ -428,3 +429,12 @@ def iter_captions(shards: str | Sequence[str], skips: SkipCounter | None = None)
             sample = parse_sample(raw, skips, decode=False)
             if sample is not None:
                 yield from sample.captions
+
+
+def train_tokenizer(shards: str | Sequence[str], vocab_size: int, context_length: int,
+                    skips: SkipCounter | None = None, **options) -> Tokenizer:
+    """A SentencePiece tokenizer trained on every caption in the shards (`limoe tokenizer train`, and
+    `limoe train` / `limoe demo` when theirs is missing); `skips` counts what could not be read,
+    `options` are Tokenizer.train's (model_type, ...)."""
+    return Tokenizer.train(iter_captions(shards, skips), vocab_size=vocab_size, context_length=context_length,
+                           **options)

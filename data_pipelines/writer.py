@@ -35,6 +35,8 @@ from typing import Iterable
 import webdataset as wds
 from PIL import Image
 
+from limoe.files import replace_directory
+
 SIZES_FILE = "sizes.json"
 SKIPPED_FILE = "skipped.json"
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -229,23 +231,6 @@ class ShardSetWriter:
             self.commit()
         else:
             self.abort()
-
-
-def replace_directory(new_dir: Path, target: Path) -> None:
-    """Move a finished folder onto `target`, replacing any previous one.
-
-    The old folder is renamed aside first and removed after, so `target`
-    is always either the complete old or the complete new version.
-    """
-    new_dir, target = Path(new_dir), Path(target)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.rmdir(old)
-        os.replace(target, old)
-    os.replace(new_dir, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_shards(

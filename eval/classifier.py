@@ -28,8 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from limoe.files import atomic_path
+
 from .encode import evaluating, model_device
-from .files import atomic_path
 
 CACHE_FORMAT = 1
 

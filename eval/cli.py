@@ -8,6 +8,8 @@ import platform
 import sys
 from pathlib import Path
 
+from limoe.cli_errors import user_errors
+
 EXAMPLES = """\
 examples:
   limoe eval zeroshot --model runs/demo/export --data data/emoji-twitter/zeroshot/name
@@ -38,23 +40,6 @@ def _run_info(args) -> dict:
     return {"command": " ".join(["limoe"] + sys.argv[1:]) if sys.argv else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": args.device, "host": platform.node(), "python": platform.python_version()}
-
-
-def _user_errors(run):
-    """Bad input (missing export or data, unknown layout, bad prompt files) is a one-line error, not a traceback."""
-    import functools
-
-    @functools.wraps(run)
-    def wrapper(args) -> int:
-        from limoe.checkpoint import ExportError
-
-        try:
-            return run(args)
-        except (ExportError, FileNotFoundError, ValueError) as error:  # PromptError, DataLayoutError are ValueErrors
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return wrapper
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -111,9 +96,10 @@ def zeroshot_document(args, model, preprocess, tokenizer) -> tuple[dict, list, l
     return doc, per_class, rows
 
 
-@_user_errors
+@user_errors
 def run_zeroshot(args) -> int:
-    from .files import write_json
+    from limoe.files import write_json
+
     from .metrics import write_per_class_csv
 
     model, preprocess, tokenizer = _load_model(args)
@@ -147,9 +133,9 @@ def retrieval_document(args, model, tokenizer) -> tuple[dict, list[tuple[str, st
     return doc, rows
 
 
-@_user_errors
+@user_errors
 def run_retrieval(args) -> int:
-    from .files import write_json
+    from limoe.files import write_json
 
     model, _, tokenizer = _load_model(args)
     doc, rows = retrieval_document(args, model, tokenizer)
@@ -163,7 +149,7 @@ def run_retrieval(args) -> int:
 # ---- suite ----------------------------------------------------------------------
 
 
-@_user_errors
+@user_errors
 def run_suite(args) -> int:
     from .suite import evaluate_suite, write_suite_outputs
 
@@ -196,10 +182,12 @@ def check_suite_output(path: str) -> None:
 # ---- routing --------------------------------------------------------------------
 
 
-@_user_errors
+@user_errors
 def run_routing(args) -> int:
+    from limoe.config import MODALITIES
+    from limoe.files import write_json
+
     from .evaluators import Routing
-    from .files import write_json
     from .routing import plot_routing
 
     model, _, tokenizer = _load_model(args)
@@ -215,7 +203,7 @@ def run_routing(args) -> int:
     plot_routing(result, out / "routing.png")
     rows = []
     for layer in result["layers"]:
-        for m in ("image", "text"):
+        for m in MODALITIES:
             s = layer[m]
             rows.append((f"block {layer['block']} {m}",
                          f"drop {_pct(s['drop_rate']):>7}  entropy {s['mean_entropy']:.3f}  "
@@ -223,7 +211,7 @@ def run_routing(args) -> int:
                          f"{result['num_experts']}"))
         roles = layer["expert_roles"]
         rows.append((f"block {layer['block']} experts",
-                     ", ".join(f"{r} {roles.count(r)}" for r in ("image", "text", "shared", "unused"))))
+                     ", ".join(f"{r} {roles.count(r)}" for r in (*MODALITIES, "shared", "unused"))))
     print(f"routing of {result['pairs']} pairs at capacity factor {result['capacity_factor']:g} "
           f"(max entropy {result['max_entropy']:.3f})\n" + _table(rows))
     print(f"wrote {out / 'routing.json'} and {out / 'routing.png'}")

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .files import atomic_path
+from limoe.files import atomic_path
 
 
 def true_class_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ from typing import Callable, Mapping, Sequence, Union
 from open_clip.zero_shot_metadata import (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
                                           SIMPLE_IMAGENET_TEMPLATES)
 
+from limoe.embedder import PLACEHOLDERS
+from limoe.embedder import fill_template as fill_text_template
+
 Template = Union[str, Callable[[str], str]]
 
 TEMPLATE_SETS: dict[str, Sequence[Template]] = {
@@ -27,7 +30,6 @@ TEMPLATE_SETS: dict[str, Sequence[Template]] = {
     "simple": SIMPLE_IMAGENET_TEMPLATES,
 }
 CLASSNAME_SETS: dict[str, Sequence[str]] = {"imagenet": IMAGENET_CLASSNAMES}
-PLACEHOLDERS = ("{c}", "{}")
 
 
 class PromptError(ValueError):
@@ -85,11 +87,7 @@ def load_templates(spec: str | Sequence[Template]) -> list[Template]:
 
 
 def fill_template(template: Template, classname: str) -> str:
-    if callable(template):
-        return template(classname)
-    # str.replace, not str.format: a template may contain other braces.
-    placeholder = "{c}" if "{c}" in template else "{}"
-    return template.replace(placeholder, classname)
+    return template(classname) if callable(template) else fill_text_template(template, classname)
 
 
 def template_text(template: Template) -> str:

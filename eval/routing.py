@@ -27,9 +27,9 @@ from typing import Iterable
 import torch
 
 from limoe.config import MODALITIES
+from limoe.files import atomic_path
 
 from .encode import evaluating, model_device
-from .files import atomic_path
 
 STAT_FIELDS = ("tokens", "routes", "dropped", "assigned", "kept", "entropy_sum")
 

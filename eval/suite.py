@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .files import atomic_path
+from limoe.files import atomic_path
 
 CLASSIFICATION_METRICS = ("top1", "top5", "mean_per_class_recall")
 RETRIEVAL_METRICS = tuple(f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_image")

@@ -4,12 +4,13 @@ Resuming from them, on this layout or another, is launch/resume.py."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from limoe.files import atomic_write
 
 from .distributed import all_reduce_sum
 from .export import CLIENT_KEY, MODEL_STATES
@@ -64,9 +65,7 @@ class Checkpoints:
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         # save_checkpoint ends with a barrier: every rank's files are on disk.
         if self.rank == 0:
-            tmp = self.dir / f".latest.tmp-{os.getpid()}"
-            tmp.write_text(tag)
-            os.replace(tmp, self.dir / "latest")
+            atomic_write(self.dir / "latest", tag)
             self.prune(current=tag)
         dist.barrier()
         return tag

@@ -5,22 +5,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(file object) into a temp file next to `path`, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _embed_in_chunks(embed, items: list, batch_size: int, desc: str):
@@ -41,6 +26,7 @@ def run_embed(args) -> int:
 
     from limoe import Embedder, ExportError
     from limoe.embedder import ImageError
+    from limoe.files import atomic_path, atomic_write
 
     texts = list(args.text or [])
     if args.text_file:
@@ -71,7 +57,8 @@ def run_embed(args) -> int:
 
     if output is not None and output.suffix == ".npy":
         rows = np.concatenate([z for z in (z_text, z_image) if z is not None]).astype(np.float32)
-        _atomic_write(output, lambda f: np.save(f, rows))
+        with atomic_path(output) as tmp, open(tmp, "wb") as f:
+            np.save(f, rows)
         print(f"wrote {output}: float32 {list(rows.shape)}, rows = {len(texts)} texts then {len(images)} images "
               "(in the order given)", file=sys.stderr)
         return 0
@@ -92,7 +79,7 @@ def run_embed(args) -> int:
     if output is None:
         print(text)
     else:
-        _atomic_write(output, lambda f: f.write(text.encode() + b"\n"))
+        atomic_write(output, text + "\n")
         print(f"wrote {output}", file=sys.stderr)
     return 0
 

@@ -74,9 +74,8 @@ def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
     """The tokenizer file of `kind`, cached in the training set's folder under a name per kind
     (tokenizer-sp1000.model, tokenizer.bpe.json), so asking for another size never reuses one.
     SentencePiece is trained on the training captions; open_clip's BPE is only written out."""
-    from data_pipelines.loader import iter_captions
-    from data_pipelines.skips import SkipCounter
-    from limoe.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+    from data_pipelines.loader import train_tokenizer
+    from limoe.tokenizer import BPETokenizer, load_tokenizer
 
     kind = tokenizer_kind(kind)
     path = train_dir / ("tokenizer.bpe.json" if kind == "bpe" else f"tokenizer-{kind}.model")
@@ -87,9 +86,7 @@ def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
         BPETokenizer(context_length).save(path)
         print(f"wrote {path}: open_clip's BPE, {BPETokenizer(context_length).vocab_size} tokens")
         return path
-    skips = SkipCounter()
-    tokenizer = Tokenizer.train(iter_captions(str(train_dir / "shards"), skips), vocab_size=int(kind[2:]),
-                                context_length=context_length)
+    tokenizer = train_tokenizer(str(train_dir / "shards"), int(kind[2:]), context_length)
     tokenizer.save(path)
     print(f"trained {path}: {tokenizer.vocab_size} pieces (asked for {kind[2:]}), "
           f"context {tokenizer.context_length}")
@@ -171,7 +168,7 @@ def facts_table(facts: dict[str, dict]) -> str:
 def analyze(export_dir: Path, eval_dir: Path, out: Path) -> dict:
     import limoe
     from eval.evaluators import Routing
-    from eval.files import write_json
+    from limoe.files import write_json
     from eval.routing import plot_routing
 
     model, _, tokenizer = limoe.load(export_dir)
@@ -295,7 +292,7 @@ def run_demo(args) -> int:
 
 
 def demo(args) -> int:
-    from eval.files import write_json
+    from limoe.files import write_json
     from launch.train_config import parse_set
 
     t0 = time.time()

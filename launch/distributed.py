@@ -1,11 +1,21 @@
-"""A training rank among the others: start the processes, sum scalars over the ranks."""
+"""A training rank among the others: start the processes, sum scalars over the ranks; a free
+port for their rendezvous."""
 from __future__ import annotations
 
 import atexit
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on now, so concurrent launches on one machine
+    never share a rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from eval.files import write_json
+from limoe.files import write_json
 
 from .deepspeed_compat import remove_shm_buffers
+from .distributed import free_port
 from .ds_config import build_ds_config
 from .run_lock import HELD_ENV, RunDirectoryBusy, RunLock
 from .train_config import (
@@ -102,9 +102,9 @@ def check_hosts(config: TrainConfig) -> None:
 def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
     """The tokenizer file, trained on the training captions if missing (like `limoe tokenizer train`);
     a missing `*.bpe.json` is written from open_clip's bundled BPE vocabulary (nothing to train)."""
-    from data_pipelines.loader import iter_captions
+    from data_pipelines.loader import train_tokenizer
     from data_pipelines.skips import SkipCounter
-    from limoe.tokenizer import BPETokenizer, Tokenizer, is_bpe_path
+    from limoe.tokenizer import BPETokenizer, is_bpe_path
 
     path = Path(config.data.tokenizer) if config.data.tokenizer else config.run_dir / "tokenizer.model"
     if path.is_file():
@@ -119,8 +119,7 @@ def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
     skips = SkipCounter()
     all_shards = [s for i in sorted(shards) for s in shards[i]]
     try:
-        tokenizer = Tokenizer.train(iter_captions(all_shards, skips), vocab_size=config.data.tokenizer_vocab_size,
-                                    context_length=context_length)
+        tokenizer = train_tokenizer(all_shards, config.data.tokenizer_vocab_size, context_length, skips)
     except ValueError as e:  # no captions at all
         raise ConfigError(f"'data.tokenizer': cannot train one from the training data: {e} ({skips.summary()})") from e
     tokenizer.save(path)
@@ -174,9 +173,7 @@ def master_port(config: TrainConfig) -> int:
         return p.master_port
     if p.num_nodes > 1 or p.hostfile:
         return 29500
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def command_master_port(cmd: list[str]) -> str | None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+
+from limoe.files import atomic_write
 
 from .tracking import finish_wandb, scalars, start_wandb
 from .train_config import TrainConfig, report_targets
@@ -54,9 +55,7 @@ class RunLog:
         if drop:
             with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
                 f.writelines(drop)
-            tmp = self.path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(keep))
 
     def record(self, step: int, metrics: dict) -> None:
         if not self.enabled:

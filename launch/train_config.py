@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from data_pipelines.loader import DataSource
 from eval.evaluators import EVALUATORS, Evaluator, ZeroShot
 from limoe.config import LIMoEConfig, TwoTowerConfig, get_config, list_models
 
@@ -49,12 +50,6 @@ class ConfigError(ValueError):
 
 
 # -- sections -----------------------------------------------------------------
-
-
-@dataclass
-class DataSource:
-    shards: str  # brace pattern, glob, folder, or "::"-joined list of those
-    weight: float = 1.0  # sampling weight relative to the other sources
 
 
 @dataclass
@@ -660,8 +655,6 @@ def check_files(config: TrainConfig, need_tokenizer: bool = True) -> dict[str, l
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config (every default filled in) atomically."""
-    from eval.files import atomic_path
+    from limoe.files import atomic_write
 
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(config.to_yaml())
-    return Path(path)
+    return atomic_write(path, config.to_yaml())

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.loader import DataSource, build_train_loader, stable_seed
+from data_pipelines.loader import build_train_loader, stable_seed
 from limoe.config import MODALITIES
 
 from .checkpoints import Checkpoints, TrainState
@@ -290,7 +290,7 @@ def build_engine(config: TrainConfig, model_config, ranks: Ranks):
 
 def save_run_files(config: TrainConfig, ds_config: dict, tokenizer) -> None:
     """config.yaml, ds_config.json and the tokenizer in the run directory (rank 0)."""
-    from eval.files import write_json
+    from limoe.files import write_json
 
     run_dir = config.run_dir
     save_config(config, run_dir / "config.yaml")
@@ -301,7 +301,7 @@ def save_run_files(config: TrainConfig, ds_config: dict, tokenizer) -> None:
 
 def train_loader(config: TrainConfig, tokenizer, model_config, state: TrainState, ranks: Ranks):
     return build_train_loader(
-        [DataSource(src.shards, src.weight) for src in config.data.train], tokenizer,
+        config.data.train, tokenizer,
         image_size=model_config.image_size, batch_size=config.train.batch_size,
         batches_per_epoch=state.batches_per_epoch, rank=ranks.rank, world_size=ranks.world_size,
         num_workers=config.data.workers, seed=config.seed,

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LIMoEConfig, TwoTowerConfig, config_from_dict
+from .files import replace_directory
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
@@ -79,14 +80,7 @@ def save(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None =
         doc = {"format_version": FORMAT_VERSION, "model": model.config.to_dict(), "metadata": metadata or {}}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2))
         tokenizer.save(tmp / getattr(tokenizer, "FILENAME", TOKENIZER))
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -41,7 +41,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_IMAGE_ASPECT_RATIO = 100.0
 # Raster formats decoded in-process by Pillow; others (EPS runs Ghostscript, ...) are refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
-PLACEHOLDERS = ("{}", "{c}")  # as in eval.prompts
+PLACEHOLDERS = ("{c}", "{}")  # where a prompt template takes the label (or class name): the first one it holds
 # Characters of a text that are tokenized. The model reads context_length tokens (16-77): a SentencePiece
 # piece is at most 16 characters, so only texts that open with thousands of blank characters could
 # tokenize differently. Tokenizing all of a 16 MiB text took 2.6 s and +360 MB (a Python int per piece).
@@ -117,6 +117,8 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 
 
 def fill_template(template: str, label: str) -> str:
+    """`template` with its placeholder replaced by `label` (str.replace, not str.format: a template
+    may hold other braces)."""
     for placeholder in PLACEHOLDERS:
         if placeholder in template:
             return template.replace(placeholder, label)

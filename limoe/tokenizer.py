@@ -16,31 +16,18 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
 import torch
 
+from .files import atomic_write
+
 PAD_ID = 0
 UNK_ID = 1
 EOS_ID = 2
 DEFAULT_CONTEXT_LENGTH = 16
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _unencodable(texts: Sequence) -> Exception:
@@ -163,8 +150,8 @@ class Tokenizer:
         """Write the SentencePiece model and its sidecar atomically (temp file, then rename)."""
         path = Path(path)
         sidecar = {"format": "sentencepiece", "context_length": self.context_length, "vocab_size": self.vocab_size}
-        _atomic_write_bytes(path, self.model_proto)
-        _atomic_write_bytes(Path(f"{path}.json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        atomic_write(path, self.model_proto)
+        atomic_write(Path(f"{path}.json"), json.dumps(sidecar, indent=2) + "\n")
         return path
 
     # ---- properties -----------------------------------------------------------
@@ -308,11 +295,11 @@ class BPETokenizer:
 
         path = Path(path)
         vocab = self.vocab_path.read_bytes()
-        _atomic_write_bytes(path.with_name(self.VOCAB_FILENAME), vocab)
+        atomic_write(path.with_name(self.VOCAB_FILENAME), vocab)
         doc = {"format": "open_clip-bpe", "context_length": self.context_length, "vocab_size": self.vocab_size,
                "vocab_file": self.VOCAB_FILENAME, "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
                "id_offset": 1}
-        _atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+        atomic_write(path, json.dumps(doc, indent=2) + "\n")
         return path
 
     @classmethod

@@ -5,7 +5,6 @@ processes, the same layer with its experts split over an expert-parallel group
 (launch/expert_parallel.py).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import _route_slots, _sparse_decode, _sparse_encode
 
+from launch.distributed import free_port
 from launch.expert_parallel import as_deepspeed_moe
 from limoe.checkpoint import shard_experts
 from limoe.config import MoEConfig
@@ -189,12 +189,6 @@ def test_layer_is_a_deepspeed_moe_with_expert_names_deepspeed_checkpoints_use():
 # Expert parallelism: two gloo ranks, each holding half of the experts.
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _expert_parallel_rank(rank, world_size, port, full_state, result_queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
@@ -220,7 +214,7 @@ def _expert_parallel_rank(rank, world_size, port, full_state, result_queue):
 def test_expert_parallel_layer_matches_one_process_layer():
     full = make_layer(capacity_factor=0.5)
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_expert_parallel_rank, args=(rank, 2, port, full.state_dict(), queue))
              for rank in range(2)]
     for p in procs:

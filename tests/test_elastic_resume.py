@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from test_train_run import free_port, metrics
+from launch.distributed import free_port
+from test_train_run import metrics
 
 STEPS, HALF, BATCH = 8, 4, 8
 LAYOUTS = {  # name: (ranks, ep_size, ZeRO stage)

@@ -18,7 +18,6 @@ launcher, each rank writes its results as safetensors, and the test compares.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,14 +105,10 @@ def run_worker(out_dir: str) -> None:
     dist.barrier()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    from launch.distributed import free_port
+
     out = tmp_path_factory.mktemp("ep")
     env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     deepspeed = Path(sys.executable).with_name("deepspeed")

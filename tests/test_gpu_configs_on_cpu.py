@@ -21,7 +21,8 @@ import pytest
 import torch
 import yaml
 
-from test_train_run import COLOURS, colour_records, free_port, metrics
+from launch.distributed import free_port
+from test_train_run import COLOURS, colour_records, metrics
 
 SHIPPED = ("b16-8gpu", "l16-multinode")
 STEPS, STOP_AT, EVERY, BATCH = 8, 4, 4, 8

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train_run import free_port, kill_tree, metrics
+from launch.distributed import free_port
+from test_train_run import kill_tree, metrics
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_AT, STEPS = 4, 8

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,14 @@ import pytest
 import torch
 import yaml
 
+from launch.distributed import free_port
+
 pytestmark = pytest.mark.slow
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40),
            "purple": (150, 40, 180), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245)}
 STEPS, EVERY, STOP_AT, BATCH, ACCUM = 24, 8, 12, 8, 2
 HAS_WANDB = importlib.util.find_spec("wandb") is not None  # installed by [dev]; optional for the project
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def colour_records(per_colour: int = 6):
@@ -379,10 +374,9 @@ def test_unreadable_training_data_ends_the_whole_job_with_its_error(workdir, wor
     (empty / "broken-000000.tar").write_bytes(b"")
     tokenizer = workdir / "colours-tokenizer.model"  # from the good shards: the broken ones have no captions
     if not tokenizer.is_file():
-        from data_pipelines.loader import iter_captions
-        from limoe.tokenizer import Tokenizer
+        from data_pipelines.loader import train_tokenizer
 
-        Tokenizer.train(iter_captions(str(workdir / "shards")), vocab_size=40, context_length=8).save(tokenizer)
+        train_tokenizer(str(workdir / "shards"), vocab_size=40, context_length=8).save(tokenizer)
     config = tiny_config(workdir, f"unreadable-{workers}",
                          data={"train": [{"shards": str(empty)}], "workers": workers, "tokenizer": str(tokenizer)},
                          parallel={"num_procs": ranks, "ep_size": ranks})
