@@ -18,6 +18,7 @@ only, no arbitrary objects). The result is a safetensors export that
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -110,7 +111,7 @@ def run_export_command(args) -> int:
     try:
         out = export_run(args.checkpoint, args.out, args.tag)
     except ExportError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} (open it with limoe.load({str(out)!r}))")
     return 0
