@@ -144,6 +144,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                              {**LIMOE_SP, "model.moe.image": ENTROPY_IMAGE, "model.moe.text": ENTROPY_TEXT}),
     "limoe-sp8000-no-bpr": ("limoe-sp8000 without Batch Priority Routing",
                             {**LIMOE_SP, "model.moe.batch_priority_routing": False}),
+    "limoe-sp8000-lr2e-3": ("limoe-sp8000, peak learning rate 2e-3 instead of 1e-3",
+                            {**LIMOE_SP, "optimizer.lr": 2e-3}),
+    "limoe-sp8000-aug": ("limoe-sp8000 with stronger augmentation: crops of 50-100% of the image and colour "
+                         "jitter 0.2 (instead of 70-100%, no jitter)",
+                         {**LIMOE_SP, "data.augment": {"scale_min": 0.5, "color_jitter": 0.2}}),
     "limoe-sp8000-t50": ("limoe-sp8000, initial temperature 50 instead of 30",
                          {**LIMOE_SP, "model.logit_scale_init": 3.9120}),
 }
@@ -195,6 +200,8 @@ CONTRASTS = [
     ("experts (sp8000)", "limoe-sp8000-e8-every1", "limoe-sp8000", TOP1),
     ("experts (sp8000)", "limoe-sp8000-cf2", "limoe-sp8000", TOP1 + ["routing/text/drop_rate"]),
     ("temperature (sp8000)", "limoe-sp8000-t50", "limoe-sp8000", TOP1),
+    ("learning rate (sp8000)", "limoe-sp8000-lr2e-3", "limoe-sp8000", TOP1),
+    ("augmentation (sp8000)", "limoe-sp8000-aug", "limoe-sp8000", TOP1),
     ("routing losses (sp8000)", "limoe-sp8000-no-aux", "limoe-sp8000",
      TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
     ("routing losses (sp8000)", "limoe-sp8000-entropy", "limoe-sp8000",
