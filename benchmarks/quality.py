@@ -27,7 +27,7 @@ contrasts in CONTRASTS, tables (parameters and FLOPs per pair included), a plot,
 generated section of the report (docs/quality.md, between its `<!-- generated:start -->` /
 `<!-- generated:end -->` markers).
 
-    python benchmarks/quality.py                                    # limoe, dense, open_clip x 3 seeds (~1.2 h idle)
+    python benchmarks/quality.py                                    # limoe-sp8000, dense-sp8000, open_clip x 3 seeds (~1.5 h idle)
     python benchmarks/quality.py --variants limoe-bpe limoe-t14 --resume   # add variants to the same table
     python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense limoe \\
         --out /tmp/quality-smoke --report /tmp/quality-smoke/quality.md   # a smoke test (minutes)
@@ -68,7 +68,7 @@ TOKENIZERS = {
     "sp8000": "SentencePiece unigram asked for 8,000 pieces: the Noto captions give at most ~1.9k",
     "bpe": "open_clip's bundled BPE (49,408 tokens, ids shifted by one; nothing trained)",
 }
-BASE_TOKENIZER = "sp1000"
+BASE_TOKENIZER = "sp1000"  # the first demo's; variants built on LIMOE_SP name "sp8000"
 
 # The limoe-nano defaults of the demo (cpu-demo.yaml + limoe/config.py), written out so a
 # variant's row says everything: 4 experts in blocks 1 and 3, k=1, capacity factor 1, BPR,
@@ -93,13 +93,13 @@ LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
 
 VARIANTS: dict[str, tuple[str, dict]] = {
-    # The three models of the comparison, with the demo's settings.
-    "limoe": ("LIMoE as the demo trains it: limoe-nano, 4 experts, SentencePiece 1k", LIMOE),
+    # The three models of the first comparison, with the first demo's settings (SentencePiece 1k).
+    "limoe": ("LIMoE as the first demo trained it: limoe-nano, 4 experts, SentencePiece 1k", LIMOE),
     "dense": ("dense twin (limoe-nano-dense): one shared tower, one MLP where the experts were", DENSE),
     "open_clip": ("the peer: open_clip's two-tower CLIP (open_clip-nano), open_clip's BPE", PEER),
     # Tokenizer.
     "open_clip-sp1000": ("the peer with LIMoE's SentencePiece 1k (pooling at its end token)", PEER_SP),
-    "limoe-sp8000": ("limoe with the largest SentencePiece the captions give (~1.9k pieces)",
+    "limoe-sp8000": ("limoe with the largest SentencePiece the captions give (~1.9k pieces): the demo's default now",
                      {**LIMOE, "tokenizer": "sp8000"}),
     "limoe-bpe": ("limoe with open_clip's BPE", {**LIMOE, "tokenizer": "bpe"}),
     "dense-bpe": ("dense twin with open_clip's BPE: one shared tower vs the peer's two", {**DENSE, "tokenizer": "bpe"}),
@@ -160,7 +160,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-sp8000-t50": ("limoe-sp8000, initial temperature 50 instead of 30",
                          {**LIMOE_SP, "model.logit_scale_init": 3.9120}),
 }
-DEFAULT_VARIANTS = ("limoe", "dense", "open_clip")
+# The demo's LIMoE (its default tokenizer), its dense twin with the same tokenizer, and the peer.
+DEFAULT_VARIANTS = ("limoe-sp8000", "dense-sp8000", "open_clip")
 
 
 def variant_tokenizer(variant: str) -> str:
