@@ -5,8 +5,9 @@ Every variant is a real training run of the `cpu-demo` config through the `deeps
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
 steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
 tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
-2 ranks. The models compared: LIMoE as the demo trains it (`limoe`), its dense one-tower
-twin (`dense`), and the peer, open_clip's two-tower CLIP of the same width and depth and
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe-sp8000`; `limoe` is the
+first demo's, with 1,000 SentencePiece pieces), its dense one-tower twin (`dense-sp8000`,
+`dense`), and the peer, open_clip's two-tower CLIP of the same width and depth and
 so the same FLOPs per pair (`open_clip`, limoe/two_tower.py, with open_clip's BPE). The
 other variants change one thing each. Each run is then measured on the Twemoji (twitter)
 style, which no run ever trains on:
