@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import shlex
@@ -30,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from limoe.files import atomic_write
+from limoe import files
 
 
 def pick_device(requested: str) -> torch.device:
@@ -155,7 +154,7 @@ def header(description: str) -> dict:
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write atomically (temp file, then rename), so a killed run never leaves half a file."""
-    return atomic_write(path, json.dumps(data, indent=2) + "\n")
+    return files.write_json(data, path)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python be
 from launch.demo import GRANULARITIES, build_data, evaluate, prepare_tokenizer, train  # noqa: E402 (light imports)
 from launch.distributed import free_port  # noqa: E402
 from limoe.config import MODALITIES  # noqa: E402
+from limoe import files  # noqa: E402
 from limoe.files import atomic_path, atomic_write  # noqa: E402
 
 GENERATED_START = "<!-- generated:start -->"
@@ -249,7 +250,7 @@ def load_average() -> float | None:
 
 def write_json(path: Path, data) -> Path:
     """Temp file then rename: a killed run never leaves half a result."""
-    return atomic_write(path, json.dumps(data, indent=2) + "\n")
+    return files.write_json(data, path)
 
 
 def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, object]]:
