@@ -161,6 +161,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                      {**LIMOE_SP, "data.unique_captions": False}),
     "limoe-sp8000-t50": ("limoe-sp8000, initial temperature 50 instead of 30",
                          {**LIMOE_SP, "model.logit_scale_init": 3.9120}),
+    "limoe-sp8000-lr5e-4": ("limoe-sp8000, peak learning rate 5e-4 instead of 1e-3",
+                            {**LIMOE_SP, "optimizer.lr": 5e-4}),
+    "limoe-sp8000-warmup5": ("limoe-sp8000, warmup over 5% of the steps (46) instead of 10%",
+                             {**LIMOE_SP, "schedule.warmup": 46}),
+    "limoe-sp8000-warmup25": ("limoe-sp8000, warmup over 25% of the steps (233) instead of 10%",
+                              {**LIMOE_SP, "schedule.warmup": 233}),
 }
 # The demo's LIMoE (its default tokenizer), its dense twin with the same tokenizer, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000", "dense-sp8000", "open_clip")
