@@ -463,12 +463,13 @@ def periodic_eval(engine, tokenizer, config: TrainConfig, step: int, device) -> 
 
 
 EXPORT_CHECK_LOG = "export check: max |training model - export| embedding difference %.2e (tolerance %.0e)"
+# The same line as a pattern: the text escaped, each %-field a captured number.
+_EXPORT_CHECK_RE = re.compile(r"(\S+)".join(re.escape(part) for part in re.split(r"%\.\d+e", EXPORT_CHECK_LOG)))
 
 
 def read_export_check(out_log: str) -> tuple[float, float] | None:
     """(difference, tolerance) of the last export check in a run's out.log text; None if it has none."""
-    found = re.findall(r"export check: max \|training model - export\| embedding difference (\S+) \(tolerance (\S+)\)",
-                       out_log)
+    found = _EXPORT_CHECK_RE.findall(out_log)
     return (float(found[-1][0]), float(found[-1][1])) if found else None
 
 

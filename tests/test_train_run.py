@@ -365,6 +365,15 @@ def test_the_open_clip_peer_trains_through_the_same_loop_with_its_bpe_tokenizer(
     assert "ERROR" not in (run_dir / "out.log").read_text()
 
 
+def test_read_export_check_finds_the_last_logged_check():
+    """The reader is built from the log format itself, so changing one cannot silently break the other."""
+    from launch.trainer import EXPORT_CHECK_LOG, read_export_check
+
+    log = "\n".join(["step 1", EXPORT_CHECK_LOG % (1.5e-6, 1e-4), "resumed", EXPORT_CHECK_LOG % (2.25e-3, 1e-4)])
+    assert read_export_check(log) == (2.25e-3, 1e-4)
+    assert read_export_check("step 1\nstep 2") is None
+
+
 @pytest.mark.parametrize("workers, ranks", [(0, 1), (1, 2)])
 def test_unreadable_training_data_ends_the_whole_job_with_its_error(workdir, workers, ranks):
     """A folder holding one 0-byte shard: every rank's loader gives up. With a DataLoader worker
