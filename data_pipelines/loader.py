@@ -35,7 +35,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from limoe.tokenizer import Tokenizer
+from limoe.tokenizer import BPETokenizer, Tokenizer, is_bpe_path
 from limoe.transforms import AugmentConfig, image_transform
 
 from .samples import parse_sample
@@ -438,3 +438,22 @@ def train_tokenizer(shards: str | Sequence[str], vocab_size: int, context_length
     `options` are Tokenizer.train's (model_type, ...)."""
     return Tokenizer.train(iter_captions(shards, skips), vocab_size=vocab_size, context_length=context_length,
                            **options)
+
+
+def build_tokenizer(path, shards: str | Sequence[str], vocab_size: int, context_length: int,
+                    skips: SkipCounter | None = None) -> Tokenizer | BPETokenizer:
+    """Write the tokenizer file `path` names and return it: open_clip's bundled BPE for a
+    `*.bpe.json` (nothing to train, `vocab_size` unused), else a SentencePiece model of up to
+    `vocab_size` pieces trained on the shards' captions (ValueError if they hold none)."""
+    if is_bpe_path(path):
+        tokenizer = BPETokenizer(context_length)
+    else:
+        tokenizer = train_tokenizer(shards, vocab_size, context_length, skips)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def describe_tokenizer(tokenizer: Tokenizer | BPETokenizer) -> str:
+    """One line for logs: which kind, its vocabulary and context."""
+    kind = "open_clip's BPE" if isinstance(tokenizer, BPETokenizer) else "SentencePiece"
+    return f"{kind}, vocab {tokenizer.vocab_size}, context {tokenizer.context_length}"

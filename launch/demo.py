@@ -76,22 +76,17 @@ def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
     """The tokenizer file of `kind`, cached in the training set's folder under a name per kind
     (tokenizer-sp8000.model, tokenizer.bpe.json), so asking for another size never reuses one.
     SentencePiece is trained on the training captions; open_clip's BPE is only written out."""
-    from data_pipelines.loader import train_tokenizer
-    from limoe.tokenizer import BPETokenizer, load_tokenizer
+    from data_pipelines.loader import build_tokenizer, describe_tokenizer
+    from limoe.tokenizer import load_tokenizer
 
     kind = tokenizer_kind(kind)
     path = train_dir / ("tokenizer.bpe.json" if kind == "bpe" else f"tokenizer-{kind}.model")
     if path.is_file() and load_tokenizer(path).context_length == context_length:
         print(f"cached at {path}")
         return path
-    if kind == "bpe":
-        BPETokenizer(context_length).save(path)
-        print(f"wrote {path}: open_clip's BPE, {BPETokenizer(context_length).vocab_size} tokens")
-        return path
-    tokenizer = train_tokenizer(str(train_dir / "shards"), int(kind[2:]), context_length)
-    tokenizer.save(path)
-    print(f"trained {path}: {tokenizer.vocab_size} pieces (asked for {kind[2:]}), "
-          f"context {tokenizer.context_length}")
+    asked = 0 if kind == "bpe" else int(kind[2:])
+    tokenizer = build_tokenizer(path, str(train_dir / "shards"), asked, context_length)
+    print(f"wrote {path}: {describe_tokenizer(tokenizer)}" + (f" (asked for {asked} pieces)" if asked else ""))
     return path
 
 

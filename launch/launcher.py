@@ -102,28 +102,21 @@ def check_hosts(config: TrainConfig) -> None:
 def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
     """The tokenizer file, trained on the training captions if missing (like `limoe tokenizer train`);
     a missing `*.bpe.json` is written from open_clip's bundled BPE vocabulary (nothing to train)."""
-    from data_pipelines.loader import train_tokenizer
+    from data_pipelines.loader import build_tokenizer, describe_tokenizer
     from data_pipelines.skips import SkipCounter
-    from limoe.tokenizer import BPETokenizer, is_bpe_path
 
     path = Path(config.data.tokenizer) if config.data.tokenizer else config.run_dir / "tokenizer.model"
     if path.is_file():
         return path
     context_length = config.model.context_length
-    if is_bpe_path(path):
-        BPETokenizer(context_length).save(path)
-        print(f"wrote {path}: open_clip's BPE vocabulary, context {context_length}", flush=True)
-        return path
-    print(f"tokenizer {path} not found: training one ({config.data.tokenizer_vocab_size} pieces, "
-          f"context {context_length}) on the training captions", flush=True)
+    print(f"tokenizer {path} not found: writing one (context {context_length})", flush=True)
     skips = SkipCounter()
     all_shards = [s for i in sorted(shards) for s in shards[i]]
     try:
-        tokenizer = train_tokenizer(all_shards, config.data.tokenizer_vocab_size, context_length, skips)
+        tokenizer = build_tokenizer(path, all_shards, config.data.tokenizer_vocab_size, context_length, skips)
     except ValueError as e:  # no captions at all
         raise ConfigError(f"'data.tokenizer': cannot train one from the training data: {e} ({skips.summary()})") from e
-    tokenizer.save(path)
-    print(f"wrote {path} (vocab {tokenizer.vocab_size}); {skips.summary()}", flush=True)
+    print(f"wrote {path}: {describe_tokenizer(tokenizer)}; {skips.summary()}", flush=True)
     return path
 
 
