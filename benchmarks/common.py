@@ -22,6 +22,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,7 +130,21 @@ def machine() -> dict:
         info["deepspeed"] = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
         pass
+    info["commit"] = code_version()
     return info
+
+
+def code_version() -> str | None:
+    """The repository's commit ("-dirty" when tracked files differ from it); None outside a git checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
 
 
 def cpu_model() -> str:

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import io
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import write_json  # noqa: E402
+from common import machine, write_json  # noqa: E402
 from data_pipelines import build_train_loader, train_tokenizer  # noqa: E402
 from data_pipelines.writer import Record, write_shards  # noqa: E402
 
@@ -81,25 +80,6 @@ def measure(shards, tokenizer, image_size: int, workers: int, batch_size: int, s
         "first_batch_s": round(start - start_up, 2),
         "samples_per_s": round(rate, 1),
         "samples_per_s_per_worker": round(rate / max(1, workers), 1),
-    }
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
     }
 
 

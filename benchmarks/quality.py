@@ -37,10 +37,10 @@ generated section of the report (docs/quality.md, between its `<!-- generated:st
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -48,8 +48,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # launch.demo and friends, when run as `python benchmarks/quality.py`
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):  # launch.demo and friends; benchmarks/common.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch.demo import GRANULARITIES, build_data, evaluate, prepare_tokenizer, train  # noqa: E402 (light imports)
 from launch.distributed import free_port  # noqa: E402
@@ -380,15 +381,9 @@ def run_one(variant: str, seed: int, settings: dict, data: dict, tokenizers: dic
 
 
 def machine() -> dict:
-    import torch
+    from common import machine as describe_machine  # benchmarks/common.py imports torch: not at the top
 
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_count": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__}
+    return describe_machine()
 
 
 # -- aggregation ------------------------------------------------------------------------------------
@@ -686,6 +681,8 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
         f"average at the start and end of the runs: "
         + (f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not measured"),
         f"- dates: {dates[0]} to {dates[-1]} (UTC)",
+        "- code: " + ", ".join(f"{c[:12] + c[40:] if c else 'commit not recorded'} ({n} run{'s' * (n > 1)})"
+                               for c, n in collections.Counter(r["machine"].get("commit") for r in results).items()),
         f"- total run time: {run_seconds / 60:.1f} min summed over runs (training + evaluation"
         + (f"; {untimed} run(s) trained in an earlier invocation count their evaluation only" if untimed else "")
         + f"); this invocation {session['seconds'] / 60:.1f} min",
