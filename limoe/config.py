@@ -256,9 +256,11 @@ def config_from_dict(data: dict) -> "LIMoEConfig | TwoTowerConfig":
 # The presets, as big_vision writes its configs: every field a preset sets, by name; the rest are
 # the dataclass defaults (MoEConfig: 8 experts, top-1, MoE in every 2nd block).
 PRESETS = {c.name: c for c in (
-    # The demo preset: 32 px emoji, small enough to train in minutes on 2 CPU cores.
+    # The demo preset: 32 px emoji, small enough to train in minutes on 2 CPU cores. Images pool at
+    # a class token, not the paper's MAP head: better on the emoji benchmark (docs/quality.md).
     LIMoEConfig(name="limoe-nano", width=128, depth=4, heads=4, mlp_dim=512, image_size=32, patch_size=4,
-                embed_dim=128, vocab_size=4000, logit_scale_init=math.log(30.0), moe=MoEConfig(num_experts=4)),
+                embed_dim=128, vocab_size=4000, logit_scale_init=math.log(30.0), image_pool="cls",
+                moe=MoEConfig(num_experts=4)),
     LIMoEConfig(name="limoe-ti-16", width=192, depth=12, heads=3, mlp_dim=768, image_size=224, patch_size=16,
                 embed_dim=256, vocab_size=16000),
     # V-MoE backbone widths (docs/model.md).
