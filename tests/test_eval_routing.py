@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import make_tiny_model
 from eval.routing import analyze_routing, expert_roles, modality_summary, plot_routing
+from limoe.flops import image_tokens
 
 
 def pair_batches(tokenizer, num_batches=2, batch_size=6, image_size=16, seed=0):
@@ -42,7 +43,7 @@ def test_analysis_counts_every_token_of_both_modalities(tiny_tokenizer):
     assert [layer["block"] for layer in result["layers"]] == model.config.moe.moe_layers(model.config.depth)
     text_tokens = sum(int((tokens != 0).sum()) for _, tokens in batches)
     for layer in result["layers"]:
-        assert layer["image"]["tokens"] == 12 * model.config.num_patches
+        assert layer["image"]["tokens"] == 12 * image_tokens(model.config)  # patches (+ a class token)
         assert layer["text"]["tokens"] == text_tokens  # padding is not routed
         for m in ("image", "text"):
             s = layer[m]

@@ -6,7 +6,7 @@ import torch
 
 import limoe
 from limoe.config import get_config
-from limoe.flops import count_parameters, flops_per_pair
+from limoe.flops import count_parameters, flops_per_pair, image_tokens
 from limoe.losses import LIMoELoss
 
 from conftest import make_tiny_model, tiny_texts
@@ -40,7 +40,7 @@ def test_forward_returns_features_losses_and_routing_stats(tiny_model, tiny_toke
     assert set(out["aux_terms"]) >= {"image/importance", "text/global_entropy", "text/zloss"}
     (layer,) = out["routing"]  # depth 2: block 1 is the only MoE block
     # Both modalities went through the one routing call; padding is not counted.
-    assert layer["image"]["tokens"].item() == 6 * 16
+    assert layer["image"]["tokens"].item() == 6 * image_tokens(tiny_model.config)  # 16 patches (+ a class token)
     assert layer["text"]["tokens"].item() == int((tokens != 0).sum())
     assert set(out["drop_rate"]) == {"image", "text"}
 

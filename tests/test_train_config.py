@@ -411,22 +411,23 @@ def test_run_directory_with_checkpoints_needs_resume(tmp_path):
 # -- trainer pieces ---------------------------------------------------------------------
 
 
-def tiny_model_config():
+def tiny_model_config(**model):
     return load_config(minimal(model={"preset": "limoe-nano", "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
                                       "embed_dim": 16, "image_size": 16, "patch_size": 4, "vocab_size": 50,
-                                      "context_length": 8})).model
+                                      "context_length": 8, **model})).model
 
 
-def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
+@pytest.mark.parametrize("image_pool, pool_param", [("map", "image_pool.probe"), ("cls", "image_cls")])
+def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale(image_pool, pool_param):
     from launch.trainer import build_model, optimizer_param_groups
 
-    model = build_model(tiny_model_config(), 1, 0, seed=0)
+    model = build_model(tiny_model_config(image_pool=image_pool), 1, 0, seed=0)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = optimizer_param_groups(model, weight_decay=0.1)
     assert all("name" in g for g in groups)
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
-    assert {"logit_scale", "token_embed.weight", "image_pos", "text_pos", "image_pool.probe",
+    assert {"logit_scale", "token_embed.weight", "image_pos", "text_pos", pool_param,
             "blocks.0.norm1.weight", "blocks.0.attn.q.bias",
             "blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.0.fc1.bias"} <= no_decay
     assert {"blocks.0.attn.q.weight", "patch_embed.weight", "image_proj.weight", "blocks.1.mlp.deepspeed_moe.gate.wg.weight",
