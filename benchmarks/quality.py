@@ -234,6 +234,13 @@ CONTRASTS = [
     ("routing losses (sp8000)", "limoe-sp8000-entropy", "limoe-sp8000",
      TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
     ("routing losses (sp8000)", "limoe-sp8000-no-bpr", "limoe-sp8000", TOP1 + ["routing/text/drop_rate"]),
+    ("learning rate (sp8000)", "limoe-sp8000-lr5e-4", "limoe-sp8000", TOP1),
+    ("warmup (sp8000)", "limoe-sp8000-warmup5", "limoe-sp8000", TOP1),
+    ("warmup (sp8000)", "limoe-sp8000-warmup25", "limoe-sp8000", TOP1),
+    # Round 3: the demo's default now pools images at a class token.
+    ("LIMoE (class token) vs the open_clip peer", "limoe-sp8000-cls", "open_clip", TOP1),
+    ("LIMoE (class token) vs its dense twin", "limoe-sp8000-cls", "dense-sp8000-cls", TOP1),
+    ("pooling (dense twin)", "dense-sp8000-cls", "dense-sp8000", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
