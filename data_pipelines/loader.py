@@ -451,9 +451,3 @@ def build_tokenizer(path, shards: str | Sequence[str], vocab_size: int, context_
         tokenizer = train_tokenizer(shards, vocab_size, context_length, skips)
     tokenizer.save(path)
     return tokenizer
-
-
-def describe_tokenizer(tokenizer: Tokenizer | BPETokenizer) -> str:
-    """One line for logs: which kind, its vocabulary and context."""
-    kind = "open_clip's BPE" if isinstance(tokenizer, BPETokenizer) else "SentencePiece"
-    return f"{kind}, vocab {tokenizer.vocab_size}, context {tokenizer.context_length}"

@@ -76,7 +76,7 @@ def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
     """The tokenizer file of `kind`, cached in the training set's folder under a name per kind
     (tokenizer-sp8000.model, tokenizer.bpe.json), so asking for another size never reuses one.
     SentencePiece is trained on the training captions; open_clip's BPE is only written out."""
-    from data_pipelines.loader import build_tokenizer, describe_tokenizer
+    from data_pipelines.loader import build_tokenizer
     from limoe.tokenizer import load_tokenizer
 
     kind = tokenizer_kind(kind)
@@ -86,7 +86,7 @@ def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
         return path
     asked = 0 if kind == "bpe" else int(kind[2:])
     tokenizer = build_tokenizer(path, str(train_dir / "shards"), asked, context_length)
-    print(f"wrote {path}: {describe_tokenizer(tokenizer)}" + (f" (asked for {asked} pieces)" if asked else ""))
+    print(f"wrote {path}: {tokenizer!r}" + (f" (asked for {asked} pieces)" if asked else ""))
     return path
 
 

@@ -102,7 +102,7 @@ def check_hosts(config: TrainConfig) -> None:
 def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
     """The tokenizer file, trained on the training captions if missing (like `limoe tokenizer train`);
     a missing `*.bpe.json` is written from open_clip's bundled BPE vocabulary (nothing to train)."""
-    from data_pipelines.loader import build_tokenizer, describe_tokenizer
+    from data_pipelines.loader import build_tokenizer
     from data_pipelines.skips import SkipCounter
 
     path = Path(config.data.tokenizer) if config.data.tokenizer else config.run_dir / "tokenizer.model"
@@ -116,7 +116,7 @@ def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
         tokenizer = build_tokenizer(path, all_shards, config.data.tokenizer_vocab_size, context_length, skips)
     except ValueError as e:  # no captions at all
         raise ConfigError(f"'data.tokenizer': cannot train one from the training data: {e} ({skips.summary()})") from e
-    print(f"wrote {path}: {describe_tokenizer(tokenizer)}; {skips.summary()}", flush=True)
+    print(f"wrote {path}: {tokenizer!r}; {skips.summary()}", flush=True)
     return path
 
 
