@@ -96,6 +96,7 @@ LIMOE = {
 DENSE = {"model.preset": "limoe-nano-dense", "model.image_pool": "map"}
 PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe"}
 LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
+LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -156,7 +157,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                          "jitter 0.2 (instead of 70-100%, no jitter)",
                          {**LIMOE_SP, "data.augment": {"scale_min": 0.5, "color_jitter": 0.2}}),
     "limoe-sp8000-cls": ("limoe-sp8000, image pooling at a class token instead of MAP: the demo's default now",
-                         {**LIMOE_SP, "model.image_pool": "cls"}),
+                         LIMOE_CLS),
     "dense-sp8000-cls": ("dense twin of the demo's default: the largest SentencePiece, a class token",
                          {**DENSE, "tokenizer": "sp8000", "model.image_pool": "cls"}),
     "limoe-sp8000-mean": ("limoe-sp8000, image pooling by the mean of the patches instead of MAP",
@@ -167,12 +168,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                      {**LIMOE_SP, "data.unique_captions": False}),
     "limoe-sp8000-t50": ("limoe-sp8000, initial temperature 50 instead of 30",
                          {**LIMOE_SP, "model.logit_scale_init": 3.9120}),
-    "limoe-sp8000-lr5e-4": ("limoe-sp8000, peak learning rate 5e-4 instead of 1e-3",
-                            {**LIMOE_SP, "optimizer.lr": 5e-4}),
-    "limoe-sp8000-warmup5": ("limoe-sp8000, warmup over 5% of the steps (46) instead of 10%",
-                             {**LIMOE_SP, "schedule.warmup": 46}),
-    "limoe-sp8000-warmup25": ("limoe-sp8000, warmup over 25% of the steps (233) instead of 10%",
-                              {**LIMOE_SP, "schedule.warmup": 233}),
+    # On the class-token default (LIMOE_CLS):
+    "limoe-sp8000-cls-lr5e-4": ("limoe-sp8000-cls, peak learning rate 5e-4 instead of 1e-3",
+                                {**LIMOE_CLS, "optimizer.lr": 5e-4}),
+    "limoe-sp8000-cls-warmup5": ("limoe-sp8000-cls, warmup over 5% of the steps (46) instead of 10%",
+                                 {**LIMOE_CLS, "schedule.warmup": 46}),
+    "limoe-sp8000-cls-warmup25": ("limoe-sp8000-cls, warmup over 25% of the steps (233) instead of 10%",
+                                  {**LIMOE_CLS, "schedule.warmup": 233}),
+    "limoe-sp8000-cls-siglip": ("limoe-sp8000-cls with the sigmoid loss (SigLIP: temperature 10, bias -10) "
+                                "instead of softmax InfoNCE",
+                                {**LIMOE_CLS, "model.loss": "siglip", "model.logit_scale_init": 2.3026}),
+    "limoe-sp8000-cls-e8": ("limoe-sp8000-cls with 8 experts (more parameters, the same FLOPs)",
+                            {**LIMOE_CLS, "model.moe.num_experts": 8}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls", "dense-sp8000-cls", "open_clip")
