@@ -5,10 +5,12 @@ Every variant is a real training run of the `cpu-demo` config through the `deeps
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
 steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
 tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
-2 ranks. The models compared: LIMoE as the demo trains it (`limoe-sp8000`; `limoe` is the
-first demo's, with 1,000 SentencePiece pieces), its dense one-tower twin (`dense-sp8000`,
-`dense`), and the peer, open_clip's two-tower CLIP of the same width and depth and
-so the same FLOPs per pair (`open_clip`, limoe/two_tower.py, with open_clip's BPE). The
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe-sp8000-cls`: the largest
+SentencePiece the captions give, images pooled at a class token; `limoe-sp8000` pools them by
+MAP, and `limoe` is the first demo's, with 1,000 pieces), its dense one-tower twin
+(`dense-sp8000-cls`, `dense-sp8000`, `dense`), and the peer, open_clip's two-tower CLIP of
+the same width and depth and so the same FLOPs per pair (`open_clip`, limoe/two_tower.py,
+with open_clip's BPE). The
 other variants change one thing each. Each run is then measured on the Twemoji (twitter)
 style, which no run ever trains on:
 
@@ -28,7 +30,7 @@ contrasts in CONTRASTS, tables (parameters and FLOPs per pair included), a plot,
 generated section of the report (docs/quality.md, between its `<!-- generated:start -->` /
 `<!-- generated:end -->` markers).
 
-    python benchmarks/quality.py                                    # limoe-sp8000, dense-sp8000, open_clip x 3 seeds (~1.5 h idle)
+    python benchmarks/quality.py                                    # limoe-sp8000-cls, dense-sp8000-cls, open_clip x 3 seeds (~1.3 h idle)
     python benchmarks/quality.py --variants limoe-bpe limoe-t14 --resume   # add variants to the same table
     python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense limoe \\
         --out /tmp/quality-smoke --report /tmp/quality-smoke/quality.md   # a smoke test (minutes)
@@ -241,13 +243,16 @@ CONTRASTS = [
     ("routing losses (sp8000)", "limoe-sp8000-entropy", "limoe-sp8000",
      TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
     ("routing losses (sp8000)", "limoe-sp8000-no-bpr", "limoe-sp8000", TOP1 + ["routing/text/drop_rate"]),
-    ("learning rate (sp8000)", "limoe-sp8000-lr5e-4", "limoe-sp8000", TOP1),
-    ("warmup (sp8000)", "limoe-sp8000-warmup5", "limoe-sp8000", TOP1),
-    ("warmup (sp8000)", "limoe-sp8000-warmup25", "limoe-sp8000", TOP1),
     # Round 3: the demo's default now pools images at a class token.
     ("LIMoE (class token) vs the open_clip peer", "limoe-sp8000-cls", "open_clip", TOP1),
     ("LIMoE (class token) vs its dense twin", "limoe-sp8000-cls", "dense-sp8000-cls", TOP1),
     ("pooling (dense twin)", "dense-sp8000-cls", "dense-sp8000", TOP1),
+    # Round 4, against the class-token default.
+    ("learning rate (cls)", "limoe-sp8000-cls-lr5e-4", "limoe-sp8000-cls", TOP1),
+    ("warmup (cls)", "limoe-sp8000-cls-warmup5", "limoe-sp8000-cls", TOP1),
+    ("warmup (cls)", "limoe-sp8000-cls-warmup25", "limoe-sp8000-cls", TOP1),
+    ("loss (cls)", "limoe-sp8000-cls-siglip", "limoe-sp8000-cls", TOP1),
+    ("experts (cls)", "limoe-sp8000-cls-e8", "limoe-sp8000-cls", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
