@@ -182,6 +182,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                 {**LIMOE_CLS, "model.loss": "siglip", "model.logit_scale_init": 2.3026}),
     "limoe-sp8000-cls-e8": ("limoe-sp8000-cls with 8 experts (more parameters, the same FLOPs)",
                             {**LIMOE_CLS, "model.moe.num_experts": 8}),
+    "limoe-sp8000-cls-wd0.5": ("limoe-sp8000-cls, weight decay 0.5 instead of 0.1",
+                               {**LIMOE_CLS, "optimizer.wd": 0.5}),
+    "limoe-sp8000-cls-bpe": ("limoe-sp8000-cls with open_clip's BPE instead of SentencePiece",
+                             {**LIMOE_CLS, "tokenizer": "bpe"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls", "dense-sp8000-cls", "open_clip")
@@ -253,6 +257,8 @@ CONTRASTS = [
     ("warmup (cls)", "limoe-sp8000-cls-warmup25", "limoe-sp8000-cls", TOP1),
     ("loss (cls)", "limoe-sp8000-cls-siglip", "limoe-sp8000-cls", TOP1),
     ("experts (cls)", "limoe-sp8000-cls-e8", "limoe-sp8000-cls", TOP1),
+    ("weight decay (cls)", "limoe-sp8000-cls-wd0.5", "limoe-sp8000-cls", TOP1),
+    ("tokenizer (cls)", "limoe-sp8000-cls-bpe", "limoe-sp8000-cls", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
