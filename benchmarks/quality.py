@@ -186,6 +186,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                {**LIMOE_CLS, "optimizer.wd": 0.5}),
     "limoe-sp8000-cls-bpe": ("limoe-sp8000-cls with open_clip's BPE instead of SentencePiece",
                              {**LIMOE_CLS, "tokenizer": "bpe"}),
+    "limoe-sp8000-cls-e8-bpe": ("limoe-sp8000-cls with 8 experts and open_clip's BPE",
+                                {**LIMOE_CLS, "tokenizer": "bpe", "model.moe.num_experts": 8}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls", "dense-sp8000-cls", "open_clip")
@@ -259,6 +261,7 @@ CONTRASTS = [
     ("experts (cls)", "limoe-sp8000-cls-e8", "limoe-sp8000-cls", TOP1),
     ("weight decay (cls)", "limoe-sp8000-cls-wd0.5", "limoe-sp8000-cls", TOP1),
     ("tokenizer (cls)", "limoe-sp8000-cls-bpe", "limoe-sp8000-cls", TOP1),
+    ("8 experts and BPE (cls)", "limoe-sp8000-cls-e8-bpe", "limoe-sp8000-cls", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
