@@ -30,7 +30,7 @@ contrasts in CONTRASTS, tables (parameters and FLOPs per pair included), a plot,
 generated section of the report (docs/quality.md, between its `<!-- generated:start -->` /
 `<!-- generated:end -->` markers).
 
-    python benchmarks/quality.py                                    # limoe-sp8000-cls, dense-sp8000-cls, open_clip x 3 seeds (~1.3 h idle)
+    python benchmarks/quality.py                                    # limoe-sp8000-cls, dense-sp8000-cls, open_clip x 3 seeds (~1.5 h)
     python benchmarks/quality.py --variants limoe-bpe limoe-t14 --resume   # add variants to the same table
     python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense limoe \\
         --out /tmp/quality-smoke --report /tmp/quality-smoke/quality.md   # a smoke test (minutes)
