@@ -188,6 +188,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                              {**LIMOE_CLS, "tokenizer": "bpe"}),
     "limoe-sp8000-cls-e8-bpe": ("limoe-sp8000-cls with 8 experts and open_clip's BPE",
                                 {**LIMOE_CLS, "tokenizer": "bpe", "model.moe.num_experts": 8}),
+    # Round 5: keep 8 experts' name-level gain without losing text to capacity.
+    "limoe-sp8000-cls-e8-cf1.25": ("limoe-sp8000-cls-e8 at training capacity factor 1.25 (expert buffers 1.25x "
+                                   "the tokens, so up to 1.25x the MoE layers' MLP FLOPs)",
+                                   {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.capacity_factor": 1.25}),
+    "limoe-sp8000-cls-e8-entropy": ("limoe-sp8000-cls-e8 plus LIMoE's entropy losses (local 0.01; text global "
+                                    "0.05, S_text = 2)",
+                                    {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
+                                     "model.moe.text": ENTROPY_TEXT}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls", "dense-sp8000-cls", "open_clip")
@@ -262,6 +270,11 @@ CONTRASTS = [
     ("weight decay (cls)", "limoe-sp8000-cls-wd0.5", "limoe-sp8000-cls", TOP1),
     ("tokenizer (cls)", "limoe-sp8000-cls-bpe", "limoe-sp8000-cls", TOP1),
     ("8 experts and BPE (cls)", "limoe-sp8000-cls-e8-bpe", "limoe-sp8000-cls", TOP1),
+    # Round 5, 8 experts against 8 experts.
+    ("capacity with 8 experts (cls)", "limoe-sp8000-cls-e8-cf1.25", "limoe-sp8000-cls-e8",
+     TOP1 + ["routing/text/drop_rate"]),
+    ("entropy losses with 8 experts (cls)", "limoe-sp8000-cls-e8-entropy", "limoe-sp8000-cls-e8",
+     TOP1 + ["routing/text/busiest_expert_share", "routing/text/drop_rate"]),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
