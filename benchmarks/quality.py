@@ -35,6 +35,8 @@ generated section of the report (docs/quality.md, between its `<!-- generated:st
     python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense limoe \\
         --out /tmp/quality-smoke --report /tmp/quality-smoke/quality.md   # a smoke test (minutes)
     python benchmarks/quality.py --report-only                      # re-render table, plot and doc from OUT
+    python benchmarks/quality.py --report-only --out benchmarks/results/quality/round5 --section round5
+                                                                    # one round's committed results, its own section
 """
 from __future__ import annotations
 
@@ -62,6 +64,14 @@ from limoe.files import atomic_path, atomic_write  # noqa: E402
 
 GENERATED_START = "<!-- generated:start -->"
 GENERATED_END = "<!-- generated:end -->"
+
+
+def markers(section: str) -> tuple[str, str]:
+    """The markers around one generated section: the main one (`section` "") or a named one, so
+    that one report can hold the tables of several result folders (one per round of runs)."""
+    if not section:
+        return GENERATED_START, GENERATED_END
+    return f"<!-- generated:{section}:start -->", f"<!-- generated:{section}:end -->"
 
 # -- the variants: every override each run adds to cpu-demo, spelled out ------------------------
 
@@ -699,7 +709,8 @@ def plot_summary(summary: dict, results: list[dict], path: Path) -> Path:
 
 
 def render_generated(summary: dict, results: list[dict], contrast_rows: list[dict], plot: Path | None,
-                     report_dir: Path, session: dict) -> str:
+                     report_dir: Path, session: dict, section: str = "") -> str:
+    start, end = markers(section)
     settings = check_settings(results)
     run_seconds = sum(r["seconds"]["total"] for r in results)
     untimed = sum(r["seconds"]["train"] is None for r in results)
@@ -710,7 +721,7 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
     pairs = settings["steps"] * settings["batch_size"]
     train_size = results[0]["settings"].get("train_pairs")
     lines = [
-        GENERATED_START,
+        start,
         "<!-- Written by benchmarks/quality.py; edits between these markers are replaced on the next run. -->",
         "",
         "### Setting",
@@ -764,7 +775,7 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
     ]
     if plot is not None:
         lines += [f"![quality ablation]({os.path.relpath(plot, report_dir)})", ""]
-    lines.append(GENERATED_END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -775,22 +786,23 @@ Generated results of `benchmarks/quality.py` follow; see the script's `--help`.
 """
 
 
-def update_report(path: Path, generated: str) -> Path:
+def update_report(path: Path, generated: str, section: str = "") -> Path:
     """Replace the text between the generated markers (or add the section at the end); the rest of
     the document (how to run, conclusions) is kept as written. Temp file, then rename."""
     text = path.read_text() if path.is_file() else REPORT_HEADER
-    start, end = text.find(GENERATED_START), text.find(GENERATED_END)
+    first, last = markers(section)
+    start, end = text.find(first), text.find(last)
     if start != -1 and end > start:
-        text = text[:start] + generated + text[end + len(GENERATED_END):]
+        text = text[:start] + generated + text[end + len(last):]
     elif start != -1 or end != -1:
-        raise SystemExit(f"error: {path} has only one of the markers {GENERATED_START} / {GENERATED_END}; "
+        raise SystemExit(f"error: {path} has only one of the markers {first} / {last}; "
                          "fix the file so both are there (or neither)")
     else:
         text = text.rstrip("\n") + "\n\n## Results\n\n" + generated + "\n"
     return atomic_write(path, text)
 
 
-def report(out: Path, report_path: Path | None, plot_path: Path | None, session: dict) -> dict:
+def report(out: Path, report_path: Path | None, plot_path: Path | None, session: dict, section: str = "") -> dict:
     results = load_results(out)
     check_settings(results)
     summary = aggregate(results)
@@ -810,8 +822,8 @@ def report(out: Path, report_path: Path | None, plot_path: Path | None, session:
     print(contrast_table(contrast_rows))
     written = [out / "summary.json"] + ([plot] if plot else [])
     if report_path:
-        generated = render_generated(summary, results, contrast_rows, plot, report_path.parent, session)
-        written.append(update_report(report_path, generated))
+        generated = render_generated(summary, results, contrast_rows, plot, report_path.parent, session, section)
+        written.append(update_report(report_path, generated, section))
     print("\nwrote " + ", ".join(map(str, written)))
     return summary
 
@@ -843,8 +855,13 @@ def parse_args(argv=None):
                    help="runs/, results/, results.jsonl, summary.json, quality.png go here (default runs/quality)")
     p.add_argument("--report", default="docs/quality.md", metavar="MD",
                    help="markdown file whose generated section is (re)written; '' for none (default docs/quality.md)")
+    p.add_argument("--section", default="", metavar="NAME",
+                   help="write the report's section between <!-- generated:NAME:start --> and "
+                        "<!-- generated:NAME:end --> (added at the end if missing) instead of the main one, "
+                        "so one report can hold several result folders (default: the main section)")
     p.add_argument("--plot", default=None, metavar="PNG",
-                   help="plot path (default: quality.png beside --report, or OUT/quality.png without a report)")
+                   help="plot path (default: beside --report, named like it plus -NAME with --section; "
+                        "OUT/quality.png without a report)")
     p.add_argument("--resume", action="store_true",
                    help="continue an ablation in OUT: skip runs with a results file, evaluate finished trainings, "
                         "retrain interrupted ones (their folder is moved aside)")
@@ -873,10 +890,11 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out).resolve()
     report_path = Path(args.report).resolve() if args.report else None
+    stem = report_path.stem + (f"-{args.section}" if args.section else "") if report_path else ""
     plot_path = Path(args.plot).resolve() if args.plot else (
-        report_path.with_suffix(".png") if report_path else out / "quality.png")
+        report_path.with_name(stem + ".png") if report_path else out / "quality.png")
     if args.report_only:
-        report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0})
+        report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0}, args.section)
         return 0
 
     import limoe
@@ -926,7 +944,7 @@ def main(argv=None) -> int:
         print(f"{e}\nThe ablation stopped; finished runs are kept: continue with the same command and --resume",
               file=sys.stderr)
         return 128 + e.signum
-    report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0})
+    report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0}, args.section)
     print(f"total time {(time.time() - t0) / 60:.1f} min")
     return 0
 

@@ -200,3 +200,23 @@ def test_report_only_renders_tables_plot_and_doc_from_results_files(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["variants"]["limoe"]["metrics"]["zeroshot/name/top1"]["mean"] == pytest.approx(0.25)
     assert summary["runs"] == ["dense-seed0", "dense-seed1", "limoe-seed0", "limoe-seed1"]
+
+
+def test_a_named_section_is_written_beside_the_main_one_with_its_own_plot(tmp_path):
+    out = tmp_path / "round5"
+    for seed in (0, 1):
+        r = make_result("limoe", seed, 0.3)
+        quality.write_json(quality.result_path(out, "limoe", seed), r)
+    report = tmp_path / "quality.md"
+    report.write_text(f"intro\n{quality.GENERATED_START}\nmain numbers\n{quality.GENERATED_END}\nprose\n")
+    assert quality.main(["--report-only", "--out", str(out), "--report", str(report), "--section", "round5"]) == 0
+    text = report.read_text()
+    start, end = quality.markers("round5")
+    assert text.startswith(f"intro\n{quality.GENERATED_START}\nmain numbers\n{quality.GENERATED_END}\nprose\n")
+    assert text.count(start) == text.count(end) == 1 and text.index(start) < text.index(end)
+    assert "![quality ablation](quality-round5.png)" in text and (tmp_path / "quality-round5.png").is_file()
+    assert not (tmp_path / "quality.png").exists()  # the main section's plot is not overwritten
+    report.write_text(text.replace("prose\n", "prose\n\nmore prose\n"))  # rerendering keeps what is around it
+    assert quality.main(["--report-only", "--out", str(out), "--report", str(report), "--section", "round5"]) == 0
+    again = report.read_text()
+    assert again.count(start) == 1 and "more prose" in again and "main numbers" in again
