@@ -441,13 +441,14 @@ def train_tokenizer(shards: str | Sequence[str], vocab_size: int, context_length
 
 
 def build_tokenizer(path, shards: str | Sequence[str], vocab_size: int, context_length: int,
-                    skips: SkipCounter | None = None) -> Tokenizer | BPETokenizer:
+                    skips: SkipCounter | None = None, **options) -> Tokenizer | BPETokenizer:
     """Write the tokenizer file `path` names and return it: open_clip's bundled BPE for a
     `*.bpe.json` (nothing to train, `vocab_size` unused), else a SentencePiece model of up to
-    `vocab_size` pieces trained on the shards' captions (ValueError if they hold none)."""
+    `vocab_size` pieces trained on the shards' captions (ValueError if they hold none; `options`
+    are Tokenizer.train's, e.g. model_type)."""
     if is_bpe_path(path):
         tokenizer = BPETokenizer(context_length)
     else:
-        tokenizer = train_tokenizer(shards, vocab_size, context_length, skips)
+        tokenizer = train_tokenizer(shards, vocab_size, context_length, skips, **options)
     tokenizer.save(path)
     return tokenizer

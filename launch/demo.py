@@ -65,17 +65,33 @@ def build_data(data_dir: Path, cache_dir: str | None) -> dict[str, Path]:
     return out
 
 
+# SentencePiece model types a tokenizer kind can name: "sp<N>" is unigram, "spbpe<N>" BPE.
+SENTENCEPIECE_KINDS = {"spbpe": "bpe", "sp": "unigram"}  # longest prefix first
+
+
 def tokenizer_kind(kind: str) -> str:
-    """Check a tokenizer kind: "bpe" (open_clip's) or "sp<N>" (SentencePiece asked for N pieces)."""
-    if kind == "bpe" or (kind.startswith("sp") and kind[2:].isdigit() and int(kind[2:]) > 0):
+    """Check a tokenizer kind: "bpe" (open_clip's), "sp<N>" (SentencePiece unigram asked for N pieces)
+    or "spbpe<N>" (SentencePiece BPE asked for N pieces)."""
+    if kind == "bpe" or sentencepiece_kind(kind) is not None:
         return kind
-    raise ValueError(f"unknown tokenizer {kind!r}: 'bpe' (open_clip's BPE) or 'sp<N>' (SentencePiece, N pieces)")
+    raise ValueError(f"unknown tokenizer {kind!r}: 'bpe' (open_clip's BPE), 'sp<N>' (SentencePiece unigram, "
+                     "N pieces) or 'spbpe<N>' (SentencePiece BPE, N pieces)")
+
+
+def sentencepiece_kind(kind: str) -> tuple[str, int] | None:
+    """(model type, pieces asked for) of a SentencePiece kind, None for anything else."""
+    for prefix, model_type in SENTENCEPIECE_KINDS.items():
+        size = kind[len(prefix):]
+        if kind.startswith(prefix) and size.isdigit() and int(size) > 0:
+            return model_type, int(size)
+    return None
 
 
 def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
     """The tokenizer file of `kind`, cached in the training set's folder under a name per kind
-    (tokenizer-sp8000.model, tokenizer.bpe.json), so asking for another size never reuses one.
-    SentencePiece is trained on the training captions; open_clip's BPE is only written out."""
+    (tokenizer-sp8000.model, tokenizer-spbpe8000.model, tokenizer.bpe.json), so asking for another
+    size or type never reuses one. SentencePiece is trained on the training captions; open_clip's BPE
+    is only written out."""
     from data_pipelines.loader import build_tokenizer
     from limoe.tokenizer import load_tokenizer
 
@@ -84,9 +100,10 @@ def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
     if path.is_file() and load_tokenizer(path).context_length == context_length:
         print(f"cached at {path}")
         return path
-    asked = 0 if kind == "bpe" else int(kind[2:])
-    tokenizer = build_tokenizer(path, str(train_dir / "shards"), asked, context_length)
-    print(f"wrote {path}: {tokenizer!r}" + (f" (asked for {asked} pieces)" if asked else ""))
+    model_type, asked = sentencepiece_kind(kind) or (None, 0)
+    tokenizer = build_tokenizer(path, str(train_dir / "shards"), asked, context_length,
+                                **({"model_type": model_type} if model_type else {}))
+    print(f"wrote {path}: {tokenizer!r}" + (f" ({model_type}, asked for {asked} pieces)" if asked else ""))
     return path
 
 
@@ -358,8 +375,9 @@ def register(subparsers) -> None:
     p.add_argument("--tarball-dir", default=None,
                    help="read emoji-datasource-*.tgz from this folder instead of npm (offline)")
     p.add_argument("--tokenizer", type=tokenizer_kind, default=DEFAULT_TOKENIZER, metavar="KIND",
-                   help="LIMoE's tokenizer: sp<N> (SentencePiece asked for N pieces, trained on the Noto captions) "
-                        f"or bpe (open_clip's BPE); cached in the data folder per kind (default {DEFAULT_TOKENIZER})")
+                   help="LIMoE's tokenizer: sp<N> (SentencePiece unigram asked for N pieces, trained on the Noto "
+                        "captions), spbpe<N> (SentencePiece BPE, likewise) or bpe (open_clip's BPE); cached in the "
+                        f"data folder per kind (default {DEFAULT_TOKENIZER})")
     p.add_argument("--vocab-size", type=int, default=None, metavar="N",
                    help="the same as --tokenizer spN")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -88,3 +88,28 @@ def test_a_file_that_is_not_a_sentencepiece_model_is_a_value_error_naming_it(tmp
     garbage.write_bytes(b"\x00garbage" * 20)
     with pytest.raises(ValueError, match=rf"{garbage}: not a SentencePiece model \(160 bytes"):
         Tokenizer.load(garbage)
+
+
+def test_demo_tokenizer_kinds_train_the_named_sentencepiece_type_and_cache_each_kind_apart(tmp_path, capsys):
+    import sentencepiece.sentencepiece_model_pb2 as model_pb2
+
+    from data_pipelines.testing import write_fake_shards
+    from launch.demo import prepare_tokenizer, sentencepiece_kind, tokenizer_kind
+    from limoe.tokenizer import load_tokenizer
+
+    assert sentencepiece_kind("sp300") == ("unigram", 300) and sentencepiece_kind("spbpe120") == ("bpe", 120)
+    assert sentencepiece_kind("bpe") is None and sentencepiece_kind("spbpe") is None
+    for bad in ("sp0", "spx", "wordpiece", "spbpe-3"):
+        with pytest.raises(ValueError, match="unknown tokenizer"):
+            tokenizer_kind(bad)
+    write_fake_shards(tmp_path / "shards", num_samples=40)
+    unigram = prepare_tokenizer(tmp_path, "sp60", 8)
+    bpe = prepare_tokenizer(tmp_path, "spbpe60", 8)
+    assert unigram.name == "tokenizer-sp60.model" and bpe.name == "tokenizer-spbpe60.model"
+    for path, expected in ((unigram, model_pb2.TrainerSpec.UNIGRAM), (bpe, model_pb2.TrainerSpec.BPE)):
+        proto = model_pb2.ModelProto()
+        proto.ParseFromString(path.read_bytes())  # the SentencePiece model file itself
+        assert proto.trainer_spec.model_type == expected, path
+        assert load_tokenizer(path).vocab_size <= 60
+    assert "bpe, asked for 60 pieces" in capsys.readouterr().out
+    assert prepare_tokenizer(tmp_path, "spbpe60", 8) == bpe and "cached at" in capsys.readouterr().out
