@@ -217,6 +217,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                    {**DENSE, "model.image_pool": "cls", "tokenizer": "spbpe8000"}),
     "open_clip-spbpe8000": ("the peer with SentencePiece BPE (8,000 pieces; pooling at its end token)",
                             {**PEER_SP, "tokenizer": "spbpe8000"}),
+    "limoe-sp8000-cls-last2": ("limoe-sp8000-cls with its 2 MoE layers in the last two blocks (2, 3; V-MoE's "
+                               "\"last n\") instead of blocks 1 and 3", {**LIMOE_CLS, "model.moe.placement": "last 2"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls", "dense-sp8000-cls", "open_clip")
@@ -303,6 +305,7 @@ CONTRASTS = [
      TOP1),
     ("LIMoE vs the peer, both SentencePiece BPE", "limoe-sp8000-cls-spbpe8000", "open_clip-spbpe8000", TOP1),
     ("LIMoE (SentencePiece BPE) vs the open_clip peer", "limoe-sp8000-cls-spbpe8000", "open_clip", TOP1),
+    ("experts placement (cls)", "limoe-sp8000-cls-last2", "limoe-sp8000-cls", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
