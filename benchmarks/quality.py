@@ -219,6 +219,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                             {**PEER_SP, "tokenizer": "spbpe8000"}),
     "limoe-sp8000-cls-last2": ("limoe-sp8000-cls with its 2 MoE layers in the last two blocks (2, 3; V-MoE's "
                                "\"last n\") instead of blocks 1 and 3", {**LIMOE_CLS, "model.moe.placement": "last 2"}),
+    # Round 6: k = 2 at equal FLOPs, with experts of half the MLP width ("fine-grained" experts).
+    "limoe-sp8000-cls-e8k2": ("limoe-sp8000-cls with 8 experts of half width (256) and top-2 routing: the same "
+                              "expert weights and FLOPs as 4 full experts at k = 1",
+                              {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.k": 2,
+                               "model.moe.expert_mlp_dim": 256}),
+    "limoe-sp8000-cls-e16k2": ("limoe-sp8000-cls with 16 experts of half width (256) and top-2 routing: the same "
+                               "expert weights and FLOPs as 8 full experts at k = 1",
+                               {**LIMOE_CLS, "model.moe.num_experts": 16, "model.moe.k": 2,
+                                "model.moe.expert_mlp_dim": 256}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls", "dense-sp8000-cls", "open_clip")
@@ -306,6 +315,12 @@ CONTRASTS = [
     ("LIMoE vs the peer, both SentencePiece BPE", "limoe-sp8000-cls-spbpe8000", "open_clip-spbpe8000", TOP1),
     ("LIMoE (SentencePiece BPE) vs the open_clip peer", "limoe-sp8000-cls-spbpe8000", "open_clip", TOP1),
     ("experts placement (cls)", "limoe-sp8000-cls-last2", "limoe-sp8000-cls", TOP1),
+    # Round 6: fine-grained experts, against the class-token default.
+    ("8 half-width experts, k = 2 (cls)", "limoe-sp8000-cls-e8k2", "limoe-sp8000-cls",
+     TOP1 + ["routing/text/drop_rate"]),
+    ("16 half-width experts, k = 2 (cls)", "limoe-sp8000-cls-e16k2", "limoe-sp8000-cls",
+     TOP1 + ["routing/text/drop_rate"]),
+    ("LIMoE (16 half-width experts, k = 2) vs the open_clip peer", "limoe-sp8000-cls-e16k2", "open_clip", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).

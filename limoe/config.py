@@ -67,6 +67,9 @@ class MoEConfig:
     noise_std: float = 1.0  # router noise sigma = noise_std / num_experts, training only
     renormalize_gates: bool = False  # for k > 1; V-MoE does not renormalise
     expert_type: str = "mlp"  # "mlp" (GELU) or "swiglu"
+    # Hidden width of each expert; 0 = the model's mlp_dim. With k = 2 and half of mlp_dim,
+    # each token spends what one full-width expert costs ("fine-grained" experts).
+    expert_mlp_dim: int = 0
     # Defaults from the emoji ablation (docs/quality.md): per-modality importance + load
     # keep both modalities balanced; the entropy losses showed no benefit at that scale,
     # so they are off here and set explicitly in the large-model training configs.
@@ -143,6 +146,8 @@ class LIMoEConfig:
             raise ValueError(f"moe.k={moe.k} must be in 1..num_experts={moe.num_experts}")
         if moe.expert_type not in ("mlp", "swiglu"):
             raise ValueError(f"moe.expert_type must be 'mlp' or 'swiglu', got {moe.expert_type!r}")
+        if moe.expert_mlp_dim < 0:
+            raise ValueError(f"moe.expert_mlp_dim must be >= 0 (0 = mlp_dim), got {moe.expert_mlp_dim}")
         if moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0:
             raise ValueError("capacity factors must be positive")
         if moe.noise_std < 0:
@@ -155,6 +160,11 @@ class LIMoEConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def expert_hidden(self) -> int:
+        """Hidden width of one expert (the dense MLPs keep mlp_dim)."""
+        return self.moe.expert_mlp_dim or self.mlp_dim
 
     @property
     def is_dense(self) -> bool:

@@ -30,11 +30,12 @@ def _sequence_flops(c: LIMoEConfig, n: int, causal: bool) -> dict:
     attn_proj = 2 * n * (2 * d * d + 2 * d * kv_dim)
     attn_scores = 2 * 2 * n * n * d * (0.5 if causal else 1.0)
     mlp = 2 * n * mlp_mults * d * h
+    expert = 2 * n * mlp_mults * d * c.expert_hidden if moe else 0
     flops = {"attention": 0.0, "mlp": 0.0, "router": 0.0}
     for i in range(c.depth):
         flops["attention"] += attn_proj + attn_scores
         if i in moe:
-            flops["mlp"] += c.moe.k * mlp
+            flops["mlp"] += c.moe.k * expert
             flops["router"] += 2 * n * d * c.moe.num_experts
         else:
             flops["mlp"] += mlp
@@ -119,9 +120,9 @@ def expert_capacity_rows(c: LIMoEConfig, tokens: int, capacity_factor: float | N
     return c.moe.num_experts, expert_capacity(tokens, c.moe.num_experts, c.moe.k, cf)
 
 
-def _mlp_saved_elements(c: LIMoEConfig, rows: int) -> int:
-    """Hidden activations an MLP (or one expert) keeps for `rows` input rows."""
-    return rows * (4 if c.moe.expert_type == "swiglu" else 2) * c.mlp_dim
+def _mlp_saved_elements(c: LIMoEConfig, rows: int, hidden: int) -> int:
+    """Hidden activations an MLP (or one expert) of `hidden` units keeps for `rows` input rows."""
+    return rows * (4 if c.moe.expert_type == "swiglu" else 2) * hidden
 
 
 def block_activation_bytes(c: LIMoEConfig, batch: int, b: int, moe: bool, *, batched_experts: bool = False,
@@ -135,7 +136,7 @@ def block_activation_bytes(c: LIMoEConfig, batch: int, b: int, moe: bool, *, bat
         "attention": tokens * ((5 * d + 2 * kv_dim) * b + 2 * LAYERNORM_STATS_BYTES + heads * 4),
     }
     if not moe:
-        parts["mlp"] = tokens * d * b + _mlp_saved_elements(c, tokens) * b
+        parts["mlp"] = tokens * d * b + _mlp_saved_elements(c, tokens, c.mlp_dim) * b
         return parts
     num_experts, capacity = expert_capacity_rows(c, tokens)
     k = c.moe.k
@@ -144,10 +145,10 @@ def block_activation_bytes(c: LIMoEConfig, batch: int, b: int, moe: bool, *, bat
     parts["router"] = tokens * (d * 4 + 5 * num_experts * 4 + (k + 2) * INT64 + 2)
     parts["slot_map"] = k * tokens * (INT64 + 1) + rows * (INT64 + 1 + 4)
     parts["moe_buffers"] = 2 * rows * d * b  # dispatch buffer + expert outputs, [E, C, d] each
-    parts["experts"] = _mlp_saved_elements(c, hidden_rows) * b
+    parts["experts"] = _mlp_saved_elements(c, hidden_rows, c.expert_hidden) * b
     if batched_experts:
         local = num_experts // ep_size
-        per_expert = (3 if c.moe.expert_type == "swiglu" else 2) * d * c.mlp_dim + c.mlp_dim + d
+        per_expert = (3 if c.moe.expert_type == "swiglu" else 2) * d * c.expert_hidden + c.expert_hidden + d
         parts["expert_weight_copies"] = local * per_expert * b
     return parts
 
@@ -160,7 +161,7 @@ def block_backward_workspace(c: LIMoEConfig, batch: int, b: int, moe: bool, *, b
     the combine's buffer already freed). A dense MLP's hidden gradient takes the place of
     the hidden it frees."""
     d = c.width
-    h = c.mlp_dim * (2 if c.moe.expert_type == "swiglu" else 1)
+    h = c.expert_hidden * (2 if c.moe.expert_type == "swiglu" else 1)
     tokens = batch * (image_tokens(c) + c.context_length)
     workspace = 2 * tokens * d
     if moe:

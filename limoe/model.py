@@ -29,7 +29,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(config.width)
         self.attn = Attention(config.width, config.heads, config.kv_heads)
         self.norm2 = nn.LayerNorm(config.width)
-        expert = make_mlp(config.moe.expert_type, config.width, config.mlp_dim)
+        expert = make_mlp(config.moe.expert_type, config.width, config.expert_hidden if moe else config.mlp_dim)
         self.mlp = LIMoELayer(config.width, expert, config.moe, ep_size) if moe else expert
         self.is_moe = moe
 

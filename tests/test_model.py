@@ -160,6 +160,32 @@ def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
     assert model.blocks[0].attn.kv.weight.shape[0] == 2 * 2 * 8
 
 
+def test_fine_grained_experts_spend_one_full_experts_flops(tiny_tokenizer):
+    """8 experts of half width with k = 2 against 4 full-width experts with k = 1: the
+    same expert weight matrices and, but for the router, the same FLOPs, counted and analytic."""
+    from limoe.flops import measured_flops_per_pair
+
+    full = make_tiny_model(tiny_tokenizer, moe={"num_experts": 4})
+    fine = make_tiny_model(tiny_tokenizer, moe={"num_experts": 8, "k": 2, "expert_mlp_dim": 32})
+    assert fine.config.expert_hidden == 32 and full.config.expert_hidden == 64
+    layer = fine.moe_layers()[0].deepspeed_moe.experts.deepspeed_experts[0]
+    assert layer.fc1.weight.shape == (32, 32)
+    dense_blocks = [b for b in fine.blocks if not b.is_moe]
+    assert dense_blocks and all(b.mlp.fc1.weight.shape == (64, 32) for b in dense_blocks)
+    def expert_weights(model):
+        return sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters() if p.dim() == 2)
+    assert expert_weights(fine) == expert_weights(full)
+    f_full, f_fine = flops_per_pair(full.config), flops_per_pair(fine.config)
+    for m in ("image", "text"):
+        assert f_fine[m + "_parts"]["mlp"] == f_full[m + "_parts"]["mlp"]
+        assert f_fine[m + "_parts"]["router"] == 2 * f_full[m + "_parts"]["router"]
+    assert measured_flops_per_pair(fine) == pytest.approx(measured_flops_per_pair(full), rel=0.02)
+    images, tokens = _batch(tiny_tokenizer)
+    LIMoELoss()(fine.train()(images, tokens))["loss"].backward()
+    with pytest.raises(ValueError, match="expert_mlp_dim"):
+        make_tiny_model(tiny_tokenizer, moe={"expert_mlp_dim": -1})
+
+
 def test_grad_checkpointing_gives_same_gradients(tiny_tokenizer):
     images, tokens = _batch(tiny_tokenizer)
     grads = []
