@@ -5,9 +5,11 @@ Every variant is a real training run of the `cpu-demo` config through the `deeps
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
 steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
 tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
-2 ranks. The models compared: LIMoE as the demo trains it (`limoe-sp8000-cls`: the largest
-SentencePiece the captions give, images pooled at a class token; `limoe-sp8000` pools them by
-MAP, and `limoe` is the first demo's, with 1,000 pieces), its dense one-tower twin
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe-sp8000-cls-e8-entropy`: the
+largest SentencePiece the captions give, images pooled at a class token, 8 experts, LIMoE's
+entropy losses; `limoe-sp8000-cls` is the same with 4 experts and no entropy losses, the
+default of rounds 3-5; `limoe-sp8000` pools images by MAP, and `limoe` is the first demo's,
+with 1,000 pieces), its dense one-tower twin
 (`dense-sp8000-cls`, `dense-sp8000`, `dense`), and the peer, open_clip's two-tower CLIP of
 the same width and depth and so the same FLOPs per pair (`open_clip`, limoe/two_tower.py,
 with open_clip's BPE). The
@@ -30,7 +32,7 @@ contrasts in CONTRASTS, tables (parameters and FLOPs per pair included), a plot,
 generated section of the report (docs/quality.md, between its `<!-- generated:start -->` /
 `<!-- generated:end -->` markers).
 
-    python benchmarks/quality.py                                    # limoe-sp8000-cls, dense-sp8000-cls, open_clip x 3 seeds (~1.5 h)
+    python benchmarks/quality.py                                    # the demo's LIMoE, its dense twin, open_clip x 3 seeds (~1.5 h)
     python benchmarks/quality.py --variants limoe-bpe limoe-t14 --resume   # add variants to the same table
     python benchmarks/quality.py --steps 3 --batch-size 8 --seeds 0 --variants dense limoe \\
         --out /tmp/quality-smoke --report /tmp/quality-smoke/quality.md   # a smoke test (minutes)
@@ -110,7 +112,7 @@ LIMOE = {
 DENSE = {"model.preset": "limoe-nano-dense", "model.image_pool": "map"}
 PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe"}
 LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
-LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default
+LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default in rounds 3-5
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -170,7 +172,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-sp8000-aug": ("limoe-sp8000 with stronger augmentation: crops of 50-100% of the image and colour "
                          "jitter 0.2 (instead of 70-100%, no jitter)",
                          {**LIMOE_SP, "data.augment": {"scale_min": 0.5, "color_jitter": 0.2}}),
-    "limoe-sp8000-cls": ("limoe-sp8000, image pooling at a class token instead of MAP: the demo's default now",
+    "limoe-sp8000-cls": ("limoe-sp8000, image pooling at a class token instead of MAP: the demo's default in rounds 3-5",
                          LIMOE_CLS),
     "dense-sp8000-cls": ("dense twin of the demo's default: the largest SentencePiece, a class token",
                          {**DENSE, "tokenizer": "sp8000", "model.image_pool": "cls"}),
@@ -205,7 +207,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                    "the tokens, so up to 1.25x the MoE layers' MLP FLOPs)",
                                    {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.capacity_factor": 1.25}),
     "limoe-sp8000-cls-e8-entropy": ("limoe-sp8000-cls-e8 plus LIMoE's entropy losses (local 0.01; text global "
-                                    "0.05, S_text = 2)",
+                                    "0.05, S_text = 2): the demo's default since round 5",
                                     {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
                                      "model.moe.text": ENTROPY_TEXT}),
     # Round 5: whole words as single pieces without open_clip's 49k-token table.
@@ -230,7 +232,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                 "model.moe.expert_mlp_dim": 256}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = ("limoe-sp8000-cls", "dense-sp8000-cls", "open_clip")
+DEFAULT_VARIANTS = ("limoe-sp8000-cls-e8-entropy", "dense-sp8000-cls", "open_clip")
 
 
 def variant_tokenizer(variant: str) -> str:
@@ -315,6 +317,11 @@ CONTRASTS = [
     ("LIMoE vs the peer, both SentencePiece BPE", "limoe-sp8000-cls-spbpe8000", "open_clip-spbpe8000", TOP1),
     ("LIMoE (SentencePiece BPE) vs the open_clip peer", "limoe-sp8000-cls-spbpe8000", "open_clip", TOP1),
     ("experts placement (cls)", "limoe-sp8000-cls-last2", "limoe-sp8000-cls", TOP1),
+    # Round 5's adopted change: the demo's default since.
+    ("8 experts with the entropy losses vs the default of rounds 3-5", "limoe-sp8000-cls-e8-entropy",
+     "limoe-sp8000-cls", TOP1 + ["routing/text/drop_rate"]),
+    ("LIMoE (the demo's default since round 5) vs the open_clip peer", "limoe-sp8000-cls-e8-entropy", "open_clip",
+     TOP1),
     # Round 6: fine-grained experts, against the class-token default.
     ("8 half-width experts, k = 2 (cls)", "limoe-sp8000-cls-e8k2", "limoe-sp8000-cls",
      TOP1 + ["routing/text/drop_rate"]),

@@ -7,7 +7,7 @@ requests/s and the mean number of items per model batch (from /health).
 For scale, the same items embedded one at a time in-process (no HTTP).
 
 Without --model it exports a randomly initialised preset (default
-limoe-nano: width 128, depth 4, 4 experts, 32 px, patch 4) with a tokenizer
+limoe-nano: width 128, depth 4, 8 experts, 32 px, patch 4) with a tokenizer
 trained on synthetic captions; speed does not depend on trained weights.
 
     python benchmarks/serve_latency.py                       # table + benchmarks/results/serve_latency.json

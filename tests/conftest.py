@@ -30,8 +30,11 @@ TINY = dict(width=32, depth=2, heads=2, mlp_dim=64, embed_dim=16, image_size=16,
 
 
 def make_tiny_model(tokenizer, seed=0, name="limoe-nano", **overrides):
+    """A tiny model of the preset `name`; a sparse one has 4 experts unless `moe` says otherwise."""
     torch.manual_seed(seed)
     kw = dict(TINY, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
+    if not name.endswith("-dense"):
+        overrides = {**overrides, "moe": {"num_experts": 4, **overrides.get("moe", {})}}
     kw.update(overrides)
     return limoe.create_model(name, **kw)
 

@@ -69,6 +69,20 @@ def test_every_variant_is_a_valid_cpu_demo_config_with_the_intended_model():
             assert abs(flops_per_pair(model)["total"] - base) / base < 0.02, variant
 
 
+def test_the_first_default_variant_is_the_model_the_demo_config_trains():
+    """`limoe train --config cpu-demo` (and so `limoe demo`) must train the model the quality
+    table reports as the demo's default: a change to one without the other fails here."""
+    import dataclasses
+
+    variant = quality.DEFAULT_VARIANTS[0]
+    demo = load_config("cpu-demo").model
+    ablated = load_config("cpu-demo", quality.run_overrides(variant, 0, SETTINGS)).model
+    assert dataclasses.asdict(demo) == dataclasses.asdict(ablated)
+    from launch.demo import DEFAULT_TOKENIZER
+
+    assert quality.variant_tokenizer(variant) == DEFAULT_TOKENIZER
+
+
 def test_the_global_batch_is_split_over_processes():
     overrides = dict(quality.run_overrides("limoe", 0, {**SETTINGS, "num_procs": 2}))
     assert overrides["train.batch_size"] == 32 and overrides["parallel.num_procs"] == 2
