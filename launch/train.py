@@ -39,9 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     from launch.trainer import train
 
     try:
-        return train(config, resume=args.resume)
-    except BaseException as error:  # noqa: B902 (every way out but a normal return ends the job here)
+        code = train(config, resume=args.resume)
+    except BaseException as error:  # noqa: B902 (every way out ends the job here)
         end_rank(error)
+    # A finished rank ends the same way. Its work is on disk (checkpoint, export, logs), and the
+    # interpreter's own teardown once aborted a finished CPU rank ("terminate called without an
+    # active exception", exit -6) while native threads were destroyed, failing a job that had
+    # succeeded.
+    end_rank(SystemExit(code))
 
 
 def end_rank(error: BaseException) -> None:
@@ -77,6 +82,7 @@ def end_rank(error: BaseException) -> None:
         if "MASTER_PORT" in os.environ and rank.isdigit():  # the atexit hook that would do it is skipped
             remove_shm_buffers(os.environ["MASTER_PORT"], int(rank))
     finally:
+        logging.shutdown()  # flush and close the log files (an atexit hook os._exit skips)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
