@@ -42,11 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         code = train(config, resume=args.resume)
     except BaseException as error:  # noqa: B902 (every way out ends the job here)
         end_rank(error)
-    # A finished rank ends the same way. Its work is on disk (checkpoint, export, logs), and the
-    # interpreter's own teardown once aborted a finished CPU rank ("terminate called without an
-    # active exception", exit -6) while native threads were destroyed, failing a job that had
-    # succeeded.
-    end_rank(SystemExit(code))
+    # A finished rank (its work on disk, its own messages logged) ends through os._exit too: the
+    # interpreter's teardown once aborted a finished CPU rank ("terminate called without an active
+    # exception", exit -6) while native threads were destroyed, failing a job that had succeeded.
+    exit_rank(code)
 
 
 def end_rank(error: BaseException) -> None:
@@ -76,6 +75,15 @@ def end_rank(error: BaseException) -> None:
         if train_log.handlers:  # rank 0's out.log, once the trainer has set it up
             train_log.error("fatal error, ending the job: %s", summary)
         print(f"error: rank {rank}: {summary}", file=sys.stderr)
+    exit_rank(code)
+
+
+def exit_rank(code: int) -> None:
+    """End this rank's process now with `code`: remove its shared-memory buffers, flush the logs
+    and the standard streams, then os._exit (no atexit hooks, no interpreter teardown)."""
+    import logging
+
+    rank = os.environ.get("RANK", "?")
     try:
         from launch.deepspeed_compat import remove_shm_buffers
 

@@ -172,8 +172,10 @@ def test_fine_grained_experts_spend_one_full_experts_flops(tiny_tokenizer):
     assert layer.fc1.weight.shape == (32, 32)
     dense_blocks = [b for b in fine.blocks if not b.is_moe]
     assert dense_blocks and all(b.mlp.fc1.weight.shape == (64, 32) for b in dense_blocks)
+
     def expert_weights(model):
         return sum(p.numel() for layer in model.moe_layers() for p in layer.experts.parameters() if p.dim() == 2)
+
     assert expert_weights(fine) == expert_weights(full)
     f_full, f_fine = flops_per_pair(full.config), flops_per_pair(fine.config)
     for m in ("image", "text"):

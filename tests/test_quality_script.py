@@ -74,12 +74,12 @@ def test_the_first_default_variant_is_the_model_the_demo_config_trains():
     table reports as the demo's default: a change to one without the other fails here."""
     import dataclasses
 
+    from launch.demo import DEFAULT_TOKENIZER
+
     variant = quality.DEFAULT_VARIANTS[0]
     demo = load_config("cpu-demo").model
     ablated = load_config("cpu-demo", quality.run_overrides(variant, 0, SETTINGS)).model
     assert dataclasses.asdict(demo) == dataclasses.asdict(ablated)
-    from launch.demo import DEFAULT_TOKENIZER
-
     assert quality.variant_tokenizer(variant) == DEFAULT_TOKENIZER
 
 
