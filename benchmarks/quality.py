@@ -27,7 +27,8 @@ style, which no run ever trains on:
 
 Results: one JSON per run in OUT/results/ (a run whose file exists is finished; with
 --resume it is skipped), each also appended to OUT/results.jsonl; then mean, std, min and
-max over seeds per variant and metric (OUT/summary.json), seed-paired differences for the
+max over seeds per variant and metric (OUT/summary.json; summary-NAME.json for --section NAME),
+seed-paired differences for the
 contrasts in CONTRASTS, tables (parameters and FLOPs per pair included), a plot, and the
 generated section of the report (docs/quality.md, between its `<!-- generated:start -->` /
 `<!-- generated:end -->` markers).
@@ -39,6 +40,8 @@ generated section of the report (docs/quality.md, between its `<!-- generated:st
     python benchmarks/quality.py --report-only                      # re-render table, plot and doc from OUT
     python benchmarks/quality.py --report-only --out benchmarks/results/quality/round5 --section round5
                                                                     # one round's committed results, its own section
+    python benchmarks/quality.py --report-only --out benchmarks/results/quality/round5 --section targets \
+        --seeds 0 1 2 --variants limoe-sp8000-cls-e8-entropy open_clip dense-sp8000-cls   # some of them
 """
 from __future__ import annotations
 
@@ -322,6 +325,8 @@ CONTRASTS = [
      "limoe-sp8000-cls", TOP1 + ["routing/text/drop_rate"]),
     ("LIMoE (the demo's default since round 5) vs the open_clip peer", "limoe-sp8000-cls-e8-entropy", "open_clip",
      TOP1),
+    ("LIMoE (the demo's default since round 5) vs its dense twin", "limoe-sp8000-cls-e8-entropy",
+     "dense-sp8000-cls", TOP1),
     # Round 6: fine-grained experts, against the class-token default.
     ("8 half-width experts, k = 2 (cls)", "limoe-sp8000-cls-e8k2", "limoe-sp8000-cls",
      TOP1 + ["routing/text/drop_rate"]),
@@ -845,15 +850,20 @@ def update_report(path: Path, generated: str, section: str = "") -> Path:
     return atomic_write(path, text)
 
 
-def report(out: Path, report_path: Path | None, plot_path: Path | None, session: dict, section: str = "") -> dict:
-    results = load_results(out)
+def report(out: Path, report_path: Path | None, plot_path: Path | None, session: dict, section: str = "",
+           variants: list[str] | None = None, seeds: list[int] | None = None) -> dict:
+    """Aggregate OUT/results (only the given variants and seeds, when given) into tables, a plot,
+    the report's section and OUT/summary.json (summary-SECTION.json for a section)."""
+    results = [r for r in load_results(out)
+               if (variants is None or r["variant"] in variants) and (seeds is None or r["seed"] in seeds)]
     check_settings(results)
     summary = aggregate(results)
     for variant, s in summary.items():  # parameter counts are the same for every seed
         s["parameters"] = next((r["parameters"] for r in results if r["variant"] == variant), None)
         s["flops_per_pair"] = next((r.get("flops_per_pair") for r in results if r["variant"] == variant), None)
     contrast_rows = contrasts(results)
-    write_json(out / "summary.json", {"command": session["command"], "settings": results[0]["settings"],
+    summary_path = out / (f"summary-{section}.json" if section else "summary.json")
+    write_json(summary_path, {"command": session["command"], "settings": results[0]["settings"],
                                       "variants": summary, "contrasts": contrast_rows,
                                       "runs": [run_name(r["variant"], r["seed"]) for r in results]})
     plot = plot_summary(summary, results, plot_path) if plot_path else None
@@ -863,7 +873,7 @@ def report(out: Path, report_path: Path | None, plot_path: Path | None, session:
     print(routing_table(summary))
     print("\nSeed-paired differences:\n")
     print(contrast_table(contrast_rows))
-    written = [out / "summary.json"] + ([plot] if plot else [])
+    written = [summary_path] + ([plot] if plot else [])
     if report_path:
         generated = render_generated(summary, results, contrast_rows, plot, report_path.parent, session, section)
         written.append(update_report(report_path, generated, section))
@@ -887,10 +897,12 @@ def parse_args(argv=None):
                    help=f"training steps per run (default {DEFAULT_STEPS})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, metavar="B",
                    help=f"image-text pairs per step over all processes (default {DEFAULT_BATCH})")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), metavar="SEED",
-                   help="seeds; each variant is trained once per seed (default 0 1 2)")
-    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                   metavar="VARIANT", help="which variants to run (listed below)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="seeds; each variant is trained once per seed (default 0 1 2; with --report-only: "
+                        "which results to render, default all)")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   metavar="VARIANT", help="which variants to run (listed below; with --report-only: which "
+                                           "results to render, default all)")
     p.add_argument("--num-procs", type=int, default=DEFAULT_NUM_PROCS, choices=[1, 2],
                    help="DeepSpeed CPU ranks per run, data parallel (each routes its own share of the batch, as "
                         f"in the demo); threads per rank = cores / ranks (default {DEFAULT_NUM_PROCS})")
@@ -937,8 +949,11 @@ def main(argv=None) -> int:
     plot_path = Path(args.plot).resolve() if args.plot else (
         report_path.with_name(stem + ".png") if report_path else out / "quality.png")
     if args.report_only:
-        report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0}, args.section)
+        report(out, report_path, plot_path, {"command": command, "seconds": time.time() - t0}, args.section,
+               args.variants, args.seeds)
         return 0
+    args.seeds = args.seeds or list(DEFAULT_SEEDS)
+    args.variants = args.variants or list(DEFAULT_VARIANTS)
 
     import limoe
     import torch

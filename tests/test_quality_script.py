@@ -234,3 +234,23 @@ def test_a_named_section_is_written_beside_the_main_one_with_its_own_plot(tmp_pa
     assert quality.main(["--report-only", "--out", str(out), "--report", str(report), "--section", "round5"]) == 0
     again = report.read_text()
     assert again.count(start) == 1 and "more prose" in again and "main numbers" in again
+
+
+def test_report_only_can_render_some_variants_and_seeds_into_their_own_section(tmp_path):
+    out = tmp_path / "round"
+    for seed in (0, 1, 2, 3):
+        for variant, top1 in (("limoe", 0.2 + seed / 100), ("dense", 0.1), ("open_clip", 0.5)):
+            quality.write_json(quality.result_path(out, variant, seed), make_result(variant, seed, top1))
+    report = tmp_path / "quality.md"
+    assert quality.main(["--report-only", "--out", str(out), "--report", str(report)]) == 0
+    assert quality.main(["--report-only", "--out", str(out), "--report", str(report), "--section", "targets",
+                         "--seeds", "0", "1", "2", "--variants", "limoe", "dense"]) == 0
+    everything = json.loads((out / "summary.json").read_text())
+    some = json.loads((out / "summary-targets.json").read_text())
+    assert len(everything["runs"]) == 12 and set(everything["variants"]) == {"limoe", "dense", "open_clip"}
+    assert some["runs"] == [f"{v}-seed{s}" for v in ("dense", "limoe") for s in (0, 1, 2)]
+    assert some["variants"]["limoe"]["metrics"]["zeroshot/name/top1"]["mean"] == pytest.approx(0.21)
+    assert everything["variants"]["limoe"]["metrics"]["zeroshot/name/top1"]["mean"] == pytest.approx(0.215)
+    start, end = quality.markers("targets")
+    section = report.read_text().split(start)[1].split(end)[0]
+    assert "| open_clip |" not in section and "| limoe |" in section and "--seeds 0 1 2" in section
