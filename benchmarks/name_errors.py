@@ -51,16 +51,14 @@ def name_categories(zeroshot: Path) -> tuple[list[str], list[str]]:
     return names, of_name
 
 
-def name_hits(export: Path, zeroshot: Path) -> list[float]:
-    """Per name class: the fraction of its Twemoji images classified correctly (top-1)."""
+def name_hits(export: Path, data: Path) -> list[float]:
+    """Per name class: the fraction of its Twemoji images classified correctly (top-1), evaluated
+    as `limoe demo` and benchmarks/quality.py evaluate."""
     import limoe
-    from eval.zeroshot import evaluate_zeroshot
-    from launch.demo import TEMPLATES
+    from launch.demo import zeroshot_at
 
     model, preprocess, tokenizer = limoe.load(export)
-    result = evaluate_zeroshot(model, preprocess, tokenizer, zeroshot / "name", templates=TEMPLATES["name"],
-                               batch_size=256)
-    return [row["top1"] for row in result["per_class"]]
+    return [row["top1"] for row in zeroshot_at(model, preprocess, tokenizer, data, "name")["per_class"]]
 
 
 def jaccard(a: list[float], b: list[float]) -> float:
@@ -124,7 +122,7 @@ def main(argv=None) -> int:
     names, category_of = name_categories(zeroshot)
     hits = {}
     for run in tqdm(args.runs, desc="runs", unit="run"):
-        hits[run.name] = name_hits(run / "export", zeroshot)
+        hits[run.name] = name_hits(run / "export", args.data)
         if len(hits[run.name]) != len(names):
             raise SystemExit(f"error: {run} scored {len(hits[run.name])} classes, the data has {len(names)}")
     summary = summarize(hits, category_of)

@@ -864,8 +864,8 @@ def report(out: Path, report_path: Path | None, plot_path: Path | None, session:
     contrast_rows = contrasts(results)
     summary_path = out / (f"summary-{section}.json" if section else "summary.json")
     write_json(summary_path, {"command": session["command"], "settings": results[0]["settings"],
-                                      "variants": summary, "contrasts": contrast_rows,
-                                      "runs": [run_name(r["variant"], r["seed"]) for r in results]})
+                              "variants": summary, "contrasts": contrast_rows,
+                              "runs": [run_name(r["variant"], r["seed"]) for r in results]})
     plot = plot_summary(summary, results, plot_path) if plot_path else None
     print("\nZero-shot on the unseen Twemoji style (top-1 / top-5, %, mean ± std over seeds):\n")
     print(zeroshot_table(summary, results))

@@ -135,15 +135,21 @@ def train(name: str, model_preset: str, data: dict[str, Path], tokenizer: Path, 
     return run_training(DEMO_CONFIG, overrides, resume=None)
 
 
+def zeroshot_at(model, preprocess, tokenizer, eval_dir: Path, granularity: str, progress: bool = False) -> dict:
+    """eval.zeroshot's full result on the data set's folder of one granularity, with the demo's prompts."""
+    from eval.zeroshot import evaluate_zeroshot
+
+    return evaluate_zeroshot(model, preprocess, tokenizer, eval_dir / "zeroshot" / granularity,
+                             templates=TEMPLATES[granularity], batch_size=256, progress=progress)
+
+
 def evaluate(export_dir: Path, eval_dir: Path) -> list[dict]:
     import limoe
-    from eval.zeroshot import evaluate_zeroshot
 
     model, preprocess, tokenizer = limoe.load(export_dir)
     rows = []
     for granularity in GRANULARITIES:
-        result = evaluate_zeroshot(model, preprocess, tokenizer, eval_dir / "zeroshot" / granularity,
-                                   templates=TEMPLATES[granularity], batch_size=256, progress=True)
+        result = zeroshot_at(model, preprocess, tokenizer, eval_dir, granularity, progress=True)
         images_per_class = [c["images"] for c in result["per_class"]]
         classes = result["classes"]
         rows.append({

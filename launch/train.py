@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 if __package__ in (None, ""):
     # Run as a script (`deepspeed launch/train.py`), Python puts launch/ first on the path,
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_rank(code)
 
 
-def end_rank(error: BaseException) -> None:
+def end_rank(error: BaseException) -> NoReturn:
     """Report a rank's fatal error and end the process now, so the whole job ends within seconds.
 
     A normal exit after an exception can hang for ever: multiprocessing's atexit hook joins the
@@ -78,7 +79,7 @@ def end_rank(error: BaseException) -> None:
     exit_rank(code)
 
 
-def exit_rank(code: int) -> None:
+def exit_rank(code: int) -> NoReturn:
     """End this rank's process now with `code`: remove its shared-memory buffers, flush the logs
     and the standard streams, then os._exit (no atexit hooks, no interpreter teardown)."""
     import logging
