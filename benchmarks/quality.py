@@ -116,6 +116,8 @@ DENSE = {"model.preset": "limoe-nano-dense", "model.image_pool": "map"}
 PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe"}
 LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default in rounds 3-5
+LIMOE_E8E = {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
+             "model.moe.text": ENTROPY_TEXT}  # the demo's default since round 5
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -210,9 +212,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                    "the tokens, so up to 1.25x the MoE layers' MLP FLOPs)",
                                    {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.capacity_factor": 1.25}),
     "limoe-sp8000-cls-e8-entropy": ("limoe-sp8000-cls-e8 plus LIMoE's entropy losses (local 0.01; text global "
-                                    "0.05, S_text = 2): the demo's default since round 5",
-                                    {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
-                                     "model.moe.text": ENTROPY_TEXT}),
+                                    "0.05, S_text = 2): the demo's default since round 5", LIMOE_E8E),
     # Round 5: whole words as single pieces without open_clip's 49k-token table.
     "limoe-sp8000-cls-spbpe8000": ("limoe-sp8000-cls with SentencePiece BPE (8,000 pieces) instead of unigram "
                                    "(~1.9k)", {**LIMOE_CLS, "tokenizer": "spbpe8000"}),
@@ -233,6 +233,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                "expert weights and FLOPs as 8 full experts at k = 1",
                                {**LIMOE_CLS, "model.moe.num_experts": 16, "model.moe.k": 2,
                                 "model.moe.expert_mlp_dim": 256}),
+    # Round 8: whole-word pieces for the names, with sub-word pieces still seen in training.
+    "limoe-e8e-spbpe8000": ("the round-5 default (limoe-sp8000-cls-e8-entropy) with SentencePiece BPE "
+                            "(8,000 pieces)", {**LIMOE_E8E, "tokenizer": "spbpe8000"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls-e8-entropy", "dense-sp8000-cls", "open_clip")
