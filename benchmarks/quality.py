@@ -236,6 +236,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # Round 8: whole-word pieces for the names, with sub-word pieces still seen in training.
     "limoe-e8e-spbpe8000": ("the round-5 default (limoe-sp8000-cls-e8-entropy) with SentencePiece BPE "
                             "(8,000 pieces)", {**LIMOE_E8E, "tokenizer": "spbpe8000"}),
+    "limoe-e8e-spbpe8000-drop0.1": ("limoe-e8e-spbpe8000 with BPE-dropout 0.1 in training (each merge skipped "
+                                    "with probability 0.1: whole words, and their pieces now and then)",
+                                    {**LIMOE_E8E, "tokenizer": "spbpe8000", "data.subword_sampling": 0.1}),
+    "limoe-e8e-sample0.2": ("the round-5 default with unigram subword sampling in training (alpha 0.2, all "
+                            "segmentations)", {**LIMOE_E8E, "data.subword_sampling": 0.2}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-sp8000-cls-e8-entropy", "dense-sp8000-cls", "open_clip")

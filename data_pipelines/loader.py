@@ -29,8 +29,10 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator, Sequence
 
+import sentencepiece as spm
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
@@ -147,15 +149,19 @@ def pick_caption(captions: Sequence[str], taken: set[str], rng: random.Random, u
 
 
 def train_batches(samples: Iterable, batch_size: int, tokenizer, rng: random.Random,
-                  unique_captions: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Full batches only: a short last batch would change the contrastive loss's scale."""
+                  unique_captions: bool = True,
+                  subword_sampling: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Full batches only: a short last batch would change the contrastive loss's scale.
+    `subword_sampling` > 0 tokenizes each caption with a randomly drawn segmentation
+    (`Tokenizer.encode_with_truncation`'s `sampling`; SentencePiece tokenizers only)."""
+    encode = tokenizer if subword_sampling <= 0 else partial(tokenizer, sampling=subword_sampling)
     images, captions, taken = [], [], set()
     for image, options in samples:
         images.append(image)
         captions.append(pick_caption(options, taken, rng, unique_captions))
         taken.add(captions[-1])
         if len(images) == batch_size:
-            yield torch.stack(images), tokenizer(captions)
+            yield torch.stack(images), encode(captions)
             images, captions, taken = [], [], set()
 
 
@@ -205,9 +211,10 @@ class TrainStream(IterableDataset):
     """The training pipeline of one rank; each DataLoader worker runs its own copy."""
 
     def __init__(self, sources, tokenizer, transform, batch_size, batches_per_epoch, rank, world_size,
-                 seed, epoch, resampled, shuffle_buffer, unique_captions=True):
+                 seed, epoch, resampled, shuffle_buffer, unique_captions=True, subword_sampling=0.0):
         super().__init__()
         self.unique_captions = unique_captions
+        self.subword_sampling = subword_sampling
         self.sources = sources  # list of (shard list, weight)
         self.tokenizer = tokenizer
         self.transform = transform
@@ -250,13 +257,18 @@ class TrainStream(IterableDataset):
         streams = [self._source_samples(i, shards, epoch, worker, num_workers, skips)
                    for i, (shards, _) in enumerate(self.sources)]
         rng = random.Random(stable_seed(self.seed, "samples", self.rank, worker, epoch))
+        if self.subword_sampling > 0:
+            # SentencePiece's own generator (per thread): seeded here, the segmentations repeat
+            # with the sample order.
+            spm.set_random_generator_seed(stable_seed(self.seed, "subwords", self.rank, worker, epoch) % 2**31)
         limit = None
         if self.batches_per_epoch is not None:  # share this rank's batches out over its workers
             limit = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
         pipeline = wds.DataPipeline(
             lambda: mix_by_weight(streams, [w for _, w in self.sources], rng),
             lambda raws: train_samples(raws, skips, self.transform, rng),
-            lambda samples: train_batches(samples, self.batch_size, self.tokenizer, rng, self.unique_captions),
+            lambda samples: train_batches(samples, self.batch_size, self.tokenizer, rng, self.unique_captions,
+                                          self.subword_sampling),
             lambda batches: with_skip_reports(batches, skips, limit),
         )
         yield from pipeline
@@ -369,6 +381,7 @@ def build_train_loader(
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     pin_memory: bool = False,
     unique_captions: bool = True,
+    subword_sampling: float = 0.0,
 ) -> ShardLoader:
     """Training batches `(images [B,3,H,W] float, tokens [B,L] long)` for one rank.
 
@@ -386,7 +399,7 @@ def build_train_loader(
         resolved.append((resolve_shards(source.shards), float(source.weight)))
     transform = image_transform(image_size, train=True, augment=augment or AugmentConfig())
     dataset = TrainStream(resolved, tokenizer, transform, batch_size, batches_per_epoch, rank, world_size,
-                          seed, epoch, resampled, shuffle_buffer, unique_captions)
+                          seed, epoch, resampled, shuffle_buffer, unique_captions, subword_sampling)
     num_samples = None if batches_per_epoch is None else batches_per_epoch * batch_size
     return ShardLoader(dataset, num_workers, batches_per_epoch, num_samples, pin_memory)
 

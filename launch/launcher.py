@@ -122,12 +122,14 @@ def ensure_tokenizer(config: TrainConfig, shards: dict[int, list[str]]) -> Path:
 
 def check_tokenizer(config: TrainConfig, path: str | os.PathLike) -> None:
     """The tokenizer file loads (a damaged one would crash every rank); the model takes its vocab and context."""
-    from limoe.tokenizer import load_tokenizer
+    from limoe.tokenizer import Tokenizer, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(path)
     except (ValueError, OSError, KeyError) as e:
         raise ConfigError(f"'data.tokenizer': {e}") from e
+    if config.data.subword_sampling > 0 and not isinstance(tokenizer, Tokenizer):
+        raise ConfigError(f"'data.subword_sampling' needs a SentencePiece tokenizer; {path} is {tokenizer!r}")
     config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
 
 

@@ -67,6 +67,11 @@ class DataSection:
     # Give each sample of a batch a caption no other sample of the batch has, when it has one
     # (identical captions in a contrastive batch are false negatives); false: uniform choice.
     unique_captions: bool = True
+    # Subword regularization of the training captions (SentencePiece tokenizers; 0 = off): each
+    # caption gets a randomly drawn segmentation. For a BPE model, the probability of skipping
+    # each merge (BPE-dropout, 0.1 is usual); for a unigram model, the sampling exponent alpha
+    # (smaller is more random). Evaluation and exports always use the best segmentation.
+    subword_sampling: float = 0.0
 
 
 @dataclass
@@ -569,6 +574,8 @@ def check_config(config: TrainConfig) -> None:
     for i, src in enumerate(config.data.train):
         _check(src.weight > 0, f"data.train[{i}].weight", f"must be > 0, got {src.weight}")
     _check(config.data.workers >= 0, "data.workers", f"must be >= 0, got {config.data.workers}")
+    _check(0 <= config.data.subword_sampling <= 1, "data.subword_sampling",
+           f"must be in [0, 1], got {config.data.subword_sampling}")
     report_targets(config.logging.report_to)
     augment_config(config.data.augment)
 

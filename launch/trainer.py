@@ -307,7 +307,7 @@ def train_loader(config: TrainConfig, tokenizer, model_config, state: TrainState
         num_workers=config.data.workers, seed=config.seed,
         augment=augment_config(config.data.augment),
         shuffle_buffer=config.data.shuffle_buffer, pin_memory=ranks.device.type == "cuda",
-        unique_captions=config.data.unique_captions)
+        unique_captions=config.data.unique_captions, subword_sampling=config.data.subword_sampling)
 
 
 def data_batches(loader, state: TrainState):

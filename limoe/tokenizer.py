@@ -175,16 +175,26 @@ class Tokenizer:
     # ---- encoding -------------------------------------------------------------
 
     def encode_with_truncation(
-        self, texts: str | Sequence[str], context_length: int | None = None
+        self, texts: str | Sequence[str], context_length: int | None = None, sampling: float = 0.0
     ) -> tuple[torch.Tensor, list[int]]:
-        """Tokenize and also return, per text, how many pieces were cut off (0 = fits)."""
+        """Tokenize and also return, per text, how many pieces were cut off (0 = fits).
+
+        `sampling` > 0 draws a segmentation at random instead of the best one (subword
+        regularization, for training only): for a BPE model it is the probability of skipping each
+        merge (BPE-dropout), for a unigram model the smoothing exponent of the sampling
+        distribution over all segmentations (Kudo 2018; smaller is more random). SentencePiece
+        draws from its own generator (`sentencepiece.set_random_generator_seed`)."""
         if isinstance(texts, str):
             texts = [texts]
         length = int(context_length or self.context_length)
         tokens = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
         dropped = []
+        # One thread when sampling: SentencePiece's generator is per thread, so a pool's draws
+        # would not repeat for the same seed.
+        options = ({"enable_sampling": True, "alpha": float(sampling), "nbest_size": -1, "num_threads": 1}
+                   if sampling > 0 else {})
         try:
-            encoded = self._sp.encode(list(texts), out_type=int)
+            encoded = self._sp.encode(list(texts), out_type=int, **options)
         except TypeError:  # sentencepiece says only "List elements must be str or bytes"
             raise _unencodable(texts) from None
         for row, ids in enumerate(encoded):
@@ -194,8 +204,9 @@ class Tokenizer:
             tokens[row, len(keep)] = EOS_ID
         return tokens, dropped
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        return self.encode_with_truncation(texts, context_length)[0]
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None,
+                 sampling: float = 0.0) -> torch.Tensor:
+        return self.encode_with_truncation(texts, context_length, sampling)[0]
 
     def decode(self, ids) -> str | list[str]:
         """Inverse of `__call__`: one row gives a string, a batch gives a list of strings.

@@ -113,3 +113,18 @@ def test_demo_tokenizer_kinds_train_the_named_sentencepiece_type_and_cache_each_
         assert load_tokenizer(path).vocab_size <= 60
     assert "bpe, asked for 60 pieces" in capsys.readouterr().out
     assert prepare_tokenizer(tmp_path, "spbpe60", 8) == bpe and "cached at" in capsys.readouterr().out
+
+
+def test_subword_sampling_draws_other_segmentations_of_the_same_text(tokenizer):
+    import sentencepiece as spm
+
+    texts = ["a red cat and a purple heart"] * 40
+    best = tokenizer(texts, context_length=32)
+    assert torch.equal(tokenizer(texts, context_length=32, sampling=0.0), best)
+    spm.set_random_generator_seed(3)
+    sampled = tokenizer(texts, context_length=32, sampling=0.1)
+    assert len({tuple(row) for row in sampled.tolist()}) > 1  # the segmentation varies from row to row
+    assert tokenizer.decode(sampled) == tokenizer.decode(best)  # the text never does
+    assert all(row.count(EOS_ID) == 1 for row in sampled.tolist())
+    spm.set_random_generator_seed(3)
+    assert torch.equal(tokenizer(texts, context_length=32, sampling=0.1), sampled)  # seeded: the same draws

@@ -631,6 +631,18 @@ def test_a_bad_evaluator_is_named_by_its_dotted_key(evals, message):
         load_config(minimal(evals=evals))
 
 
+def test_subword_sampling_is_a_fraction_and_needs_a_sentencepiece_tokenizer(tmp_path):
+    from launch.launcher import check_tokenizer
+    from limoe.tokenizer import BPETokenizer
+
+    with pytest.raises(ConfigError, match=r"'data\.subword_sampling': must be in \[0, 1\], got 1\.5"):
+        load_config(minimal(data={"train": [{"shards": "unused.tar"}], "subword_sampling": 1.5}))
+    config = load_config(minimal(data={"train": [{"shards": "unused.tar"}], "subword_sampling": 0.1}))
+    path = BPETokenizer().save(tmp_path / "tokenizer.bpe.json")
+    with pytest.raises(ConfigError, match=r"'data\.subword_sampling' needs a SentencePiece tokenizer"):
+        check_tokenizer(config, path)
+
+
 def test_routing_evaluation_needs_a_model_with_experts():
     evals = {"r": {"type": "routing", "every": 5, "data": "pairs"}}
     with pytest.raises(ConfigError, match=r"'evals\.r\.type': routing needs a model with experts"):
