@@ -239,6 +239,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-spbpe8000-drop0.1": ("limoe-e8e-spbpe8000 with BPE-dropout 0.1 in training (each merge skipped "
                                     "with probability 0.1: whole words, and their pieces now and then)",
                                     {**LIMOE_E8E, "tokenizer": "spbpe8000", "data.subword_sampling": 0.1}),
+    "limoe-e8e-bpe": ("the round-5 default with open_clip's BPE (the peer's tokenizer)",
+                      {**LIMOE_E8E, "tokenizer": "bpe"}),
     "limoe-e8e-sample0.2": ("the round-5 default with unigram subword sampling in training (alpha 0.2, all "
                             "segmentations)", {**LIMOE_E8E, "data.subword_sampling": 0.2}),
 }
