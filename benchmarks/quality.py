@@ -241,6 +241,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                     {**LIMOE_E8E, "tokenizer": "spbpe8000", "data.subword_sampling": 0.1}),
     "limoe-e8e-bpe": ("the round-5 default with open_clip's BPE (the peer's tokenizer)",
                       {**LIMOE_E8E, "tokenizer": "bpe"}),
+    "limoe-e16e": ("the round-5 default with 16 experts instead of 8 (more parameters, the same FLOPs)",
+                   {**LIMOE_E8E, "model.moe.num_experts": 16}),
+    "limoe-e16k2e": ("the round-5 default with 16 experts of half width (256) and top-2 routing (the same FLOPs "
+                     "and expert weights as 8 full experts at k = 1)",
+                     {**LIMOE_E8E, "model.moe.num_experts": 16, "model.moe.k": 2, "model.moe.expert_mlp_dim": 256}),
     "limoe-e8e-sample0.2": ("the round-5 default with unigram subword sampling in training (alpha 0.2, all "
                             "segmentations)", {**LIMOE_E8E, "data.subword_sampling": 0.2}),
 }
@@ -343,6 +348,15 @@ CONTRASTS = [
     ("16 half-width experts, k = 2 (cls)", "limoe-sp8000-cls-e16k2", "limoe-sp8000-cls",
      TOP1 + ["routing/text/drop_rate"]),
     ("LIMoE (16 half-width experts, k = 2) vs the open_clip peer", "limoe-sp8000-cls-e16k2", "open_clip", TOP1),
+    # Round 8: tokenizers and subword regularization on the round-5 default.
+    ("tokenizer: SentencePiece BPE (round-5 default)", "limoe-e8e-spbpe8000", "limoe-sp8000-cls-e8-entropy", TOP1),
+    ("tokenizer: open_clip's BPE (round-5 default)", "limoe-e8e-bpe", "limoe-sp8000-cls-e8-entropy", TOP1),
+    ("BPE-dropout (round-5 default)", "limoe-e8e-spbpe8000-drop0.1", "limoe-sp8000-cls-e8-entropy", TOP1),
+    ("BPE-dropout (round-5 default)", "limoe-e8e-spbpe8000-drop0.1", "limoe-e8e-spbpe8000", TOP1),
+    ("unigram sampling (round-5 default)", "limoe-e8e-sample0.2", "limoe-sp8000-cls-e8-entropy", TOP1),
+    ("16 experts (round-5 default)", "limoe-e16e", "limoe-sp8000-cls-e8-entropy", TOP1 + ["routing/text/drop_rate"]),
+    ("16 half-width experts, k = 2 (round-5 default)", "limoe-e16k2e", "limoe-sp8000-cls-e8-entropy",
+     TOP1 + ["routing/text/drop_rate"]),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
