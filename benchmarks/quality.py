@@ -241,6 +241,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                     {**LIMOE_E8E, "tokenizer": "spbpe8000", "data.subword_sampling": 0.1}),
     "limoe-e8e-bpe": ("the round-5 default with open_clip's BPE (the peer's tokenizer)",
                       {**LIMOE_E8E, "tokenizer": "bpe"}),
+    "dense-cls-bpe": ("dense twin of limoe-e8e-bpe: one shared tower, one MLP where the experts were, a class "
+                      "token, open_clip's BPE", {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe"}),
     "limoe-e16e": ("the round-5 default with 16 experts instead of 8 (more parameters, the same FLOPs)",
                    {**LIMOE_E8E, "model.moe.num_experts": 16}),
     "limoe-e16k2e": ("the round-5 default with 16 experts of half width (256) and top-2 routing (the same FLOPs "
@@ -351,6 +353,9 @@ CONTRASTS = [
     # Round 8: tokenizers and subword regularization on the round-5 default.
     ("tokenizer: SentencePiece BPE (round-5 default)", "limoe-e8e-spbpe8000", "limoe-sp8000-cls-e8-entropy", TOP1),
     ("tokenizer: open_clip's BPE (round-5 default)", "limoe-e8e-bpe", "limoe-sp8000-cls-e8-entropy", TOP1),
+    ("LIMoE with open_clip's BPE vs the open_clip peer", "limoe-e8e-bpe", "open_clip", TOP1),
+    ("LIMoE with open_clip's BPE vs its dense twin", "limoe-e8e-bpe", "dense-cls-bpe", TOP1),
+    ("tokenizer: open_clip's BPE (dense twin)", "dense-cls-bpe", "dense-sp8000-cls", TOP1),
     ("BPE-dropout (round-5 default)", "limoe-e8e-spbpe8000-drop0.1", "limoe-sp8000-cls-e8-entropy", TOP1),
     ("BPE-dropout (round-5 default)", "limoe-e8e-spbpe8000-drop0.1", "limoe-e8e-spbpe8000", TOP1),
     ("unigram sampling (round-5 default)", "limoe-e8e-sample0.2", "limoe-sp8000-cls-e8-entropy", TOP1),
