@@ -239,7 +239,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-spbpe8000-drop0.1": ("limoe-e8e-spbpe8000 with BPE-dropout 0.1 in training (each merge skipped "
                                     "with probability 0.1: whole words, and their pieces now and then)",
                                     {**LIMOE_E8E, "tokenizer": "spbpe8000", "data.subword_sampling": 0.1}),
-    "limoe-e8e-bpe": ("the round-5 default with open_clip's BPE (the peer's tokenizer)",
+    "limoe-e8e-bpe": ("the round-5 default with open_clip's BPE (the peer's tokenizer): the demo's default since "
+                      "round 8",
                       {**LIMOE_E8E, "tokenizer": "bpe"}),
     "dense-cls-bpe": ("dense twin of limoe-e8e-bpe: one shared tower, one MLP where the experts were, a class "
                       "token, open_clip's BPE", {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe"}),
@@ -252,7 +253,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                             "segmentations)", {**LIMOE_E8E, "data.subword_sampling": 0.2}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = ("limoe-sp8000-cls-e8-entropy", "dense-sp8000-cls", "open_clip")
+DEFAULT_VARIANTS = ("limoe-e8e-bpe", "dense-cls-bpe", "open_clip")
 
 
 def variant_tokenizer(variant: str) -> str:
