@@ -258,8 +258,9 @@ class TrainStream(IterableDataset):
                    for i, (shards, _) in enumerate(self.sources)]
         rng = random.Random(stable_seed(self.seed, "samples", self.rank, worker, epoch))
         if self.subword_sampling > 0:
-            # SentencePiece's own generator (per thread): seeded here, the segmentations repeat
-            # with the sample order.
+            # SentencePiece's own generator: seeded here, the segmentations repeat with the sample
+            # order when the pipeline runs in the training process (data.workers 0). In a forked
+            # DataLoader worker sentencepiece 0.2.3 did not repeat its draws for a seed.
             spm.set_random_generator_seed(stable_seed(self.seed, "subwords", self.rank, worker, epoch) % 2**31)
         limit = None
         if self.batches_per_epoch is not None:  # share this rank's batches out over its workers

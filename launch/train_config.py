@@ -70,7 +70,8 @@ class DataSection:
     # Subword regularization of the training captions (SentencePiece tokenizers; 0 = off): each
     # caption gets a randomly drawn segmentation. For a BPE model, the probability of skipping
     # each merge (BPE-dropout, 0.1 is usual); for a unigram model, the sampling exponent alpha
-    # (smaller is more random). Evaluation and exports always use the best segmentation.
+    # (smaller is more random). Evaluation and exports always use the best segmentation. The draws
+    # repeat for a seed only with data.workers 0 (SentencePiece's generator, see data_pipelines.loader).
     subword_sampling: float = 0.0
 
 

@@ -189,12 +189,15 @@ class Tokenizer:
         length = int(context_length or self.context_length)
         tokens = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
         dropped = []
-        # One thread when sampling: SentencePiece's generator is per thread, so a pool's draws
-        # would not repeat for the same seed.
-        options = ({"enable_sampling": True, "alpha": float(sampling), "nbest_size": -1, "num_threads": 1}
-                   if sampling > 0 else {})
         try:
-            encoded = self._sp.encode(list(texts), out_type=int, **options)
+            if sampling > 0:
+                # One text at a time: a batch call draws in fresh worker threads, each starting
+                # SentencePiece's generator again from its seed, so every batch would repeat the
+                # same draws. Single calls draw in this thread and continue one stream.
+                options = {"enable_sampling": True, "alpha": float(sampling), "nbest_size": -1}
+                encoded = [self._sp.encode(text, out_type=int, **options) for text in texts]
+            else:
+                encoded = self._sp.encode(list(texts), out_type=int)
         except TypeError:  # sentencepiece says only "List elements must be str or bytes"
             raise _unencodable(texts) from None
         for row, ids in enumerate(encoded):

@@ -128,3 +128,4 @@ def test_subword_sampling_draws_other_segmentations_of_the_same_text(tokenizer):
     assert all(row.count(EOS_ID) == 1 for row in sampled.tolist())
     spm.set_random_generator_seed(3)
     assert torch.equal(tokenizer(texts, context_length=32, sampling=0.1), sampled)  # seeded: the same draws
+    assert not torch.equal(tokenizer(texts, context_length=32, sampling=0.1), sampled)  # the next call: new ones
