@@ -117,7 +117,7 @@ PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe"}
 LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default in rounds 3-5
 LIMOE_E8E = {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
-             "model.moe.text": ENTROPY_TEXT}  # the demo's default since round 5
+             "model.moe.text": ENTROPY_TEXT}  # the demo's model since round 5 (with open_clip's BPE since round 8)
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -179,7 +179,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                          {**LIMOE_SP, "data.augment": {"scale_min": 0.5, "color_jitter": 0.2}}),
     "limoe-sp8000-cls": ("limoe-sp8000, image pooling at a class token instead of MAP: the demo's default in rounds 3-5",
                          LIMOE_CLS),
-    "dense-sp8000-cls": ("dense twin of the demo's default: the largest SentencePiece, a class token",
+    "dense-sp8000-cls": ("dense twin of the demo's default of rounds 3-7: the largest SentencePiece, a class token",
                          {**DENSE, "tokenizer": "sp8000", "model.image_pool": "cls"}),
     "limoe-sp8000-mean": ("limoe-sp8000, image pooling by the mean of the patches instead of MAP",
                           {**LIMOE_SP, "model.image_pool": "mean"}),
@@ -212,7 +212,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                    "the tokens, so up to 1.25x the MoE layers' MLP FLOPs)",
                                    {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.capacity_factor": 1.25}),
     "limoe-sp8000-cls-e8-entropy": ("limoe-sp8000-cls-e8 plus LIMoE's entropy losses (local 0.01; text global "
-                                    "0.05, S_text = 2): the demo's default since round 5", LIMOE_E8E),
+                                    "0.05, S_text = 2): the demo's default in rounds 5-7", LIMOE_E8E),
     # Round 5: whole words as single pieces without open_clip's 49k-token table.
     "limoe-sp8000-cls-spbpe8000": ("limoe-sp8000-cls with SentencePiece BPE (8,000 pieces) instead of unigram "
                                    "(~1.9k)", {**LIMOE_CLS, "tokenizer": "spbpe8000"}),
@@ -341,9 +341,9 @@ CONTRASTS = [
     # Round 5's adopted change: the demo's default since.
     ("8 experts with the entropy losses vs the default of rounds 3-5", "limoe-sp8000-cls-e8-entropy",
      "limoe-sp8000-cls", TOP1 + ["routing/text/drop_rate"]),
-    ("LIMoE (the demo's default since round 5) vs the open_clip peer", "limoe-sp8000-cls-e8-entropy", "open_clip",
+    ("LIMoE (the demo's default in rounds 5-7) vs the open_clip peer", "limoe-sp8000-cls-e8-entropy", "open_clip",
      TOP1),
-    ("LIMoE (the demo's default since round 5) vs its dense twin", "limoe-sp8000-cls-e8-entropy",
+    ("LIMoE (the demo's default in rounds 5-7) vs its dense twin", "limoe-sp8000-cls-e8-entropy",
      "dense-sp8000-cls", TOP1),
     # Round 6: fine-grained experts, against the class-token default.
     ("8 half-width experts, k = 2 (cls)", "limoe-sp8000-cls-e8k2", "limoe-sp8000-cls",
