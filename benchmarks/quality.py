@@ -573,6 +573,22 @@ def variant_order(name: str) -> tuple[int, str]:
     return (names.index(name), "") if name in names else (len(names), name)
 
 
+# Two-sided 95 % quantiles of Student's t for 1-30 degrees of freedom (the standard table);
+# past 30 the normal quantile 1.96 is within 2 % of t's.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042)
+
+
+def ci95_halfwidth(std: float | None, n: int) -> float | None:
+    """Half-width of the 95 % confidence interval of a mean of n values with sample std `std`
+    (Student's t; None for one value). For paired differences over seeds: an interval that
+    contains 0 means the seeds do not tell which variant is ahead."""
+    if std is None or n < 2:
+        return None
+    return (T975[n - 2] if n - 1 <= len(T975) else 1.96) * std / n ** 0.5
+
+
 def paired_differences(results: list[dict], first: str, second: str, metric: str) -> dict | None:
     """first - second, seed by seed, over the seeds both have; None if they share none."""
     a = {r["seed"]: flat_metrics(r).get(metric) for r in results if r["variant"] == first}
@@ -581,7 +597,9 @@ def paired_differences(results: list[dict], first: str, second: str, metric: str
     if not seeds:
         return None
     diffs = [a[s] - b[s] for s in seeds]
-    return {**describe(diffs), "seeds": seeds, "first_higher": sum(d > 0 for d in diffs)}
+    d = describe(diffs)
+    return {**d, "ci95": ci95_halfwidth(d["std"], d["n"]), "seeds": seeds,
+            "first_higher": sum(x > 0 for x in diffs)}
 
 
 def contrasts(results: list[dict]) -> list[dict]:
@@ -694,14 +712,16 @@ def metric_label(metric: str) -> str:
 def contrast_table(rows: list[dict]) -> str:
     if not rows:
         return "(no pair of variants with common seeds)"
-    lines = ["| claim | difference | metric | mean ± std over seeds | min … max | first higher |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = ["| claim | difference | metric | mean ± std over seeds | 95 % CI of the mean | min … max | first higher |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         counted = r["metric"].endswith("experts_used")
         fmt = (lambda x: f"{x:+.2f}") if counted else (lambda x: f"{100 * x:+.1f} pt")  # noqa: E731
         spread = f" ± {fmt(r['std'])[1:]}" if r["std"] is not None else ""  # a std has no sign
+        half = r.get("ci95")
+        interval = f"{fmt(r['mean'] - half)} … {fmt(r['mean'] + half)}" if half is not None else "-"
         lines.append(f"| {r['claim']} | {r['first']} − {r['second']} | {metric_label(r['metric'])} | "
-                     f"{fmt(r['mean'])}{spread} | {fmt(r['min'])} … {fmt(r['max'])} | "
+                     f"{fmt(r['mean'])}{spread} | {interval} | {fmt(r['min'])} … {fmt(r['max'])} | "
                      f"{r['first_higher']}/{r['n']} |")
     return "\n".join(lines)
 
@@ -844,7 +864,9 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
         "",
         contrast_table(contrast_rows),
         "",
-        "First minus second, seed by seed (pt = percentage points); \"first higher\": in how many seeds.",
+        "First minus second, seed by seed (pt = percentage points); \"first higher\": in how many seeds. "
+        "95 % CI: mean ± t(0.975, n-1) · std / √n over the n seeds (Student's t); where it contains 0, "
+        "these seeds do not tell which of the two is ahead.",
         "",
         "### Training",
         "",

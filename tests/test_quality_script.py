@@ -108,7 +108,22 @@ def test_paired_differences_match_seeds_and_skip_unpaired_ones():
     assert d["seeds"] == [0, 1]
     assert d["mean"] == pytest.approx(((0.30 - 0.20) + (0.25 - 0.30)) / 2)
     assert d["first_higher"] == 1 and d["n"] == 2
+    # 95 % interval of the mean difference: t(0.975, 1 degree of freedom) = 12.706
+    assert d["ci95"] == pytest.approx(12.706 * d["std"] / 2 ** 0.5)
+    single = quality.paired_differences(results[:1] + results[3:4], "limoe", "dense", "zeroshot/category/top1")
+    assert single["n"] == 1 and single["ci95"] is None
     assert quality.paired_differences(results, "limoe-e8", "dense", "zeroshot/category/top1") is None
+
+
+def test_confidence_interval_narrows_with_seeds_and_shows_in_the_table():
+    assert quality.ci95_halfwidth(1.0, 3) == pytest.approx(4.303 / 3 ** 0.5)
+    assert quality.ci95_halfwidth(1.0, 7) < quality.ci95_halfwidth(1.0, 3)
+    assert quality.ci95_halfwidth(1.0, 100) == pytest.approx(1.96 / 10)
+    assert quality.ci95_halfwidth(None, 1) is None
+    row = {"claim": "c", "first": "a", "second": "b", "metric": "zeroshot/name/top1", "mean": 0.01,
+           "std": 0.01, "ci95": 0.02, "min": 0.0, "max": 0.02, "n": 3, "first_higher": 2}
+    table = quality.contrast_table([row])
+    assert "| -1.0 pt … +3.0 pt |" in table and "95 % CI" in table
 
 
 def test_contrasts_cover_the_variants_that_ran():
