@@ -251,6 +251,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                      {**LIMOE_E8E, "model.moe.num_experts": 16, "model.moe.k": 2, "model.moe.expert_mlp_dim": 256}),
     "limoe-e8e-sample0.2": ("the round-5 default with unigram subword sampling in training (alpha 0.2, all "
                             "segmentations)", {**LIMOE_E8E, "data.subword_sampling": 0.2}),
+    # Round 9: the text tokens take the expert slots before the image patches (BPR within each).
+    "limoe-e8e-bpe-textfirst": ("limoe-e8e-bpe with the text tokens first to the expert slots "
+                                "(`moe.priority_modality: text`; the same capacity and FLOPs)",
+                                {**LIMOE_E8E, "tokenizer": "bpe", "model.moe.priority_modality": "text"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe", "dense-cls-bpe", "open_clip")
@@ -363,6 +367,9 @@ CONTRASTS = [
     ("16 experts (round-5 default)", "limoe-e16e", "limoe-sp8000-cls-e8-entropy", TOP1 + ["routing/text/drop_rate"]),
     ("16 half-width experts, k = 2 (round-5 default)", "limoe-e16k2e", "limoe-sp8000-cls-e8-entropy",
      TOP1 + ["routing/text/drop_rate"]),
+    ("text first to the expert slots (round-8 default)", "limoe-e8e-bpe-textfirst", "limoe-e8e-bpe",
+     TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("text first to the expert slots vs the open_clip peer", "limoe-e8e-bpe-textfirst", "open_clip", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).

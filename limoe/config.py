@@ -64,6 +64,9 @@ class MoEConfig:
     eval_capacity_factor: float = 1.0  # only used when eval_dropless is False
     eval_dropless: bool = True  # inference never depends on batch composition
     batch_priority_routing: bool = True
+    # A modality whose tokens take the expert slots before the other's ("text" or "image"),
+    # then BPR within each; None (default, as in LIMoE): one ranking over all tokens.
+    priority_modality: str | None = None
     noise_std: float = 1.0  # router noise sigma = noise_std / num_experts, training only
     renormalize_gates: bool = False  # for k > 1; V-MoE does not renormalise
     expert_type: str = "mlp"  # "mlp" (GELU) or "swiglu"
@@ -150,6 +153,9 @@ class LIMoEConfig:
             raise ValueError(f"moe.expert_mlp_dim must be >= 0 (0 = mlp_dim), got {moe.expert_mlp_dim}")
         if moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0:
             raise ValueError("capacity factors must be positive")
+        if moe.priority_modality is not None and moe.priority_modality not in MODALITIES:
+            raise ValueError(f"moe.priority_modality must be one of {MODALITIES} or null, "
+                             f"got {moe.priority_modality!r}")
         if moe.noise_std < 0:
             raise ValueError(f"moe.noise_std must be >= 0, got {moe.noise_std}")
         moe.moe_layers(self.depth)

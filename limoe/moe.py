@@ -83,7 +83,8 @@ class LIMoEGate(nn.Module):
             token_groups.num_routed, self.num_experts, self.k, factor)
         routes = routing.assign_routes(router.probs, self.k, capacity,
                                        batch_priority=self.config.batch_priority_routing,
-                                       valid=token_groups.valid, renormalize=self.config.renormalize_gates)
+                                       valid=token_groups.valid, renormalize=self.config.renormalize_gates,
+                                       first=token_groups.masks.get(self.config.priority_modality))
         return routes, self.aux(router, token_groups, routes)
 
     def aux(self, router: RouterOutput, token_groups: TokenGroups, routes: Routes) -> dict:

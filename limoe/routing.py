@@ -108,6 +108,7 @@ def assign_routes(
     batch_priority: bool = True,
     valid: torch.Tensor | None = None,
     renormalize: bool = False,
+    first: torch.Tensor | None = None,
 ) -> Routes:
     """Assign tokens to expert slots.
 
@@ -117,6 +118,9 @@ def assign_routes(
     `capacity` is a Python int or a 0-dim tensor (kept on its device);
     `capacity=None` is dropless: every route is kept.
     `valid` [S] bool marks tokens to route at all (False = padding).
+    `first` [S] bool marks tokens that take the slots before all others within
+    each choice level (`moe.priority_modality`); among themselves, and among the
+    rest, the order above holds.
     """
     num_tokens, num_experts = probs.shape
     top_p, top_e = probs.topk(k, dim=-1)  # [S, k]
@@ -129,6 +133,8 @@ def assign_routes(
         order = torch.argsort(top_p[:, 0], descending=True, stable=True)
     else:
         order = torch.arange(num_tokens, device=probs.device)
+    if first is not None:  # a stable sort on the group keeps each group's order
+        order = order[torch.argsort((~first[order]).to(torch.uint8), stable=True)]
 
     # One-hot of each route's expert, in assignment order: (choice level, priority), laid out
     # [E, k*S] so the running count per expert is a scan along the last (contiguous) dim: on

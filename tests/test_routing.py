@@ -296,3 +296,30 @@ def test_dropped_tokens_get_zero_moe_output():
     assert torch.all(y[dropped] == 0)
     assert torch.all(y[~dropped].abs().sum(-1) > 0)
     assert aux["stats"]["image"]["dropped"].item() == int(dropped.sum())
+
+
+def test_a_priority_modality_takes_the_slots_first_then_bpr_within_it():
+    # Tokens 0-5 image, 6-7 text; all want expert 0; the text tokens are the least confident.
+    probs = _all_to_expert_zero([0.90, 0.95, 0.85, 0.80, 0.75, 0.70, 0.30, 0.40])
+    text = torch.tensor([False] * 6 + [True] * 2)
+    plain = routing.assign_routes(probs, k=1, capacity=4, batch_priority=True)
+    assert (plain.expert[0, 6:] == -1).all()  # BPR alone drops both text tokens
+    routes = routing.assign_routes(probs, k=1, capacity=4, batch_priority=True, first=text)
+    assert (routes.expert[0] == 0).nonzero().flatten().tolist() == [0, 1, 6, 7]
+    assert routes.position[0, 7] == 0 and routes.position[0, 6] == 1  # text by BPR, then image by BPR
+    assert routes.position[0, 1] == 2 and routes.position[0, 0] == 3
+    no_bpr = routing.assign_routes(probs, k=1, capacity=4, batch_priority=False, first=text)
+    assert (no_bpr.expert[0] == 0).nonzero().flatten().tolist() == [0, 1, 6, 7]  # text, then earliest
+
+
+def test_the_gate_gives_the_priority_modality_its_slots():
+    gate = _gate(num_experts=2, capacity_factor=1.0, priority_modality="text")
+    with torch.no_grad():
+        gate.wg.weight.copy_(torch.stack([torch.ones(8), -torch.ones(8)]))  # every token prefers expert 0
+    x = torch.rand(20, 8) + 0.1
+    x[16:] *= 0.01  # the text tokens are the least confident: BPR alone would drop them
+    modality = torch.tensor([IMAGE] * 16 + [TEXT] * 4)
+    routes, _ = gate(x, TokenGroups.from_modality(modality))
+    assert (routes.expert[0, 16:] == 0).all()
+    with pytest.raises(ValueError, match="priority_modality"):
+        LIMoEConfig(moe={"priority_modality": "audio"})
