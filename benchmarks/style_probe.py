@@ -1,0 +1,148 @@
+"""Is a zero-shot difference between trained models on the image side or the text side?
+
+Zero-shot classification needs both towers: image embeddings, and text embeddings of the
+class prompts. This probe leaves the text out. For each trained run (a folder with `export/`,
+as `benchmarks/quality.py` and `limoe demo` write them) and each granularity (name,
+subcategory, category):
+
+1. embed every image of the training style (Noto, `--train-style`) and average the embeddings
+   of each class into a centroid (no training, no prompts);
+2. classify every image of the unseen style (Twemoji, `--data`) by its nearest centroid
+   (cosine), and report top-1.
+
+If model A beats model B here but not in zero-shot, A's images carry the classes across
+drawing styles at least as well as B's, and A's shortfall in zero-shot is in how its text
+embeddings of the prompts line up with them.
+
+    python benchmarks/style_probe.py --data data/emoji-twitter --train-style data/emoji-google \\
+        runs/quality/runs/limoe-e8e-bpe-seed{0,1,2} runs/quality/runs/open_clip-seed{0,1,2}
+
+Prints a markdown table (mean over each variant's seeds, a run folder named
+`<variant>-seed<s>`) and writes JSON (--out). Evaluation only: about 30 s per run on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GRANULARITIES = ("name", "subcategory", "category")
+
+
+def variant_of(run: Path) -> str:
+    return re.sub(r"-seed\d+$", "", run.name)
+
+
+def embed_folder(model, preprocess, folder: Path, batch_size: int = 256):
+    """(L2-normalised image embeddings [N, D], labels [N], class names) of a labelled folder."""
+    import torch
+
+    from eval.datasets import open_labelled_images
+    from eval.encode import evaluating, model_device
+
+    image_size = model.config.image_size if hasattr(model, "config") else None
+    data = open_labelled_images(folder, preprocess, image_size)
+    features, labels = [], []
+    with evaluating(model):
+        for images, batch_labels in data.batches(batch_size):
+            features.append(model.encode_image(images.to(model_device(model)), normalize=True).float().cpu())
+            labels.append(batch_labels)
+    if data.skipped:
+        print(f"warning: {folder}: skipped {dict(data.skipped)}", file=sys.stderr)
+    return torch.cat(features), torch.cat(labels), data.classnames
+
+
+def nearest_centroid_top1(train_x, train_y, test_x, test_y, num_classes: int) -> float:
+    """Top-1 of classifying test_x by the nearest (cosine) class centroid of train_x. A test image
+    whose class has no training image counts as wrong."""
+    import torch
+
+    sums = torch.zeros(num_classes, train_x.shape[1]).index_add_(0, train_y, train_x)
+    present = torch.bincount(train_y, minlength=num_classes) > 0
+    centroids = torch.nn.functional.normalize(sums, dim=-1)
+    scores = test_x @ centroids.T
+    scores[:, ~present] = float("-inf")
+    return (scores.argmax(1) == test_y).float().mean().item()
+
+
+def probe(export: Path, train_style: Path, data: Path) -> dict[str, float]:
+    import limoe
+
+    model, preprocess, _ = limoe.load(export)
+    out = {}
+    for g in GRANULARITIES:
+        train_x, train_y, train_names = embed_folder(model, preprocess, train_style / "zeroshot" / g)
+        test_x, test_y, test_names = embed_folder(model, preprocess, data / "zeroshot" / g)
+        if train_names != test_names:
+            raise SystemExit(f"error: the {g} classes of {train_style} and {data} differ")
+        out[g] = nearest_centroid_top1(train_x, train_y, test_x, test_y, len(test_names))
+    return out
+
+
+def per_variant(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, dict]]:
+    """{variant: {granularity: {"mean", "std", "n"}}} over the variant's seeds."""
+    runs_of: dict[str, list[str]] = {}
+    for run in per_run:
+        runs_of.setdefault(variant_of(Path(run)), []).append(run)
+    out = {}
+    for v, runs in runs_of.items():
+        out[v] = {}
+        for g in GRANULARITIES:
+            values = [per_run[r][g] for r in runs]
+            out[v][g] = {"mean": statistics.fmean(values), "n": len(values),
+                         "std": statistics.stdev(values) if len(values) > 1 else None}
+    return out
+
+
+def table(summary: dict[str, dict[str, dict]]) -> str:
+    lines = ["| variant | seeds | " + " | ".join(f"{g} top-1" for g in GRANULARITIES) + " |",
+             "|---|---:|" + "---:|" * len(GRANULARITIES)]
+    for v, by_g in summary.items():
+        cells = []
+        for g in GRANULARITIES:
+            s = by_g[g]
+            cells.append(f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else ""))
+        lines.append(f"| {v} | {by_g[GRANULARITIES[0]]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders, each with export/ (named <variant>-seed<s>)")
+    p.add_argument("--data", type=Path, default=Path("data/emoji-twitter"),
+                   help="the unseen style's data set, classified (default data/emoji-twitter)")
+    p.add_argument("--train-style", type=Path, default=Path("data/emoji-google"),
+                   help="the training style's data set, whose images make the centroids (default data/emoji-google)")
+    p.add_argument("--out", type=Path, default=Path("style_probe.json"), help="JSON output (default style_probe.json)")
+    args = p.parse_args(argv)
+    missing = [str(r) for r in args.runs if not (r / "export").is_dir()]
+    if missing:
+        p.error("no export/ in " + ", ".join(missing))
+    for d in (args.data, args.train_style):
+        if not (d / "zeroshot" / "name").is_dir():
+            p.error(f"{d}/zeroshot/name not found: pass the folder `limoe data emoji --style ...` built")
+
+    from tqdm import tqdm
+
+    from limoe.files import write_json
+
+    per_run = {run.name: probe(run / "export", args.train_style, args.data)
+               for run in tqdm(args.runs, desc="runs", unit="run")}
+    summary = per_variant(per_run)
+    print(f"\nNearest class centroid of {args.train_style.name} image embeddings, top-1 (%) on "
+          f"{args.data.name}, mean ± std over each variant's seeds:\n")
+    print(table(summary))
+    write_json({"per_run": per_run, "per_variant": summary, "runs": [str(r) for r in args.runs],
+                "data": str(args.data), "train_style": str(args.train_style)}, args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
