@@ -35,6 +35,13 @@ def variant_of(run: Path) -> str:
     return re.sub(r"-seed\d+$", "", run.name)
 
 
+def check_runs(parser: argparse.ArgumentParser, runs: list[Path]) -> None:
+    """Refuse, through the parser, run folders without export/."""
+    missing = [str(r) for r in runs if not (r / "export").is_dir()]
+    if missing:
+        parser.error("no export/ in " + ", ".join(missing))
+
+
 def name_categories(zeroshot: Path) -> tuple[list[str], list[str]]:
     """The category of each name class (by index), from the image files the two folders share."""
     names = (zeroshot / "name" / "classnames.txt").read_text().splitlines()
@@ -109,9 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("name_errors.json"), help="JSON output (default name_errors.json)")
     args = p.parse_args(argv)
     zeroshot = args.data / "zeroshot"
-    missing = [str(r) for r in args.runs if not (r / "export").is_dir()]
-    if missing:
-        p.error("no export/ in " + ", ".join(missing))
+    check_runs(p, args.runs)
     if not (zeroshot / "name").is_dir():
         p.error(f"{zeroshot}/name not found: pass --data, the folder `limoe data emoji --style twitter` built")
 

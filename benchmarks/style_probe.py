@@ -23,21 +23,17 @@ Prints a markdown table (mean over each variant's seeds, a run folder named
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):  # launch.demo; benchmarks/name_errors.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-GRANULARITIES = ("name", "subcategory", "category")
-
-
-def variant_of(run: Path) -> str:
-    return re.sub(r"-seed\d+$", "", run.name)
-
+from launch.demo import GRANULARITIES  # noqa: E402 (light imports)
+from name_errors import check_runs, variant_of  # noqa: E402
 
 def embed_folder(model, preprocess, folder: Path, batch_size: int = 256):
     """(L2-normalised image embeddings [N, D], labels [N], class names) of a labelled folder."""
@@ -121,9 +117,7 @@ def main(argv=None) -> int:
                    help="the training style's data set, whose images make the centroids (default data/emoji-google)")
     p.add_argument("--out", type=Path, default=Path("style_probe.json"), help="JSON output (default style_probe.json)")
     args = p.parse_args(argv)
-    missing = [str(r) for r in args.runs if not (r / "export").is_dir()]
-    if missing:
-        p.error("no export/ in " + ", ".join(missing))
+    check_runs(p, args.runs)
     for d in (args.data, args.train_style):
         if not (d / "zeroshot" / "name").is_dir():
             p.error(f"{d}/zeroshot/name not found: pass the folder `limoe data emoji --style ...` built")
