@@ -5,12 +5,13 @@ Every variant is a real training run of the `cpu-demo` config through the `deeps
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
 steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
 tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
-2 ranks. The models compared: LIMoE as the demo trains it (`limoe-sp8000-cls-e8-entropy`: the
-largest SentencePiece the captions give, images pooled at a class token, 8 experts, LIMoE's
-entropy losses; `limoe-sp8000-cls` is the same with 4 experts and no entropy losses, the
-default of rounds 3-5; `limoe-sp8000` pools images by MAP, and `limoe` is the first demo's,
-with 1,000 pieces), its dense one-tower twin
-(`dense-sp8000-cls`, `dense-sp8000`, `dense`), and the peer, open_clip's two-tower CLIP of
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe-e8e-bpe`: open_clip's
+BPE, images pooled at a class token, 8 experts, LIMoE's entropy losses; the demo's default
+since round 8; `limoe-sp8000-cls-e8-entropy` is the same with the largest SentencePiece the
+captions give, the default of rounds 5-7; `limoe-sp8000-cls` has 4 experts and no entropy
+losses, rounds 3-5; `limoe-sp8000` pools images by MAP, and `limoe` is the first demo's,
+with 1,000 pieces), its dense one-tower twin (`dense-cls-bpe`; `dense-sp8000-cls`,
+`dense-sp8000`, `dense` for the older defaults), and the peer, open_clip's two-tower CLIP of
 the same width and depth and so the same FLOPs per pair (`open_clip`, limoe/two_tower.py,
 with open_clip's BPE). The
 other variants change one thing each. Each run is then measured on the Twemoji (twitter)
@@ -255,6 +256,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-bpe-textfirst": ("limoe-e8e-bpe with the text tokens first to the expert slots "
                                 "(`moe.priority_modality: text`; the same capacity and FLOPs)",
                                 {**LIMOE_E8E, "tokenizer": "bpe", "model.moe.priority_modality": "text"}),
+    # Round 10: the text gets its own copy of parts of each block (the same FLOPs; the experts stay shared).
+    "limoe-e8e-bpe-textnorms": ("limoe-e8e-bpe with the text's own LayerNorms in every block "
+                                "(`modality_specific: [norms]`)",
+                                {**LIMOE_E8E, "tokenizer": "bpe", "model.modality_specific": ["norms"]}),
+    "limoe-e8e-bpe-textattn": ("limoe-e8e-bpe with the text's own LayerNorms and attention in every block "
+                               "(`modality_specific: [norms, attention]`; only the MLPs and experts shared)",
+                               {**LIMOE_E8E, "tokenizer": "bpe", "model.modality_specific": ["norms", "attention"]}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe", "dense-cls-bpe", "open_clip")
@@ -370,6 +378,11 @@ CONTRASTS = [
     ("text first to the expert slots (round-8 default)", "limoe-e8e-bpe-textfirst", "limoe-e8e-bpe",
      TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("text first to the expert slots vs the open_clip peer", "limoe-e8e-bpe-textfirst", "open_clip", TOP1),
+    # Round 10: text-specific norms / attention in the shared tower.
+    ("the text's own norms (round-8 default)", "limoe-e8e-bpe-textnorms", "limoe-e8e-bpe", TOP1),
+    ("the text's own norms and attention (round-8 default)", "limoe-e8e-bpe-textattn", "limoe-e8e-bpe", TOP1),
+    ("the text's own norms vs the open_clip peer", "limoe-e8e-bpe-textnorms", "open_clip", TOP1),
+    ("the text's own norms and attention vs the open_clip peer", "limoe-e8e-bpe-textattn", "open_clip", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).

@@ -114,6 +114,9 @@ class LIMoEConfig:
     vocab_size: int = 8000
     context_length: int = 16
     text_pool: str = "eos"  # "eos" or "map"
+    # Parts of each block the text gets its own copy of: [] (all shared, as LIMoE),
+    # "norms" (both LayerNorms), "attention" (the attention weights). Same FLOPs.
+    modality_specific: list[str] = field(default_factory=list)
     # Heads
     embed_dim: int = 128
     logit_scale_init: float = math.log(1 / 0.07)
@@ -128,6 +131,9 @@ class LIMoEConfig:
                 if isinstance(moe.get(m), dict):
                     moe[m] = AuxLossWeights(**moe[m])
             self.moe = MoEConfig(**moe)
+        if isinstance(self.modality_specific, str):
+            self.modality_specific = [self.modality_specific]
+        self.modality_specific = list(self.modality_specific)
         self.validate()
 
     def validate(self) -> None:
@@ -142,6 +148,9 @@ class LIMoEConfig:
             raise ValueError(f"image_pool must be 'map', 'mean' or 'cls', got {self.image_pool!r}")
         if self.text_pool not in ("eos", "map"):
             raise ValueError(f"text_pool must be 'eos' or 'map', got {self.text_pool!r}")
+        bad = sorted(set(self.modality_specific) - {"norms", "attention"})
+        if bad:
+            raise ValueError(f"modality_specific may name 'norms' and 'attention', got {bad}")
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {self.loss!r}")
         moe = self.moe

@@ -22,22 +22,42 @@ PAD_ID = 0  # the tokenizer pads with id 0
 
 
 class Block(nn.Module):
-    """Pre-LN block: attention per sequence, then a dense MLP or an MoE over all tokens."""
+    """Pre-LN block: attention per sequence, then a dense MLP or an MoE over all tokens.
+
+    `config.modality_specific` names the parts each modality gets its own copy of
+    ("norms": both LayerNorms; "attention": the attention weights); the MLP or the
+    experts stay shared. The FLOPs per token do not change.
+    """
 
     def __init__(self, config: LIMoEConfig, moe: bool, ep_size: int = 1):
         super().__init__()
+        own = set(config.modality_specific)
         self.norm1 = nn.LayerNorm(config.width)
         self.attn = Attention(config.width, config.heads, config.kv_heads)
         self.norm2 = nn.LayerNorm(config.width)
+        # The text copies; the image side uses norm1 / attn / norm2 above.
+        self.text_norm1 = nn.LayerNorm(config.width) if "norms" in own else None
+        self.text_norm2 = nn.LayerNorm(config.width) if "norms" in own else None
+        self.text_attn = Attention(config.width, config.heads, config.kv_heads) if "attention" in own else None
         expert = make_mlp(config.moe.expert_type, config.width, config.expert_hidden if moe else config.mlp_dim)
         self.mlp = LIMoELayer(config.width, expert, config.moe, ep_size) if moe else expert
         self.is_moe = moe
 
-    def forward(self, seqs: list[torch.Tensor], causal: list[bool], token_groups: TokenGroups):
-        seqs = [x + self.attn(self.norm1(x), causal=c) for x, c in zip(seqs, causal)]
+    def _parts(self, modality: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+        if modality == "text":
+            return (self.text_norm1 or self.norm1, self.text_attn or self.attn, self.text_norm2 or self.norm2)
+        return self.norm1, self.attn, self.norm2
+
+    def forward(self, seqs: list[torch.Tensor], kinds: list[str], token_groups: TokenGroups):
+        parts = [self._parts(m) for m in kinds]
+        # Text attention is causal, so padding after the end token cannot leak in.
+        seqs = [x + attn(norm1(x), causal=m == "text") for x, m, (norm1, attn, _) in zip(seqs, kinds, parts)]
         shapes = [x.shape for x in seqs]
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in seqs])
-        h = self.norm2(flat)
+        if self.text_norm2 is None:
+            h = self.norm2(flat)
+        else:
+            h = torch.cat([norm2(x.reshape(-1, x.shape[-1])) for x, (_, _, norm2) in zip(seqs, parts)])
         if self.is_moe:
             h, aux = self.mlp(h, token_groups)
         else:
@@ -123,23 +143,23 @@ class LIMoE(nn.Module):
         return self.text_proj(x)
 
     def _run_blocks(self, images: torch.Tensor | None, tokens: torch.Tensor | None):
-        seqs, causal, modality = [], [], []
+        seqs, kinds, modality = [], [], []
         if images is not None:
             x = self._embed_image(images)
             seqs.append(x)
-            causal.append(False)
+            kinds.append("image")
             modality.append(torch.full((x.shape[0] * x.shape[1],), IMAGE, device=x.device))
         if tokens is not None:
             seqs.append(self._embed_text(tokens))
-            causal.append(True)  # causal text attention: padding after the end token cannot leak in
+            kinds.append("text")
             modality.append(torch.where(tokens.reshape(-1) == PAD_ID, IGNORE, TEXT))
         token_groups = TokenGroups.from_modality(torch.cat(modality))
         auxes = []
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                seqs, aux = checkpoint(block, seqs, causal, token_groups, use_reentrant=False)
+                seqs, aux = checkpoint(block, seqs, kinds, token_groups, use_reentrant=False)
             else:
-                seqs, aux = block(seqs, causal, token_groups)
+                seqs, aux = block(seqs, kinds, token_groups)
             if aux is not None:
                 auxes.append(aux)
         return seqs, auxes

@@ -160,6 +160,39 @@ def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
     assert model.blocks[0].attn.kv.weight.shape[0] == 2 * 2 * 8
 
 
+def test_modality_specific_parts_are_the_shared_ones_copied_for_the_text(tiny_tokenizer):
+    """Text copies of the norms and attention, started equal to the shared ones, give
+    the shared model's outputs; moving a text copy moves the text features only."""
+    images, tokens = _batch(tiny_tokenizer)
+    shared = make_tiny_model(tiny_tokenizer).eval()
+    own = make_tiny_model(tiny_tokenizer, modality_specific=["norms", "attention"]).eval()
+    extra = sum(p.numel() for p in own.parameters()) - sum(p.numel() for p in shared.parameters())
+    per_block = sum(p.numel() for m in (shared.blocks[0].norm1, shared.blocks[0].norm2, shared.blocks[0].attn)
+                    for p in m.parameters())
+    assert extra == per_block * len(own.blocks)
+    assert flops_per_pair(own.config) == flops_per_pair(shared.config)
+    state = shared.state_dict()
+    for i in range(len(own.blocks)):
+        for part in ("norm1", "norm2", "attn"):
+            for key, value in shared.blocks[i].get_submodule(part).state_dict().items():
+                state[f"blocks.{i}.text_{part}.{key}"] = value
+    own.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(own.encode_text(tokens), shared.encode_text(tokens))
+        torch.testing.assert_close(own(images, tokens)["image_features"], shared(images, tokens)["image_features"])
+        before = own.encode_image(images), own.encode_text(tokens)
+        own.blocks[0].text_norm1.weight.mul_(2.0)
+        own.blocks[1].text_attn.q.weight.mul_(0.5)
+        torch.testing.assert_close(own.encode_image(images), before[0])
+        assert not torch.allclose(own.encode_text(tokens), before[1])
+    own.train()
+    LIMoELoss()(own(images, tokens))["loss"].backward()
+    assert own.blocks[0].text_norm2.weight.grad is not None and own.blocks[0].text_attn.out.weight.grad is not None
+    assert make_tiny_model(tiny_tokenizer, modality_specific="norms").blocks[0].text_attn is None
+    with pytest.raises(ValueError, match="modality_specific"):
+        make_tiny_model(tiny_tokenizer, modality_specific=["mlp"])
+
+
 def test_fine_grained_experts_spend_one_full_experts_flops(tiny_tokenizer):
     """8 experts of half width with k = 2 against 4 full-width experts with k = 1: the
     same expert weight matrices and, but for the router, the same FLOPs, counted and analytic."""
