@@ -263,6 +263,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-bpe-textattn": ("limoe-e8e-bpe with the text's own LayerNorms and attention in every block "
                                "(`modality_specific: [norms, attention]`; only the MLPs and experts shared)",
                                {**LIMOE_E8E, "tokenizer": "bpe", "model.modality_specific": ["norms", "attention"]}),
+    # Round 11: a caption drawn for one sample is a positive of every image of the batch that has it.
+    "limoe-e8e-bpe-pos": ("limoe-e8e-bpe with caption positives (`data.caption_positives`: a class caption "
+                          "drawn for one sample is a positive of every image in the batch that has it)",
+                          {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": True}),
+    "open_clip-pos": ("the open_clip peer with caption positives (`data.caption_positives`)",
+                      {**PEER, "data.caption_positives": True}),
+    "dense-cls-bpe-pos": ("dense-cls-bpe with caption positives (`data.caption_positives`)",
+                          {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": True}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe", "dense-cls-bpe", "open_clip")
@@ -383,6 +391,11 @@ CONTRASTS = [
     ("the text's own norms and attention (round-8 default)", "limoe-e8e-bpe-textattn", "limoe-e8e-bpe", TOP1),
     ("the text's own norms vs the open_clip peer", "limoe-e8e-bpe-textnorms", "open_clip", TOP1),
     ("the text's own norms and attention vs the open_clip peer", "limoe-e8e-bpe-textattn", "open_clip", TOP1),
+    ("caption positives (round-8 default)", "limoe-e8e-bpe-pos", "limoe-e8e-bpe", TOP1),
+    ("caption positives vs the open_clip peer", "limoe-e8e-bpe-pos", "open_clip", TOP1),
+    ("caption positives vs the peer with them", "limoe-e8e-bpe-pos", "open_clip-pos", TOP1),
+    ("caption positives, the peer", "open_clip-pos", "open_clip", TOP1),
+    ("caption positives vs its dense twin with them", "limoe-e8e-bpe-pos", "dense-cls-bpe-pos", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).

@@ -6,6 +6,7 @@ Training (`build_train_loader`), per rank and per DataLoader worker:
       --shuffle buffer--> [mix sources by weight] --decode, RGB, augment--> fixed-size
       batches, one caption per sample at random (one no other sample of the batch
       has, when it can) --tokenize--> (images, tokens)
+      [, caption keys, with caption_positives: see `caption_keys`]
 
 Each rank yields exactly `batches_per_epoch` batches per pass, shared out
 over its workers; everything random (shard draws, shuffle, caption choice,
@@ -148,21 +149,48 @@ def pick_caption(captions: Sequence[str], taken: set[str], rng: random.Random, u
     return rng.choice(fresh or captions)
 
 
+CAPTION_KEYS_WIDTH = 16  # the drawn caption, then up to 15 of the sample's captions
+
+
+def caption_key(caption: str) -> int:
+    """A stable nonzero int64 for a caption's text (equal texts, equal keys)."""
+    key = int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+    return key or 1
+
+
+def caption_keys(drawn: Sequence[str], options: Sequence[Sequence[str]],
+                 width: int = CAPTION_KEYS_WIDTH) -> torch.Tensor:
+    """[B, width] int64 for the multi-positive loss (`limoe.losses.CaptionPositivesLoss`):
+    column 0 the key of each sample's drawn caption, columns 1.. the keys of its captions,
+    the drawn one first (so a sample is always a positive of its own caption), 0-padded.
+    A fixed width lets ranks all-gather the keys; a sample with more than width - 1 captions
+    keeps the first ones (a pair missed that way counts as a negative, as without the option)."""
+    keys = torch.zeros(len(drawn), width, dtype=torch.long)
+    for row, (caption, captions) in enumerate(zip(drawn, options)):
+        mine = [caption] + [c for c in dict.fromkeys(captions) if c != caption]
+        keys[row, 0] = caption_key(caption)
+        keys[row, 1:1 + len(mine[:width - 1])] = torch.tensor([caption_key(c) for c in mine[:width - 1]])
+    return keys
+
+
 def train_batches(samples: Iterable, batch_size: int, tokenizer, rng: random.Random,
-                  unique_captions: bool = True,
-                  subword_sampling: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  unique_captions: bool = True, subword_sampling: float = 0.0,
+                  caption_positives: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Full batches only: a short last batch would change the contrastive loss's scale.
     `subword_sampling` > 0 tokenizes each caption with a randomly drawn segmentation
-    (`Tokenizer.encode_with_truncation`'s `sampling`; SentencePiece tokenizers only)."""
+    (`Tokenizer.encode_with_truncation`'s `sampling`; SentencePiece tokenizers only).
+    `caption_positives`: each batch also carries `caption_keys` (which images share captions)."""
     encode = tokenizer if subword_sampling <= 0 else partial(tokenizer, sampling=subword_sampling)
-    images, captions, taken = [], [], set()
-    for image, options in samples:
+    images, captions, options, taken = [], [], [], set()
+    for image, choices in samples:
         images.append(image)
-        captions.append(pick_caption(options, taken, rng, unique_captions))
+        options.append(choices)
+        captions.append(pick_caption(choices, taken, rng, unique_captions))
         taken.add(captions[-1])
         if len(images) == batch_size:
-            yield torch.stack(images), encode(captions)
-            images, captions, taken = [], [], set()
+            batch = (torch.stack(images), encode(captions))
+            yield batch + (caption_keys(captions, options),) if caption_positives else batch
+            images, captions, options, taken = [], [], [], set()
 
 
 def eval_batches(samples: Iterable[dict], batch_size: int, tokenizer=None) -> Iterator[dict]:
@@ -211,8 +239,10 @@ class TrainStream(IterableDataset):
     """The training pipeline of one rank; each DataLoader worker runs its own copy."""
 
     def __init__(self, sources, tokenizer, transform, batch_size, batches_per_epoch, rank, world_size,
-                 seed, epoch, resampled, shuffle_buffer, unique_captions=True, subword_sampling=0.0):
+                 seed, epoch, resampled, shuffle_buffer, unique_captions=True, subword_sampling=0.0,
+                 caption_positives=False):
         super().__init__()
+        self.caption_positives = caption_positives
         self.unique_captions = unique_captions
         self.subword_sampling = subword_sampling
         self.sources = sources  # list of (shard list, weight)
@@ -269,7 +299,7 @@ class TrainStream(IterableDataset):
             lambda: mix_by_weight(streams, [w for _, w in self.sources], rng),
             lambda raws: train_samples(raws, skips, self.transform, rng),
             lambda samples: train_batches(samples, self.batch_size, self.tokenizer, rng, self.unique_captions,
-                                          self.subword_sampling),
+                                          self.subword_sampling, self.caption_positives),
             lambda batches: with_skip_reports(batches, skips, limit),
         )
         yield from pipeline
@@ -383,8 +413,10 @@ def build_train_loader(
     pin_memory: bool = False,
     unique_captions: bool = True,
     subword_sampling: float = 0.0,
+    caption_positives: bool = False,
 ) -> ShardLoader:
-    """Training batches `(images [B,3,H,W] float, tokens [B,L] long)` for one rank.
+    """Training batches `(images [B,3,H,W] float, tokens [B,L] long)` for one rank, plus
+    `caption_keys [B, 16] long` (see `caption_keys`) when `caption_positives` is set.
 
     `sources`: a shard spec (folder, pattern, or list of shard paths) for one
     source, or DataSource objects (a list of them is mixed by weight).
@@ -400,7 +432,8 @@ def build_train_loader(
         resolved.append((resolve_shards(source.shards), float(source.weight)))
     transform = image_transform(image_size, train=True, augment=augment or AugmentConfig())
     dataset = TrainStream(resolved, tokenizer, transform, batch_size, batches_per_epoch, rank, world_size,
-                          seed, epoch, resampled, shuffle_buffer, unique_captions, subword_sampling)
+                          seed, epoch, resampled, shuffle_buffer, unique_captions, subword_sampling,
+                          caption_positives)
     num_samples = None if batches_per_epoch is None else batches_per_epoch * batch_size
     return ShardLoader(dataset, num_workers, batches_per_epoch, num_samples, pin_memory)
 

@@ -67,6 +67,10 @@ class DataSection:
     # Give each sample of a batch a caption no other sample of the batch has, when it has one
     # (identical captions in a contrastive batch are false negatives); false: uniform choice.
     unique_captions: bool = True
+    # Multi-positive contrastive loss: an image whose captions include a caption drawn for
+    # another sample of the batch counts as a positive of that caption too (a class-level
+    # caption describes every image of the class). Softmax loss (model.loss clip) only.
+    caption_positives: bool = False
     # Subword regularization of the training captions (SentencePiece tokenizers; 0 = off): each
     # caption gets a randomly drawn segmentation. For a BPE model, the probability of skipping
     # each merge (BPE-dropout, 0.1 is usual); for a unigram model, the sampling exponent alpha
@@ -577,6 +581,8 @@ def check_config(config: TrainConfig) -> None:
     _check(config.data.workers >= 0, "data.workers", f"must be >= 0, got {config.data.workers}")
     _check(0 <= config.data.subword_sampling <= 1, "data.subword_sampling",
            f"must be in [0, 1], got {config.data.subword_sampling}")
+    _check(not config.data.caption_positives or config.model.loss == "clip", "data.caption_positives",
+           f"needs the softmax loss (model.loss clip), not {config.model.loss!r}")
     report_targets(config.logging.report_to)
     augment_config(config.data.augment)
 

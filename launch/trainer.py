@@ -307,11 +307,13 @@ def train_loader(config: TrainConfig, tokenizer, model_config, state: TrainState
         num_workers=config.data.workers, seed=config.seed,
         augment=augment_config(config.data.augment),
         shuffle_buffer=config.data.shuffle_buffer, pin_memory=ranks.device.type == "cuda",
-        unique_captions=config.data.unique_captions, subword_sampling=config.data.subword_sampling)
+        unique_captions=config.data.unique_captions, subword_sampling=config.data.subword_sampling,
+        caption_positives=config.data.caption_positives)
 
 
 def data_batches(loader, state: TrainState):
-    """Endless (epoch, images, tokens) from the data position in `state`."""
+    """Endless (epoch, batch) from the data position in `state`; a batch is (images, tokens)
+    or, with data.caption_positives, (images, tokens, caption_keys)."""
     epoch, skip = divmod(state.batches_drawn, state.batches_per_epoch)
     while True:
         loader.set_epoch(epoch)
@@ -323,11 +325,11 @@ def data_batches(loader, state: TrainState):
             batches = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for images, tokens in batches:
+        for batch in batches:
             if skip:
                 skip -= 1
                 continue
-            yield epoch, images, tokens
+            yield epoch, batch
         epoch += 1
 
 
@@ -358,12 +360,12 @@ def train_step(engine, loss_fn, batches, state: TrainState, config: TrainConfig,
     start, drawn, bad_in_a_row = time.perf_counter(), state.batches_drawn, 0
     while engine.global_steps == state.step:
         t0 = time.perf_counter()
-        step.epoch, images, tokens = next(batches)
+        step.epoch, (images, tokens, *caption_keys) = next(batches)
         step.data_seconds += time.perf_counter() - t0
         drawn += 1
         torch.manual_seed(stable_seed(config.seed, "batch", drawn, ranks.rank))  # router noise, reproducible
         out = engine(images.to(ranks.device, dtype, non_blocking=True), tokens.to(ranks.device, non_blocking=True))
-        losses = loss_fn(out)
+        losses = loss_fn(out, *(keys.to(ranks.device) for keys in caption_keys))
         agreed = agree(losses, out, ranks.device)
         if agreed.stop_requested:
             step.stop = "signal"

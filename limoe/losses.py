@@ -3,13 +3,56 @@
 The contrastive part reuses open_clip: `ClipLoss(local_loss=True,
 gather_with_grad=True)` gathers features from every data-parallel rank with
 gradient and computes this rank's rows; `SigLipLoss` is the sigmoid option.
+With caption keys from the loader (`data.caption_positives`), the softmax loss
+counts every image whose captions include a batch caption as a positive of that
+caption (`CaptionPositivesLoss`), not only the image it was drawn for.
 The auxiliary routing losses are computed inside the MoE gates (routing.py)
 and arrive already weighted in `outputs["aux_loss"]`.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
+
+
+def positives_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
+    """[images, texts] bool: text j describes image i, i.e. the caption drawn for text j is
+    one of image i's captions. `image_keys` [images, 1 + M] as the loader makes them
+    (`data_pipelines.loader.caption_keys`): column 0 the key of the caption drawn for the
+    sample, columns 1.. the keys of all its captions, 0-padded; `text_keys` [texts] is column 0
+    of the texts' rows. Keys are never 0, so padding matches nothing."""
+    return (image_keys[:, 1:, None] == text_keys[None, None, :]).any(dim=1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the uniform distribution over each row's positives; with one
+    positive per row (the diagonal) this is F.cross_entropy with labels arange(n)."""
+    targets = positives.float() / positives.sum(dim=1, keepdim=True)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class CaptionPositivesLoss(ClipLoss):
+    """Softmax InfoNCE with every caption-sharing pair a positive (multi-positive, as UniCL).
+
+    A class-level caption ("a face smiling emoji") drawn for one sample also describes the
+    other samples of its class in the batch; plain InfoNCE pushes those images away from it.
+    Here each image's target is spread evenly over the batch captions it has, and each
+    caption's over the images that have it. Across data-parallel ranks the keys are gathered
+    with the features, so positives on other ranks count too.
+    """
+
+    def forward(self, image_features, text_features, logit_scale, caption_keys):
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
+        all_keys = caption_keys
+        if self.world_size > 1:
+            gathered = [torch.empty_like(caption_keys) for _ in range(self.world_size)]
+            torch.distributed.all_gather(gathered, caption_keys)
+            all_keys = torch.cat(gathered)
+        image_positives = positives_mask(caption_keys, all_keys[:, 0])  # this rank's images x all texts
+        text_positives = positives_mask(all_keys, caption_keys[:, 0]).T  # this rank's texts x all images
+        return (soft_cross_entropy(logits_per_image, image_positives)
+                + soft_cross_entropy(logits_per_text, text_positives)) / 2
 
 
 class LIMoELoss(torch.nn.Module):
@@ -22,11 +65,20 @@ class LIMoELoss(torch.nn.Module):
         else:
             raise ValueError(f"unknown contrastive loss {kind!r} (expected 'clip' or 'siglip')")
         self.kind = kind
+        self.caption_positives = CaptionPositivesLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                                      world_size=world_size) if kind == "clip" else None
 
-    def forward(self, outputs: dict) -> dict:
+    def forward(self, outputs: dict, caption_keys: torch.Tensor | None = None) -> dict:
+        """`caption_keys` (from a loader with `caption_positives`): every image with a batch
+        caption among its captions is a positive of that caption (`CaptionPositivesLoss`)."""
         args = [outputs["image_features"], outputs["text_features"], outputs["logit_scale"]]
-        if self.kind == "siglip":
-            args.append(outputs["logit_bias"])
-        contrastive = self.contrastive(*args)
+        if caption_keys is not None:
+            if self.caption_positives is None:
+                raise ValueError("caption positives need the softmax loss ('clip'), not 'siglip'")
+            contrastive = self.caption_positives(*args, caption_keys)
+        else:
+            if self.kind == "siglip":
+                args.append(outputs["logit_bias"])
+            contrastive = self.contrastive(*args)
         aux = outputs["aux_loss"]
         return {"loss": contrastive + aux, "contrastive_loss": contrastive, "aux_loss": aux}

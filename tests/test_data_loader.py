@@ -158,6 +158,38 @@ def test_a_batch_avoids_captions_another_sample_already_has(tmp_path, tokenizer)
     assert {t for _, tokens in loader for t in tokenizer.decode(tokens)} == {"beta beta"}
 
 
+def test_caption_keys_say_which_samples_have_each_drawn_caption(tmp_path, tokenizer):
+    from data_pipelines.loader import caption_key
+    from limoe.losses import positives_mask
+
+    # Samples 0-5: own caption plus "beta beta" (a class sentence); 6-11: own caption only.
+    records = [Record(f"s{i}", png_bytes(solid_image(i)), [f"alpha {i}"] + ["beta beta"] * (i < 6))
+               for i in range(12)]
+    shards = [str(tmp_path / name) for name in write_shards(records, tmp_path, "s", maxcount=6).shards]
+    loader = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=12, batches_per_epoch=None,
+                                resampled=False, seed=0, caption_positives=True)
+    (images, tokens, keys), = list(loader)
+    texts = tokenizer.decode(tokens)
+    assert keys.shape == (12, 16) and keys.dtype == torch.long
+    positives = positives_mask(keys, keys[:, 0])
+    assert positives.diagonal().all()  # every image has the caption drawn for it
+    sample = [next(n for n in range(12) if caption_key(f"alpha {n}") in row.tolist()) for row in keys]
+    assert sorted(sample) == list(range(12))  # each row's keys name its sample's own caption
+    has_beta = [n < 6 for n in sample]
+    beta = [j for j, t in enumerate(texts) if t == "beta beta"]
+    assert len(beta) == 1  # the unique-caption rule still draws the shared caption once at most
+    for i in range(12):
+        for j in range(12):
+            # "alpha N" describes only its own image; "beta beta" every image that has it.
+            want = (i == j) or (j in beta and has_beta[i])
+            assert positives[i, j].item() == want, (i, j, texts[i], texts[j])
+    # The images are the ones a plain loader gives: the keys ride along, nothing else changes.
+    plain = build_train_loader(shards, tokenizer, IMAGE_SIZE, batch_size=12, batches_per_epoch=None,
+                               resampled=False, seed=0)
+    (plain_images, plain_tokens), = list(plain)
+    assert torch.equal(plain_images, images) and torch.equal(plain_tokens, tokens)
+
+
 def test_subword_sampling_changes_the_pieces_not_the_captions(shards, tokenizer):
     roomy = Tokenizer(tokenizer.model_proto, context_length=48)  # sampled pieces are more: none cut off
 

@@ -8,7 +8,8 @@ as in one process, so:
 - each rank's outputs (features, logit scale, unweighted aux terms) equal those
   of a single-process ep_size=1 model with the same weights run on that rank's
   half of the batch;
-- each rank's contrastive loss equals the single-process loss rows of its half;
+- each rank's contrastive loss equals the single-process loss rows of its half, also
+  with caption positives shared across the ranks (data.caption_positives);
 - one optimizer step (SGD, so a wrong gradient scale would show) leaves the same
   weights as one single-process step on the whole batch.
 
@@ -57,6 +58,15 @@ def batch():
     return images, tokens
 
 
+def shared_caption_keys():
+    """Sample 0 draws "cls", which samples 3 and 4 (on the other rank) have too."""
+    from data_pipelines.loader import caption_keys
+
+    n = PER_RANK * EP
+    drawn = ["cls"] + [f"own {i}" for i in range(1, n)]
+    return caption_keys(drawn, [[f"own {i}"] + ["cls"] * (i in (0, 3, 4)) for i in range(n)])
+
+
 def run_worker(out_dir: str) -> None:
     """One rank: forward + loss + backward + SGD step through a DeepSpeed engine."""
     import deepspeed
@@ -90,6 +100,7 @@ def run_worker(out_dir: str) -> None:
     engine.train()
     out = engine(images[mine], tokens[mine])
     loss = LIMoELoss("clip", rank=rank, world_size=world)(out)
+    positives_loss = LIMoELoss("clip", rank=rank, world_size=world)(out, shared_caption_keys()[mine])
     engine.backward(loss["loss"])
     engine.step()
     result = {
@@ -97,6 +108,7 @@ def run_worker(out_dir: str) -> None:
         "text_features": out["text_features"].detach(),
         "logit_scale": out["logit_scale"].detach(),
         "loss": loss["loss"].detach(),
+        "positives_loss": positives_loss["contrastive_loss"].detach(),
         "ep_rank": torch.tensor(ep_rank),
         **{f"aux_layer_mean/{k}": v.detach() for k, v in out["aux_terms"].items()},
         **{f"param/{k}": v.detach().clone() for k, v in engine.module.state_dict().items()},
@@ -170,6 +182,25 @@ def test_each_rank_loss_equals_its_rows_of_the_single_process_loss(ranks, refere
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         want = (F.cross_entropy(logits[rows], labels[rows]) + F.cross_entropy(logits.T[rows], labels[rows])) / 2
         torch.testing.assert_close(got["loss"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_caption_positives_on_other_ranks_count_as_in_one_process(ranks, reference):
+    from limoe.losses import positives_mask
+
+    images, tokens = batch()
+    reference.train()
+    with torch.no_grad():
+        out = reference(images, tokens)
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    keys = shared_caption_keys()
+    positives = positives_mask(keys, keys[:, 0])
+    assert positives[3, 0] and positives[4, 0] and positives.sum() == PER_RANK * EP + 2
+    per_image = -(positives / positives.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
+    per_text = -(positives.T / positives.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1)
+    for rank, got in enumerate(ranks):
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        want = (per_image[rows].mean() + per_text[rows].mean()) / 2
+        torch.testing.assert_close(got["positives_loss"], want, atol=1e-5, rtol=1e-5)
 
 
 def test_one_optimizer_step_equals_single_process_step_on_the_whole_batch(ranks, reference):

@@ -189,6 +189,13 @@ def test_ep_size_that_does_not_divide_the_world_size_is_rejected():
         load_config(minimal(parallel={"ep_size": 4, "num_procs": 2}))
 
 
+def test_caption_positives_with_the_sigmoid_loss_is_rejected():
+    data = {"train": [{"shards": "unused.tar"}], "caption_positives": True}
+    load_config(minimal(data=data))  # the softmax loss: fine
+    with pytest.raises(ConfigError, match=r"'data\.caption_positives': needs the softmax loss"):
+        load_config(minimal(data=data, model={"preset": "limoe-nano", "loss": "siglip"}))
+
+
 def test_zero_stage_3_is_rejected_with_the_reason():
     with pytest.raises(ConfigError, match=r"'parallel\.zero_stage': ZeRO stage 3 is not supported with DeepSpeed's native MoE"):
         load_config(minimal(parallel={"zero_stage": 3}))

@@ -365,6 +365,21 @@ def test_the_open_clip_peer_trains_through_the_same_loop_with_its_bpe_tokenizer(
     assert "ERROR" not in (run_dir / "out.log").read_text()
 
 
+def test_caption_positives_change_the_loss_and_train_through_the_same_loop(workdir, full_run):
+    """data.caption_positives on 2 ranks: the keys travel with the batches to the loss. Every
+    colour caption is shared by 6 images, so the first step's loss (same seed, data and weights
+    as the full run) differs from plain InfoNCE's, and training still learns."""
+    from launch.launcher import run_training
+
+    run_dir = run_training(tiny_config(workdir, "positives", data={"caption_positives": True}))
+    plain, positives = metrics(full_run), metrics(run_dir)
+    assert positives[0]["step"] == plain[0]["step"] == 1
+    assert abs(positives[0]["contrastive_loss"] - plain[0]["contrastive_loss"]) > 1e-3
+    losses = [r["contrastive_loss"] for r in positives]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
+    assert "ERROR" not in (run_dir / "out.log").read_text()
+
+
 def test_read_export_check_finds_the_last_logged_check():
     """The reader is built from the log format itself, so changing one cannot silently break the other."""
     from launch.trainer import EXPORT_CHECK_LOG, read_export_check
