@@ -18,11 +18,14 @@ embeddings of the prompts line up with them.
         runs/quality/runs/limoe-e8e-bpe-seed{0,1,2} runs/quality/runs/open_clip-seed{0,1,2}
 
 Prints a markdown table (mean over each variant's seeds, a run folder named
-`<variant>-seed<s>`) and writes JSON (--out). Evaluation only: about 30 s per run on 2 cores.
+`<variant>-seed<s>`) and writes JSON (--out). Evaluation only. The three granularity folders
+hold the same image files (`limoe data emoji` links them), so each distinct image (by its
+bytes) is embedded once per run and shared by the three levels.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 from pathlib import Path
@@ -35,23 +38,67 @@ for _path in (REPO, REPO / "benchmarks"):  # launch.demo; benchmarks/name_errors
 from launch.demo import GRANULARITIES  # noqa: E402 (light imports)
 from name_errors import check_runs, variant_of  # noqa: E402
 
+
 def embed_folder(model, preprocess, folder: Path, batch_size: int = 256):
     """(L2-normalised image embeddings [N, D], labels [N], class names) of a labelled folder."""
-    import torch
-
     from eval.datasets import open_labelled_images
-    from eval.encode import evaluating, model_device
 
     image_size = model.config.image_size if hasattr(model, "config") else None
     data = open_labelled_images(folder, preprocess, image_size)
+    features, labels = embed_images(model, data, batch_size)
+    if data.skipped:
+        print(f"warning: {folder}: skipped {dict(data.skipped)}", file=sys.stderr)
+    return features, labels, data.classnames
+
+
+def embed_images(model, data, batch_size: int = 256):
+    """(L2-normalised image embeddings [N, D], labels [N]) of a LabelledImages set's readable images."""
+    import torch
+
+    from eval.encode import evaluating, model_device
+
     features, labels = [], []
     with evaluating(model):
         for images, batch_labels in data.batches(batch_size):
             features.append(model.encode_image(images.to(model_device(model)), normalize=True).float().cpu())
             labels.append(batch_labels)
-    if data.skipped:
-        print(f"warning: {folder}: skipped {dict(data.skipped)}", file=sys.stderr)
-    return torch.cat(features), torch.cat(labels), data.classnames
+    if not features:
+        raise SystemExit(f"error: no readable images in {data.description.get('path')}")
+    return torch.cat(features), torch.cat(labels)
+
+
+def embed_style(model, preprocess, root: Path, batch_size: int = 256) -> dict[str, tuple]:
+    """{granularity: (image embeddings [N, D], labels [N], class names)} of one style's
+    zeroshot/<granularity> folders, each distinct image file (by its bytes) embedded once.
+    An unreadable image is left out of every granularity (and reported)."""
+    import torch
+
+    from eval.datasets import FolderImages, open_labelled_images
+
+    image_size = model.config.image_size if hasattr(model, "config") else None
+    sets = {g: open_labelled_images(root / "zeroshot" / g, preprocess, image_size) for g in GRANULARITIES}
+    if not all(isinstance(d, FolderImages) for d in sets.values()):  # shards: no files to share
+        return {g: embed_folder(model, preprocess, root / "zeroshot" / g, batch_size) for g in GRANULARITIES}
+    digest, first_file = {}, {}  # file -> hash of its bytes; hash -> a file with those bytes
+    for data in sets.values():
+        for path, _ in data.samples:
+            if path not in digest:
+                digest[path] = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+                first_file.setdefault(digest[path], path)
+    hashes = list(first_file)
+    # Each distinct image labelled by its index: the indices that come back are the images that were read.
+    distinct = FolderImages([(first_file[h], i) for i, h in enumerate(hashes)], preprocess, None,
+                            {"layout": "distinct images", "path": str(root)})
+    features, index = embed_images(model, distinct, batch_size)
+    if distinct.skipped:
+        print(f"warning: {root}: skipped {dict(distinct.skipped)} (left out of every granularity)", file=sys.stderr)
+    row_of = {hashes[i]: row for row, i in enumerate(index.tolist())}
+    out = {}
+    for g, data in sets.items():
+        kept = [(row_of[digest[path]], label) for path, label in data.samples if digest[path] in row_of]
+        rows = torch.tensor([row for row, _ in kept], dtype=torch.long)
+        out[g] = (features[rows], torch.tensor([label for _, label in kept], dtype=torch.long), data.classnames)
+    return out
 
 
 def nearest_centroid_top1(train_x, train_y, test_x, test_y, num_classes: int) -> float:
@@ -71,10 +118,10 @@ def probe(export: Path, train_style: Path, data: Path) -> dict[str, float]:
     import limoe
 
     model, preprocess, _ = limoe.load(export)
+    train, test = embed_style(model, preprocess, train_style), embed_style(model, preprocess, data)
     out = {}
     for g in GRANULARITIES:
-        train_x, train_y, train_names = embed_folder(model, preprocess, train_style / "zeroshot" / g)
-        test_x, test_y, test_names = embed_folder(model, preprocess, data / "zeroshot" / g)
+        (train_x, train_y, train_names), (test_x, test_y, test_names) = train[g], test[g]
         if train_names != test_names:
             raise SystemExit(f"error: the {g} classes of {train_style} and {data} differ")
         out[g] = nearest_centroid_top1(train_x, train_y, test_x, test_y, len(test_names))

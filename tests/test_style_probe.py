@@ -58,6 +58,25 @@ def test_the_script_scores_every_granularity_of_a_run(tmp_path, shared_tiny_expo
     assert result["per_variant"]["tiny"]["name"]["n"] == 1
 
 
+def test_each_distinct_image_is_embedded_once_for_all_granularities(tmp_path, shared_tiny_export):
+    import limoe
+
+    root = _style(tmp_path / "style", 255)
+    for level in style_probe.GRANULARITIES:  # an unreadable file, in every granularity's first class
+        (root / "zeroshot" / level / "00000" / "broken.png").write_bytes(b"not a png")
+    model, preprocess, _ = limoe.load(shared_tiny_export)
+    embedded = []
+    encode = model.encode_image
+    model.encode_image = lambda images, **kw: embedded.append(len(images)) or encode(images, **kw)
+    shared = style_probe.embed_style(model, preprocess, root)
+    assert sum(embedded) == 6  # 3 classes x 2 images, the same files at every granularity
+    for level in style_probe.GRANULARITIES:
+        want_x, want_y, want_names = style_probe.embed_folder(model, preprocess, root / "zeroshot" / level)
+        got_x, got_y, got_names = shared[level]
+        assert got_names == want_names and torch.equal(got_y, want_y) and len(got_y) == 6
+        torch.testing.assert_close(got_x, want_x)
+
+
 def test_a_run_without_an_export_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         style_probe.main([str(tmp_path), "--data", str(tmp_path), "--train-style", str(tmp_path)])
