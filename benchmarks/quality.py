@@ -267,6 +267,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-bpe-pos": ("limoe-e8e-bpe with caption positives (`data.caption_positives`: a class caption "
                           "drawn for one sample is a positive of every image in the batch that has it)",
                           {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": True}),
+    "limoe-e8e-bpe-postext": ("limoe-e8e-bpe with caption positives on the caption side only "
+                              "(`data.caption_positives: text`: a caption's target spread over the images that "
+                              "have it; an image's stays on its own caption, its other captions out of its softmax)",
+                              {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text"}),
     "open_clip-pos": ("the open_clip peer with caption positives (`data.caption_positives`)",
                       {**PEER, "data.caption_positives": True}),
     "dense-cls-bpe-pos": ("dense-cls-bpe with caption positives (`data.caption_positives`)",
@@ -395,6 +399,9 @@ CONTRASTS = [
     ("caption positives vs the open_clip peer", "limoe-e8e-bpe-pos", "open_clip", TOP1),
     ("caption positives vs the peer with them", "limoe-e8e-bpe-pos", "open_clip-pos", TOP1),
     ("caption positives, the peer", "open_clip-pos", "open_clip", TOP1),
+    ("caption positives on the caption side (round-8 default)", "limoe-e8e-bpe-postext", "limoe-e8e-bpe", TOP1),
+    ("caption positives on the caption side vs both sides", "limoe-e8e-bpe-postext", "limoe-e8e-bpe-pos", TOP1),
+    ("caption positives on the caption side vs the open_clip peer", "limoe-e8e-bpe-postext", "open_clip", TOP1),
     ("caption positives vs its dense twin with them", "limoe-e8e-bpe-pos", "dense-cls-bpe-pos", TOP1),
 ]
 

@@ -35,7 +35,7 @@ import yaml
 
 from data_pipelines.loader import DataSource
 from eval.evaluators import EVALUATORS, Evaluator, ZeroShot
-from limoe.config import LIMoEConfig, TwoTowerConfig, get_config, list_models
+from limoe.config import POSITIVES_MODES, LIMoEConfig, TwoTowerConfig, get_config, list_models
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("fp32", "bf16")
@@ -69,8 +69,11 @@ class DataSection:
     unique_captions: bool = True
     # Multi-positive contrastive loss: an image whose captions include a caption drawn for
     # another sample of the batch counts as a positive of that caption too (a class-level
-    # caption describes every image of the class). Softmax loss (model.loss clip) only.
-    caption_positives: bool = False
+    # caption describes every image of the class). false: off; true or "both": every
+    # caption-sharing pair a positive in both directions (UniCL); "text": a caption's target is
+    # spread over the images that have it, an image's stays on its own caption (its other
+    # captions in the batch left out of its softmax). Softmax loss (model.loss clip) only.
+    caption_positives: bool | str = False
     # Subword regularization of the training captions (SentencePiece tokenizers; 0 = off): each
     # caption gets a randomly drawn segmentation. For a BPE model, the probability of skipping
     # each merge (BPE-dropout, 0.1 is usual); for a unigram model, the sampling exponent alpha
@@ -581,6 +584,8 @@ def check_config(config: TrainConfig) -> None:
     _check(config.data.workers >= 0, "data.workers", f"must be >= 0, got {config.data.workers}")
     _check(0 <= config.data.subword_sampling <= 1, "data.subword_sampling",
            f"must be in [0, 1], got {config.data.subword_sampling}")
+    _check(config.data.caption_positives in (False, True, *POSITIVES_MODES), "data.caption_positives",
+           f"must be false, true, both or text, got {config.data.caption_positives!r}")
     _check(not config.data.caption_positives or config.model.loss == "clip", "data.caption_positives",
            f"needs the softmax loss (model.loss clip), not {config.model.loss!r}")
     report_targets(config.logging.report_to)

@@ -184,7 +184,9 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_config = config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
     engine, ds_config = build_engine(config, model_config, ranks)
-    loss_fn = LIMoELoss(model_config.loss, rank=ranks.rank, world_size=ranks.world_size)
+    positives = config.data.caption_positives
+    loss_fn = LIMoELoss(model_config.loss, rank=ranks.rank, world_size=ranks.world_size,
+                        positives="both" if positives is True else positives or "both")
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
 
     # -- resume, data ----------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def train_loader(config: TrainConfig, tokenizer, model_config, state: TrainState
         augment=augment_config(config.data.augment),
         shuffle_buffer=config.data.shuffle_buffer, pin_memory=ranks.device.type == "cuda",
         unique_captions=config.data.unique_captions, subword_sampling=config.data.subword_sampling,
-        caption_positives=config.data.caption_positives)
+        caption_positives=bool(config.data.caption_positives))
 
 
 def data_batches(loader, state: TrainState):

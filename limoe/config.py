@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 MODALITIES = ("image", "text")
+# How data.caption_positives spreads an image's target (limoe.losses.CaptionPositivesLoss).
+POSITIVES_MODES = ("both", "text")
 AUX_LOSS_NAMES = ("importance", "load", "switch_load", "local_entropy", "global_entropy", "zloss")
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
+from .config import POSITIVES_MODES
+
 
 def positives_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
     """[images, texts] bool: text j describes image i, i.e. the caption drawn for text j is
@@ -37,10 +39,18 @@ class CaptionPositivesLoss(ClipLoss):
 
     A class-level caption ("a face smiling emoji") drawn for one sample also describes the
     other samples of its class in the batch; plain InfoNCE pushes those images away from it.
-    Here each image's target is spread evenly over the batch captions it has, and each
-    caption's over the images that have it. Across data-parallel ranks the keys are gathered
-    with the features, so positives on other ranks count too.
+    Each caption's target is spread evenly over the images that have it. Each image's target:
+    `mode="both"` (UniCL) spreads it evenly over the batch captions it has; `mode="text"` keeps
+    it on the image's own caption and leaves the other captions it has out of its softmax (not
+    pulled towards, not pushed away). Across data-parallel ranks the keys are gathered with the
+    features, so positives on other ranks count too.
     """
+
+    def __init__(self, *args, mode: str = "both", **kwargs):
+        super().__init__(*args, **kwargs)
+        if mode not in POSITIVES_MODES:
+            raise ValueError(f"caption positives mode must be one of {POSITIVES_MODES}, got {mode!r}")
+        self.mode = mode
 
     def forward(self, image_features, text_features, logit_scale, caption_keys):
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale)
@@ -51,12 +61,19 @@ class CaptionPositivesLoss(ClipLoss):
             all_keys = torch.cat(gathered)
         image_positives = positives_mask(caption_keys, all_keys[:, 0])  # this rank's images x all texts
         text_positives = positives_mask(all_keys, caption_keys[:, 0]).T  # this rank's texts x all images
-        return (soft_cross_entropy(logits_per_image, image_positives)
-                + soft_cross_entropy(logits_per_text, text_positives)) / 2
+        if self.mode == "both":
+            image_loss = soft_cross_entropy(logits_per_image, image_positives)
+        else:  # own caption only; the image's other captions in the batch out of its softmax
+            own = torch.arange(len(caption_keys), device=caption_keys.device) + self.rank * len(caption_keys)
+            others = image_positives.clone()
+            others[torch.arange(len(own)), own] = False
+            image_loss = F.cross_entropy(logits_per_image.masked_fill(others, float("-inf")), own)
+        return (image_loss + soft_cross_entropy(logits_per_text, text_positives)) / 2
 
 
 class LIMoELoss(torch.nn.Module):
-    def __init__(self, kind: str = "clip", rank: int = 0, world_size: int = 1):
+    def __init__(self, kind: str = "clip", rank: int = 0, world_size: int = 1, positives: str = "both"):
+        """`positives`: CaptionPositivesLoss's mode, used when caption keys are passed."""
         super().__init__()
         if kind == "clip":
             self.contrastive = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
@@ -66,7 +83,7 @@ class LIMoELoss(torch.nn.Module):
             raise ValueError(f"unknown contrastive loss {kind!r} (expected 'clip' or 'siglip')")
         self.kind = kind
         self.caption_positives = CaptionPositivesLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                                      world_size=world_size) if kind == "clip" else None
+                                                      world_size=world_size, mode=positives) if kind == "clip" else None
 
     def forward(self, outputs: dict, caption_keys: torch.Tensor | None = None) -> dict:
         """`caption_keys` (from a loader with `caption_positives`): every image with a batch

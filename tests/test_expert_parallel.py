@@ -101,6 +101,7 @@ def run_worker(out_dir: str) -> None:
     out = engine(images[mine], tokens[mine])
     loss = LIMoELoss("clip", rank=rank, world_size=world)(out)
     positives_loss = LIMoELoss("clip", rank=rank, world_size=world)(out, shared_caption_keys()[mine])
+    text_mode_loss = LIMoELoss("clip", rank, world, positives="text")(out, shared_caption_keys()[mine])
     engine.backward(loss["loss"])
     engine.step()
     result = {
@@ -109,6 +110,7 @@ def run_worker(out_dir: str) -> None:
         "logit_scale": out["logit_scale"].detach(),
         "loss": loss["loss"].detach(),
         "positives_loss": positives_loss["contrastive_loss"].detach(),
+        "text_mode_loss": text_mode_loss["contrastive_loss"].detach(),
         "ep_rank": torch.tensor(ep_rank),
         **{f"aux_layer_mean/{k}": v.detach() for k, v in out["aux_terms"].items()},
         **{f"param/{k}": v.detach().clone() for k, v in engine.module.state_dict().items()},
@@ -197,10 +199,15 @@ def test_caption_positives_on_other_ranks_count_as_in_one_process(ranks, referen
     assert positives[3, 0] and positives[4, 0] and positives.sum() == PER_RANK * EP + 2
     per_image = -(positives / positives.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
     per_text = -(positives.T / positives.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1)
+    # "text" mode: each image's target its own caption, its other captions out of its softmax.
+    others = positives & ~torch.eye(len(keys), dtype=torch.bool)
+    own_only = -logits.masked_fill(others, float("-inf")).log_softmax(1).diagonal()
     for rank, got in enumerate(ranks):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         want = (per_image[rows].mean() + per_text[rows].mean()) / 2
         torch.testing.assert_close(got["positives_loss"], want, atol=1e-5, rtol=1e-5)
+        want = (own_only[rows].mean() + per_text[rows].mean()) / 2
+        torch.testing.assert_close(got["text_mode_loss"], want, atol=1e-5, rtol=1e-5)
 
 
 def test_one_optimizer_step_equals_single_process_step_on_the_whole_batch(ranks, reference):

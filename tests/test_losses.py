@@ -40,6 +40,26 @@ def test_a_shared_caption_is_a_positive_of_every_image_that_has_it():
     assert not torch.allclose(want, ClipLoss()(image, text, scale))
 
 
+def test_text_mode_spreads_the_captions_targets_and_keeps_each_images_on_its_own_caption():
+    image, text, scale = features(4, seed=1)
+    drawn = ["cls", "own 1", "own 2", "own 3"]
+    options = [["own 0", "cls"], ["own 1", "cls"], ["own 2"], ["cls", "own 3"]]
+    keys = caption_keys(drawn, options)
+    logits = scale * image @ text.T
+    # Image 1 has "cls" (text 0) besides its own caption; image 3's own caption is text 3 and it
+    # has "cls" too: those leave the images' softmax; nothing else changes on the image side.
+    masked = logits.clone()
+    masked[1, 0] = masked[3, 0] = float("-inf")
+    image_loss = F.cross_entropy(masked, torch.arange(4))
+    log_p_text = F.log_softmax(logits.T, dim=1)
+    text_loss = torch.stack([-log_p_text[j, is_].mean() for j, is_ in enumerate([[0, 1, 3], [1], [2], [3]])]).mean()
+    got = LIMoELoss("clip", positives="text")({"image_features": image, "text_features": text,
+                                               "logit_scale": scale, "aux_loss": torch.tensor(0.0)}, keys)
+    torch.testing.assert_close(got["contrastive_loss"], (image_loss + text_loss) / 2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        CaptionPositivesLoss(mode="images")
+
+
 def test_keys_put_the_drawn_caption_first_and_pad_with_zeros():
     keys = caption_keys(["b"], [["a", "b", "a"]], width=4)
     assert keys.tolist() == [[caption_key("b"), caption_key("b"), caption_key("a"), 0]]

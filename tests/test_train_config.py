@@ -194,6 +194,9 @@ def test_caption_positives_with_the_sigmoid_loss_is_rejected():
     load_config(minimal(data=data))  # the softmax loss: fine
     with pytest.raises(ConfigError, match=r"'data\.caption_positives': needs the softmax loss"):
         load_config(minimal(data=data, model={"preset": "limoe-nano", "loss": "siglip"}))
+    assert load_config(minimal(data={**data, "caption_positives": "text"})).data.caption_positives == "text"
+    with pytest.raises(ConfigError, match=r"'data\.caption_positives': must be false, true, both or text, got 'images'"):
+        load_config(minimal(data={**data, "caption_positives": "images"}))
 
 
 def test_zero_stage_3_is_rejected_with_the_reason():
