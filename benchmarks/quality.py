@@ -273,8 +273,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                               {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text"}),
     "open_clip-pos": ("the open_clip peer with caption positives (`data.caption_positives`)",
                       {**PEER, "data.caption_positives": True}),
-    "dense-cls-bpe-pos": ("dense-cls-bpe with caption positives (`data.caption_positives`)",
-                          {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": True}),
+    "open_clip-postext": ("the open_clip peer with caption positives on the caption side "
+                          "(`data.caption_positives: text`)", {**PEER, "data.caption_positives": "text"}),
+    "dense-cls-bpe-postext": ("dense-cls-bpe with caption positives on the caption side "
+                              "(`data.caption_positives: text`)",
+                              {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": "text"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe", "dense-cls-bpe", "open_clip")
@@ -402,7 +405,12 @@ CONTRASTS = [
     ("caption positives on the caption side (round-8 default)", "limoe-e8e-bpe-postext", "limoe-e8e-bpe", TOP1),
     ("caption positives on the caption side vs both sides", "limoe-e8e-bpe-postext", "limoe-e8e-bpe-pos", TOP1),
     ("caption positives on the caption side vs the open_clip peer", "limoe-e8e-bpe-postext", "open_clip", TOP1),
-    ("caption positives vs its dense twin with them", "limoe-e8e-bpe-pos", "dense-cls-bpe-pos", TOP1),
+    ("caption positives on the caption side vs the peer with them", "limoe-e8e-bpe-postext", "open_clip-postext",
+     TOP1),
+    ("caption positives on the caption side vs the dense twin with them", "limoe-e8e-bpe-postext",
+     "dense-cls-bpe-postext", TOP1),
+    ("caption positives on the caption side, the peer", "open_clip-postext", "open_clip", TOP1),
+    ("caption positives on the caption side, the dense twin", "dense-cls-bpe-postext", "dense-cls-bpe", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
