@@ -5,15 +5,16 @@ Every variant is a real training run of the `cpu-demo` config through the `deeps
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
 steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
 tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
-2 ranks. The models compared: LIMoE as the demo trains it (`limoe-e8e-bpe`: open_clip's
-BPE, images pooled at a class token, 8 experts, LIMoE's entropy losses; the demo's default
-since round 8; `limoe-sp8000-cls-e8-entropy` is the same with the largest SentencePiece the
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe-e8e-bpe-postext`: open_clip's
+BPE, images pooled at a class token, 8 experts, LIMoE's entropy losses, caption positives on
+the caption side; the demo's default since round 11; `limoe-e8e-bpe` is the same without
+caption positives, the default of rounds 8-10; `limoe-sp8000-cls-e8-entropy` is the same with the largest SentencePiece the
 captions give, the default of rounds 5-7; `limoe-sp8000-cls` has 4 experts and no entropy
 losses, rounds 3-5; `limoe-sp8000` pools images by MAP, and `limoe` is the first demo's,
-with 1,000 pieces), its dense one-tower twin (`dense-cls-bpe`; `dense-sp8000-cls`,
+with 1,000 pieces), its dense one-tower twin (`dense-cls-bpe-postext`; `dense-cls-bpe`, `dense-sp8000-cls`,
 `dense-sp8000`, `dense` for the older defaults), and the peer, open_clip's two-tower CLIP of
 the same width and depth and so the same FLOPs per pair (`open_clip`, limoe/two_tower.py,
-with open_clip's BPE). The
+with open_clip's BPE and plain InfoNCE, as open_clip trains it). The
 other variants change one thing each. Each run is then measured on the Twemoji (twitter)
 style, which no run ever trains on:
 
@@ -112,14 +113,16 @@ LIMOE = {
     "model.moe.batch_priority_routing": True,
     "model.moe.image": BALANCE,
     "model.moe.text": BALANCE,
+    "data.caption_positives": False,  # the demo's config sets "text" since round 11
 }
-DENSE = {"model.preset": "limoe-nano-dense", "model.image_pool": "map"}
-PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe"}
+DENSE = {"model.preset": "limoe-nano-dense", "model.image_pool": "map", "data.caption_positives": False}
+PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe", "data.caption_positives": False}
 LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default in rounds 3-5
 LIMOE_E8E = {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
              "model.moe.text": ENTROPY_TEXT}  # the demo's model since round 5 (with open_clip's BPE since round 8)
-PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2}
+PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
+           "data.caption_positives": False}
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     # The three models of the first comparison, with the first demo's settings (SentencePiece 1k).
@@ -240,8 +243,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-spbpe8000-drop0.1": ("limoe-e8e-spbpe8000 with BPE-dropout 0.1 in training (each merge skipped "
                                     "with probability 0.1: whole words, and their pieces now and then)",
                                     {**LIMOE_E8E, "tokenizer": "spbpe8000", "data.subword_sampling": 0.1}),
-    "limoe-e8e-bpe": ("the round-5 default with open_clip's BPE (the peer's tokenizer): the demo's default since "
-                      "round 8",
+    "limoe-e8e-bpe": ("the round-5 default with open_clip's BPE (the peer's tokenizer): the demo's default in "
+                      "rounds 8-10",
                       {**LIMOE_E8E, "tokenizer": "bpe"}),
     "dense-cls-bpe": ("dense twin of limoe-e8e-bpe: one shared tower, one MLP where the experts were, a class "
                       "token, open_clip's BPE", {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe"}),
@@ -280,7 +283,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                               {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": "text"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = ("limoe-e8e-bpe", "dense-cls-bpe", "open_clip")
+DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext", "dense-cls-bpe-postext", "open_clip")
 
 
 def variant_tokenizer(variant: str) -> str:

@@ -5,7 +5,7 @@
 3. train the demo preset through the `deepspeed` launcher: 2 CPU ranks, ep_size 2, Noto only;
 4. with --compare, the same steps and batch for the dense twin (`dense`) and/or the dense
    two-tower open_clip CLIP of the same width, depth and FLOPs per pair (`open_clip`, with
-   open_clip's own BPE tokenizer);
+   open_clip's own BPE tokenizer and loss: no caption positives);
 5. export, then zero-shot on Twemoji (never seen) by emoji name, subcategory and category;
 6. plots (loss curve, routing heat map), report.md, and the lines to serve the result.
 
@@ -112,8 +112,11 @@ def prepare_tokenizer(train_dir: Path, kind: str, context_length: int) -> Path:
     return path
 
 
-# Models `--compare` can add: (preset, tokenizer kind or None for the demo's own, table label).
-COMPARE = {"dense": ("limoe-nano-dense", None, "dense"), "open_clip": ("open_clip-nano", "bpe", "open_clip")}
+# Models `--compare` can add: (preset, tokenizer kind or None for the demo's own, table label, overrides).
+# The dense twin trains with the demo's recipe; the open_clip peer with open_clip's own loss (plain
+# InfoNCE, no caption positives), as the peer of docs/quality.md.
+COMPARE = {"dense": ("limoe-nano-dense", None, "dense", []),
+           "open_clip": ("open_clip-nano", "bpe", "open_clip", [("data.caption_positives", False)])}
 
 
 def train(name: str, model_preset: str, data: dict[str, Path], tokenizer: Path, out: Path, steps: int,
@@ -347,8 +350,8 @@ def demo(args) -> int:
     if compare:
         stage(f"4/6 training {', '.join(COMPARE[c][0] for c in compare)}: the same steps ({steps}) and batch")
     for name in compare:
-        preset, kind, label = COMPARE[name]
-        runs[label] = train(label, preset, data, tokenizers[kind or tokenizer_kind], out, steps, extra)
+        preset, kind, label, own = COMPARE[name]
+        runs[label] = train(label, preset, data, tokenizers[kind or tokenizer_kind], out, steps, own + extra)
     stage("5/6 zero-shot on Twemoji, a style the model never saw")
     results = {label: evaluate(run / "export", data["eval"]) for label, run in runs.items()}
     stage("6/6 plots and report")
