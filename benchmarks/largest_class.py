@@ -14,7 +14,6 @@ Prints a markdown table and writes JSON (--out). Evaluation only: about 10 s per
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from name_errors import check_runs, variant_of  # noqa: E402
+from name_errors import check_runs, run_parser, variant_of  # noqa: E402
 
 COARSE = ("subcategory", "category")
 
@@ -71,11 +70,7 @@ def table(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="run folders, each with export/ (named <variant>-seed<s>)")
-    p.add_argument("--data", type=Path, default=Path("data/emoji-twitter"),
-                   help="the evaluation style's data set (default data/emoji-twitter)")
-    p.add_argument("--out", type=Path, default=Path("largest_class.json"), help="JSON output")
+    p = run_parser(__doc__, "the evaluation style's data set", "largest_class.json")
     args = p.parse_args(argv)
     check_runs(p, args.runs)
     if not all((args.data / "zeroshot" / g).is_dir() for g in COARSE):

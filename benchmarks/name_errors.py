@@ -35,6 +35,16 @@ def variant_of(run: Path) -> str:
     return re.sub(r"-seed\d+$", "", run.name)
 
 
+def run_parser(doc: str, data_help: str, out: str) -> argparse.ArgumentParser:
+    """The arguments the run-analysis scripts share: run folders, --data and --out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders, each with export/ (named <variant>-seed<s>)")
+    p.add_argument("--data", type=Path, default=Path("data/emoji-twitter"),
+                   help=f"{data_help} (default data/emoji-twitter)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"JSON output (default {out})")
+    return p
+
+
 def check_runs(parser: argparse.ArgumentParser, runs: list[Path]) -> None:
     """Refuse, through the parser, run folders without export/."""
     missing = [str(r) for r in runs if not (r / "export").is_dir()]
@@ -109,11 +119,7 @@ def tables(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="run folders, each with export/ (named <variant>-seed<s>)")
-    p.add_argument("--data", type=Path, default=Path("data/emoji-twitter"),
-                   help="the Twemoji data set (its zeroshot/name and zeroshot/category; default data/emoji-twitter)")
-    p.add_argument("--out", type=Path, default=Path("name_errors.json"), help="JSON output (default name_errors.json)")
+    p = run_parser(__doc__, "the Twemoji data set (its zeroshot/name and zeroshot/category)", "name_errors.json")
     args = p.parse_args(argv)
     zeroshot = args.data / "zeroshot"
     check_runs(p, args.runs)

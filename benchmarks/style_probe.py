@@ -24,7 +24,6 @@ bytes) is embedded once per run and shared by the three levels.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import statistics
 import sys
@@ -36,7 +35,7 @@ for _path in (REPO, REPO / "benchmarks"):  # launch.demo; benchmarks/name_errors
         sys.path.insert(0, str(_path))
 
 from launch.demo import GRANULARITIES  # noqa: E402 (light imports)
-from name_errors import check_runs, variant_of  # noqa: E402
+from name_errors import check_runs, run_parser, variant_of  # noqa: E402
 
 
 def embed_folder(model, preprocess, folder: Path, batch_size: int = 256):
@@ -156,13 +155,9 @@ def table(summary: dict[str, dict[str, dict]]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="run folders, each with export/ (named <variant>-seed<s>)")
-    p.add_argument("--data", type=Path, default=Path("data/emoji-twitter"),
-                   help="the unseen style's data set, classified (default data/emoji-twitter)")
+    p = run_parser(__doc__, "the unseen style's data set, classified", "style_probe.json")
     p.add_argument("--train-style", type=Path, default=Path("data/emoji-google"),
                    help="the training style's data set, whose images make the centroids (default data/emoji-google)")
-    p.add_argument("--out", type=Path, default=Path("style_probe.json"), help="JSON output (default style_probe.json)")
     args = p.parse_args(argv)
     check_runs(p, args.runs)
     for d in (args.data, args.train_style):
