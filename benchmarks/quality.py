@@ -43,7 +43,7 @@ generated section of the report (docs/quality.md, between its `<!-- generated:st
     python benchmarks/quality.py --report-only --out benchmarks/results/quality/round5 --section round5
                                                                     # one round's committed results, its own section
     python benchmarks/quality.py --report-only --out benchmarks/results/quality/round5 --section targets \
-        --seeds 0 1 2 --variants limoe-sp8000-cls-e8-entropy open_clip dense-sp8000-cls   # some of them
+        --seeds 0 1 2 --variants limoe-e8e-bpe-postext open_clip dense-cls-bpe   # some of them
 """
 from __future__ import annotations
 
