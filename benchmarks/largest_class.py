@@ -23,7 +23,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from name_errors import check_runs, run_parser, variant_of  # noqa: E402
+from name_errors import check_runs, run_parser, runs_by_variant  # noqa: E402
 
 COARSE = ("subcategory", "category")
 
@@ -50,9 +50,7 @@ def measure(export: Path, data: Path) -> dict[str, dict]:
 
 
 def per_variant(per_run: dict[str, dict]) -> dict[str, dict]:
-    runs_of: dict[str, list[str]] = {}
-    for run in per_run:
-        runs_of.setdefault(variant_of(Path(run)), []).append(run)
+    runs_of = runs_by_variant(per_run)
     return {v: {g: {key: statistics.fmean(per_run[r][g][key] for r in runs) for key in ("top1", "largest_top1",
                                                                                        "others_top1")}
                 | {"largest": per_run[runs[0]][g]["largest"], "n": len(runs)}

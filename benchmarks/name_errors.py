@@ -35,6 +35,14 @@ def variant_of(run: Path) -> str:
     return re.sub(r"-seed\d+$", "", run.name)
 
 
+def runs_by_variant(runs) -> dict[str, list[str]]:
+    """Run folder names grouped by variant (`<variant>-seed<s>`), in the order given."""
+    grouped: dict[str, list[str]] = {}
+    for run in runs:
+        grouped.setdefault(variant_of(Path(run)), []).append(run)
+    return grouped
+
+
 def run_parser(doc: str, data_help: str, out: str) -> argparse.ArgumentParser:
     """The arguments the run-analysis scripts share: run folders, --data and --out."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,9 +98,7 @@ def summarize(hits: dict[str, list[float]], category_of: list[str]) -> dict:
     if "flags" in members:  # most of the names a model gets right are flags: the rest, on their own
         groups["all except flags"] = [i for i, cat in enumerate(category_of) if cat != "flags"]
     per_run = {run: {g: statistics.fmean(h[i] for i in idx) for g, idx in groups.items()} for run, h in hits.items()}
-    variants: dict[str, list[str]] = {}
-    for run in hits:
-        variants.setdefault(variant_of(Path(run)), []).append(run)
+    variants = runs_by_variant(hits)
     per_variant = {v: {g: statistics.fmean(per_run[r][g] for r in runs) for g in groups} for v, runs in variants.items()}
     agreement = {}
     for v, w in itertools.combinations_with_replacement(variants, 2):

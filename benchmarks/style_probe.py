@@ -35,7 +35,7 @@ for _path in (REPO, REPO / "benchmarks"):  # launch.demo; benchmarks/name_errors
         sys.path.insert(0, str(_path))
 
 from launch.demo import GRANULARITIES  # noqa: E402 (light imports)
-from name_errors import check_runs, run_parser, variant_of  # noqa: E402
+from name_errors import check_runs, run_parser, runs_by_variant  # noqa: E402
 
 
 def embed_folder(model, preprocess, folder: Path, batch_size: int = 256):
@@ -129,11 +129,8 @@ def probe(export: Path, train_style: Path, data: Path) -> dict[str, float]:
 
 def per_variant(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, dict]]:
     """{variant: {granularity: {"mean", "std", "n"}}} over the variant's seeds."""
-    runs_of: dict[str, list[str]] = {}
-    for run in per_run:
-        runs_of.setdefault(variant_of(Path(run)), []).append(run)
     out = {}
-    for v, runs in runs_of.items():
+    for v, runs in runs_by_variant(per_run).items():
         out[v] = {}
         for g in GRANULARITIES:
             values = [per_run[r][g] for r in runs]

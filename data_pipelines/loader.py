@@ -167,9 +167,9 @@ def caption_keys(drawn: Sequence[str], options: Sequence[Sequence[str]],
     keeps the first ones (a pair missed that way counts as a negative, as without the option)."""
     keys = torch.zeros(len(drawn), width, dtype=torch.long)
     for row, (caption, captions) in enumerate(zip(drawn, options)):
-        mine = [caption] + [c for c in dict.fromkeys(captions) if c != caption]
-        keys[row, 0] = caption_key(caption)
-        keys[row, 1:1 + len(mine[:width - 1])] = torch.tensor([caption_key(c) for c in mine[:width - 1]])
+        mine = [caption_key(c) for c in [caption] + [c for c in dict.fromkeys(captions) if c != caption]][:width - 1]
+        keys[row, 0] = mine[0]
+        keys[row, 1:1 + len(mine)] = torch.tensor(mine)
     return keys
 
 

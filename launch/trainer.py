@@ -184,9 +184,8 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_config = config.fit_tokenizer(tokenizer.vocab_size, tokenizer.context_length)
     engine, ds_config = build_engine(config, model_config, ranks)
-    positives = config.data.caption_positives
     loss_fn = LIMoELoss(model_config.loss, rank=ranks.rank, world_size=ranks.world_size,
-                        positives="both" if positives is True else positives or "both")
+                        positives="text" if config.data.caption_positives == "text" else "both")
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
 
     # -- resume, data ----------------------------------------------------------------------------
