@@ -149,7 +149,7 @@ def pick_caption(captions: Sequence[str], taken: set[str], rng: random.Random, u
     return rng.choice(fresh or captions)
 
 
-CAPTION_KEYS_WIDTH = 16  # the drawn caption, then up to 15 of the sample's captions
+CAPTION_KEYS_WIDTH = 16  # the drawn caption, then up to 15 more of the sample's captions
 
 
 def caption_key(caption: str) -> int:
@@ -161,15 +161,14 @@ def caption_key(caption: str) -> int:
 def caption_keys(drawn: Sequence[str], options: Sequence[Sequence[str]],
                  width: int = CAPTION_KEYS_WIDTH) -> torch.Tensor:
     """[B, width] int64 for the multi-positive loss (`limoe.losses.CaptionPositivesLoss`):
-    column 0 the key of each sample's drawn caption, columns 1.. the keys of its captions,
-    the drawn one first (so a sample is always a positive of its own caption), 0-padded.
-    A fixed width lets ranks all-gather the keys; a sample with more than width - 1 captions
-    keeps the first ones (a pair missed that way counts as a negative, as without the option)."""
+    each row holds the keys of the sample's captions, the drawn one in column 0 (so a sample
+    is always a positive of its own caption), 0-padded. A fixed width lets ranks all-gather the
+    keys; a sample with more than `width` captions keeps the drawn one and the first others (a
+    pair missed that way counts as a negative, as without the option)."""
     keys = torch.zeros(len(drawn), width, dtype=torch.long)
     for row, (caption, captions) in enumerate(zip(drawn, options)):
-        mine = [caption_key(c) for c in [caption] + [c for c in dict.fromkeys(captions) if c != caption]][:width - 1]
-        keys[row, 0] = mine[0]
-        keys[row, 1:1 + len(mine)] = torch.tensor(mine)
+        mine = [caption_key(c) for c in [caption] + [c for c in dict.fromkeys(captions) if c != caption]][:width]
+        keys[row, :len(mine)] = torch.tensor(mine)
     return keys
 
 

@@ -20,11 +20,11 @@ from .config import POSITIVES_MODES
 
 def positives_mask(image_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
     """[images, texts] bool: text j describes image i, i.e. the caption drawn for text j is
-    one of image i's captions. `image_keys` [images, 1 + M] as the loader makes them
-    (`data_pipelines.loader.caption_keys`): column 0 the key of the caption drawn for the
-    sample, columns 1.. the keys of all its captions, 0-padded; `text_keys` [texts] is column 0
-    of the texts' rows. Keys are never 0, so padding matches nothing."""
-    return (image_keys[:, 1:, None] == text_keys[None, None, :]).any(dim=1)
+    one of image i's captions. `image_keys` [images, M] as the loader makes them
+    (`data_pipelines.loader.caption_keys`): the keys of each sample's captions, the one drawn
+    for it in column 0, 0-padded; `text_keys` [texts] is column 0 of the texts' rows. Keys are
+    never 0, so padding matches nothing."""
+    return (image_keys[:, :, None] == text_keys[None, None, :]).any(dim=1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
