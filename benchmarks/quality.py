@@ -281,6 +281,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dense-cls-bpe-postext": ("dense-cls-bpe with caption positives on the caption side "
                               "(`data.caption_positives: text`)",
                               {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": "text"}),
+    # Round 12: experts in every block instead of every other one (twice the expert parameters, the same FLOPs).
+    "limoe-e8e-bpe-postext-all": ("limoe-e8e-bpe-postext with MoE layers in all 4 blocks (`moe.placement: every 1`) "
+                                  "instead of blocks 1 and 3: twice the expert parameters, the same FLOPs per pair",
+                                  {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
+                                   "model.moe.placement": "every 1"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext", "dense-cls-bpe-postext", "open_clip")
@@ -414,6 +419,11 @@ CONTRASTS = [
      "dense-cls-bpe-postext", TOP1),
     ("caption positives on the caption side, the peer", "open_clip-postext", "open_clip", TOP1),
     ("caption positives on the caption side, the dense twin", "dense-cls-bpe-postext", "dense-cls-bpe", TOP1),
+    ("MoE in every block (round-11 default)", "limoe-e8e-bpe-postext-all", "limoe-e8e-bpe-postext",
+     TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("MoE in every block vs the open_clip peer", "limoe-e8e-bpe-postext-all", "open_clip", TOP1),
+    ("MoE in every block vs the dense twin with caption positives", "limoe-e8e-bpe-postext-all",
+     "dense-cls-bpe-postext", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
