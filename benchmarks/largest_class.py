@@ -50,11 +50,15 @@ def measure(export: Path, data: Path) -> dict[str, dict]:
 
 
 def per_variant(per_run: dict[str, dict]) -> dict[str, dict]:
-    runs_of = runs_by_variant(per_run)
-    return {v: {g: {key: statistics.fmean(per_run[r][g][key] for r in runs) for key in ("top1", "largest_top1",
-                                                                                       "others_top1")}
-                | {"largest": per_run[runs[0]][g]["largest"], "n": len(runs)}
-                for g in COARSE} for v, runs in runs_of.items()}
+    """{variant: {granularity: the split's three top-1s averaged over the variant's seeds}}."""
+    summary: dict[str, dict] = {}
+    for v, runs in runs_by_variant(per_run).items():
+        summary[v] = {}
+        for g in COARSE:
+            rows = [per_run[r][g] for r in runs]
+            means = {key: statistics.fmean(row[key] for row in rows) for key in ("top1", "largest_top1", "others_top1")}
+            summary[v][g] = {**means, "largest": rows[0]["largest"], "n": len(rows)}
+    return summary
 
 
 def table(summary: dict) -> str:

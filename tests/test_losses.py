@@ -64,7 +64,8 @@ def test_keys_put_the_drawn_caption_first_and_pad_with_zeros():
     keys = caption_keys(["b"], [["a", "b", "a"]], width=4)
     assert keys.tolist() == [[caption_key("b"), caption_key("a"), 0, 0]]
     many = caption_keys(["z"], [[f"c{i}" for i in range(30)] + ["z"]], width=4)
-    assert many[0].tolist() == [caption_key(c) for c in ("z", "c0", "c1", "c2")]  # kept although it is past the width: the diagonal stays positive
+    # "z" is kept although it comes past the width: the diagonal stays positive.
+    assert many[0].tolist() == [caption_key(c) for c in ("z", "c0", "c1", "c2")]
     assert all(caption_key(f"c{i}") != 0 for i in range(1000))
 
 
