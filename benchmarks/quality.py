@@ -286,6 +286,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                   "instead of blocks 1 and 3: twice the expert parameters, the same FLOPs per pair",
                                   {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
                                    "model.moe.placement": "every 1"}),
+    # Round 13: the text's own MLP in the dense blocks (0 and 2); the experts stay shared, the same FLOPs.
+    "limoe-e8e-bpe-postext-textmlp": ("limoe-e8e-bpe-postext with the text's own MLP in the 2 dense blocks "
+                                      "(`modality_specific: [mlp]`; the experts stay shared, 263k more parameters, "
+                                      "the same FLOPs per pair)",
+                                      {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
+                                       "model.modality_specific": ["mlp"]}),
+    "limoe-e8e-bpe-postext-textdense": ("limoe-e8e-bpe-postext with the text's own norms and attention in every "
+                                        "block and its own MLP in the dense blocks (`modality_specific: [norms, "
+                                        "attention, mlp]`: two towers but for the shared experts; the same FLOPs)",
+                                        {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
+                                         "model.modality_specific": ["norms", "attention", "mlp"]}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext", "dense-cls-bpe-postext", "open_clip")
@@ -423,6 +434,16 @@ CONTRASTS = [
      TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("MoE in every block vs the open_clip peer", "limoe-e8e-bpe-postext-all", "open_clip", TOP1),
     ("MoE in every block vs the dense twin with caption positives", "limoe-e8e-bpe-postext-all",
+     "dense-cls-bpe-postext", TOP1),
+    ("the text's own dense MLPs (round-11 default)", "limoe-e8e-bpe-postext-textmlp", "limoe-e8e-bpe-postext",
+     TOP1 + ["routing/text/drop_rate"]),
+    ("the text's own dense blocks (round-11 default)", "limoe-e8e-bpe-postext-textdense", "limoe-e8e-bpe-postext",
+     TOP1 + ["routing/text/drop_rate"]),
+    ("the text's own dense MLPs vs the peer with caption positives", "limoe-e8e-bpe-postext-textmlp",
+     "open_clip-postext", TOP1),
+    ("the text's own dense blocks vs the peer with caption positives", "limoe-e8e-bpe-postext-textdense",
+     "open_clip-postext", TOP1),
+    ("the text's own dense blocks vs the dense twin with caption positives", "limoe-e8e-bpe-postext-textdense",
      "dense-cls-bpe-postext", TOP1),
 ]
 

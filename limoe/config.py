@@ -117,7 +117,8 @@ class LIMoEConfig:
     context_length: int = 16
     text_pool: str = "eos"  # "eos" or "map"
     # Parts of each block the text gets its own copy of: [] (all shared, as LIMoE),
-    # "norms" (both LayerNorms), "attention" (the attention weights). Same FLOPs.
+    # "norms" (both LayerNorms), "attention" (the attention weights), "mlp" (the MLP of
+    # each dense block; the experts stay shared). Same FLOPs.
     modality_specific: list[str] = field(default_factory=list)
     # Heads
     embed_dim: int = 128
@@ -150,9 +151,9 @@ class LIMoEConfig:
             raise ValueError(f"image_pool must be 'map', 'mean' or 'cls', got {self.image_pool!r}")
         if self.text_pool not in ("eos", "map"):
             raise ValueError(f"text_pool must be 'eos' or 'map', got {self.text_pool!r}")
-        bad = sorted(set(self.modality_specific) - {"norms", "attention"})
+        bad = sorted(set(self.modality_specific) - {"norms", "attention", "mlp"})
         if bad:
-            raise ValueError(f"modality_specific may name 'norms' and 'attention', got {bad}")
+            raise ValueError(f"modality_specific may name 'norms', 'attention' and 'mlp', got {bad}")
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {self.loss!r}")
         moe = self.moe

@@ -24,9 +24,10 @@ PAD_ID = 0  # the tokenizer pads with id 0
 class Block(nn.Module):
     """Pre-LN block: attention per sequence, then a dense MLP or an MoE over all tokens.
 
-    `config.modality_specific` names the parts each modality gets its own copy of
-    ("norms": both LayerNorms; "attention": the attention weights); the MLP or the
-    experts stay shared. The FLOPs per token do not change.
+    `config.modality_specific` names the parts the text gets its own copy of
+    ("norms": both LayerNorms; "attention": the attention weights; "mlp": the MLP of
+    a dense block). The experts of an MoE block are always shared. The FLOPs per
+    token do not change.
     """
 
     def __init__(self, config: LIMoEConfig, moe: bool, ep_size: int = 1):
@@ -41,6 +42,8 @@ class Block(nn.Module):
         self.text_attn = Attention(config.width, config.heads, config.kv_heads) if "attention" in own else None
         expert = make_mlp(config.moe.expert_type, config.width, config.expert_hidden if moe else config.mlp_dim)
         self.mlp = LIMoELayer(config.width, expert, config.moe, ep_size) if moe else expert
+        self.text_mlp = make_mlp(config.moe.expert_type, config.width, config.mlp_dim) \
+            if "mlp" in own and not moe else None
         self.is_moe = moe
 
     def _parts(self, modality: str) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -58,10 +61,14 @@ class Block(nn.Module):
             h = self.norm2(flat)
         else:
             h = torch.cat([norm2(x.reshape(-1, x.shape[-1])) for x, (_, _, norm2) in zip(seqs, parts)])
+        aux = None
         if self.is_moe:
             h, aux = self.mlp(h, token_groups)
+        elif self.text_mlp is None:
+            h = self.mlp(h)
         else:
-            h, aux = self.mlp(h), None
+            chunks = h.split([shape[0] * shape[1] for shape in shapes])
+            h = torch.cat([(self.text_mlp if m == "text" else self.mlp)(c) for c, m in zip(chunks, kinds)])
         flat = flat + h
         out, start = [], 0
         for shape in shapes:

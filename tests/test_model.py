@@ -161,36 +161,43 @@ def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
 
 
 def test_modality_specific_parts_are_the_shared_ones_copied_for_the_text(tiny_tokenizer):
-    """Text copies of the norms and attention, started equal to the shared ones, give
-    the shared model's outputs; moving a text copy moves the text features only."""
+    """Text copies of the norms, attention and dense MLPs, started equal to the shared
+    ones, give the shared model's outputs; moving a text copy moves the text features only."""
     images, tokens = _batch(tiny_tokenizer)
     shared = make_tiny_model(tiny_tokenizer).eval()
-    own = make_tiny_model(tiny_tokenizer, modality_specific=["norms", "attention"]).eval()
+    own = make_tiny_model(tiny_tokenizer, modality_specific=["norms", "attention", "mlp"]).eval()
+    dense = [i for i, b in enumerate(own.blocks) if not b.is_moe]
+    assert dense == [0] and own.blocks[1].text_mlp is None  # the experts stay shared
     extra = sum(p.numel() for p in own.parameters()) - sum(p.numel() for p in shared.parameters())
     per_block = sum(p.numel() for m in (shared.blocks[0].norm1, shared.blocks[0].norm2, shared.blocks[0].attn)
                     for p in m.parameters())
-    assert extra == per_block * len(own.blocks)
+    dense_mlp = sum(p.numel() for p in shared.blocks[0].mlp.parameters())
+    assert extra == per_block * len(own.blocks) + dense_mlp * len(dense)
     assert flops_per_pair(own.config) == flops_per_pair(shared.config)
     state = shared.state_dict()
     for i in range(len(own.blocks)):
-        for part in ("norm1", "norm2", "attn"):
+        for part in ("norm1", "norm2", "attn") + (("mlp",) if i in dense else ()):
             for key, value in shared.blocks[i].get_submodule(part).state_dict().items():
                 state[f"blocks.{i}.text_{part}.{key}"] = value
     own.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(own.encode_text(tokens), shared.encode_text(tokens))
         torch.testing.assert_close(own(images, tokens)["image_features"], shared(images, tokens)["image_features"])
-        before = own.encode_image(images), own.encode_text(tokens)
-        own.blocks[0].text_norm1.weight.mul_(2.0)
-        own.blocks[1].text_attn.q.weight.mul_(0.5)
-        torch.testing.assert_close(own.encode_image(images), before[0])
-        assert not torch.allclose(own.encode_text(tokens), before[1])
+        for move in (lambda: own.blocks[0].text_norm1.weight.mul_(2.0),
+                     lambda: own.blocks[1].text_attn.q.weight.mul_(0.5),
+                     lambda: [p.mul_(0.5) for p in own.blocks[0].text_mlp.parameters()]):
+            before = own.encode_image(images), own.encode_text(tokens)
+            move()
+            torch.testing.assert_close(own.encode_image(images), before[0])
+            assert not torch.allclose(own.encode_text(tokens), before[1])
     own.train()
     LIMoELoss()(own(images, tokens))["loss"].backward()
     assert own.blocks[0].text_norm2.weight.grad is not None and own.blocks[0].text_attn.out.weight.grad is not None
-    assert make_tiny_model(tiny_tokenizer, modality_specific="norms").blocks[0].text_attn is None
+    assert all(p.grad is not None for p in own.blocks[0].text_mlp.parameters())
+    only_norms = make_tiny_model(tiny_tokenizer, modality_specific="norms").blocks[0]
+    assert only_norms.text_attn is None and only_norms.text_mlp is None
     with pytest.raises(ValueError, match="modality_specific"):
-        make_tiny_model(tiny_tokenizer, modality_specific=["mlp"])
+        make_tiny_model(tiny_tokenizer, modality_specific=["experts"])
 
 
 def test_fine_grained_experts_spend_one_full_experts_flops(tiny_tokenizer):
