@@ -297,6 +297,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                         "attention, mlp]`: two towers but for the shared experts; the same FLOPs)",
                                         {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
                                          "model.modality_specific": ["norms", "attention", "mlp"]}),
+    # Round 13: big_vision's ViT initialisation, the one LIMoE trained with.
+    "limoe-e8e-bpe-postext-xavier": ("limoe-e8e-bpe-postext with the blocks' Linear weights xavier-uniform and "
+                                     "zero biases (`init: xavier`, big_vision's ViT and LIMoE's) instead of "
+                                     "PyTorch's default", {**LIMOE_E8E, "tokenizer": "bpe",
+                                                          "data.caption_positives": "text", "model.init": "xavier"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext", "dense-cls-bpe-postext", "open_clip")
@@ -444,6 +449,11 @@ CONTRASTS = [
     ("the text's own dense blocks vs the peer with caption positives", "limoe-e8e-bpe-postext-textdense",
      "open_clip-postext", TOP1),
     ("the text's own dense blocks vs the dense twin with caption positives", "limoe-e8e-bpe-postext-textdense",
+     "dense-cls-bpe-postext", TOP1),
+    ("xavier initialisation (round-11 default)", "limoe-e8e-bpe-postext-xavier", "limoe-e8e-bpe-postext", TOP1),
+    ("xavier initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-xavier",
+     "open_clip-postext", TOP1),
+    ("xavier initialisation vs the dense twin with caption positives", "limoe-e8e-bpe-postext-xavier",
      "dense-cls-bpe-postext", TOP1),
 ]
 

@@ -126,6 +126,9 @@ class LIMoEConfig:
     logit_scale_max: float = 100.0
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip"
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # The blocks' Linear weights: "torch" (PyTorch's default, uniform +-1/sqrt(fan_in)) or
+    # "xavier" (big_vision's ViT and LIMoE: xavier-uniform, zero biases; routers unchanged).
+    init: str = "torch"
 
     def __post_init__(self):
         if isinstance(self.moe, dict):
@@ -154,6 +157,8 @@ class LIMoEConfig:
         bad = sorted(set(self.modality_specific) - {"norms", "attention", "mlp"})
         if bad:
             raise ValueError(f"modality_specific may name 'norms', 'attention' and 'mlp', got {bad}")
+        if self.init not in ("torch", "xavier"):
+            raise ValueError(f"init must be 'torch' or 'xavier', got {self.init!r}")
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {self.loss!r}")
         moe = self.moe

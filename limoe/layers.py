@@ -110,6 +110,24 @@ class SwiGLU(nn.Module):
         return F.grouped_mm(F.silu(gate) * up, w3.transpose(-2, -1), offs=offsets).index_select(0, place)
 
 
+# Fused weights that hold several matrices: each gets its own xavier bounds.
+FUSED_CHUNKS = {"kv": 2, "gate_up": 2}
+
+
+@torch.no_grad()
+def xavier_init_(module: nn.Module, skip: tuple[str, ...] = ("wg",)) -> None:
+    """big_vision's ViT initialisation (the one LIMoE trained with): every Linear's weight
+    xavier-uniform, each matrix of a fused weight on its own, and its bias zero.
+    Linears whose name ends in one of `skip` (the routers) keep their initialisation."""
+    for name, m in module.named_modules():
+        if not isinstance(m, nn.Linear) or name.split(".")[-1] in skip:
+            continue
+        for w in m.weight.chunk(FUSED_CHUNKS.get(name.split(".")[-1], 1)):
+            nn.init.xavier_uniform_(w)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def make_mlp(kind: str, width: int, hidden: int) -> nn.Module:
     return {"mlp": MLP, "swiglu": SwiGLU}[kind](width, hidden)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import LIMoEConfig, MODALITIES
-from .layers import Attention, MAPHead, make_mlp
+from .layers import Attention, MAPHead, make_mlp, xavier_init_
 from .moe import LIMoELayer
 from .routing import IGNORE, IMAGE, TEXT, TokenGroups
 
@@ -102,6 +102,8 @@ class LIMoE(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if config.loss == "siglip" else None
         self.grad_checkpointing = False
         nn.init.normal_(self.token_embed.weight, std=0.02)
+        if config.init == "xavier":
+            xavier_init_(self.blocks)
 
     # -- switches -----------------------------------------------------------
 

@@ -152,6 +152,30 @@ def test_experts_start_from_different_weights(tiny_model):
     assert not torch.equal(experts[0].fc1.weight, experts[1].fc1.weight)
 
 
+@pytest.mark.parametrize("expert_type", ["mlp", "swiglu"])
+def test_xavier_init_sets_the_blocks_linears_and_keeps_routers_and_embeddings(tiny_tokenizer, expert_type):
+    """init: xavier gives each block matrix (k and v, gate and up each on their own)
+    xavier-uniform bounds and zero biases; the routers and embeddings are drawn as before."""
+    torch_init = make_tiny_model(tiny_tokenizer, moe={"expert_type": expert_type})
+    xavier = make_tiny_model(tiny_tokenizer, moe={"expert_type": expert_type}, init="xavier")
+    block = xavier.blocks[1]
+    experts = block.mlp.deepspeed_moe.experts.deepspeed_experts
+    fused = [block.attn.kv.weight] + ([e.gate_up.weight for e in experts] if expert_type == "swiglu" else [])
+    matrices = [block.attn.q.weight, block.attn.out.weight] + [w for f in fused for w in f.chunk(2)]
+    matrices += [p for e in experts for n, p in e.named_parameters() if n.endswith("weight") and "gate_up" not in n]
+    for w in matrices:
+        bound = (6 / sum(w.shape)) ** 0.5
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert all(not b.any() for n, b in xavier.blocks.named_parameters() if n.endswith("bias"))
+    assert any(b.any() for n, b in torch_init.blocks.named_parameters() if n.endswith("bias"))
+    torch.testing.assert_close(block.mlp.deepspeed_moe.gate.wg.weight, torch_init.blocks[1].mlp.deepspeed_moe.gate.wg.weight)
+    torch.testing.assert_close(xavier.token_embed.weight, torch_init.token_embed.weight)
+    assert not torch.equal(experts[0].down.weight if expert_type == "swiglu" else experts[0].fc2.weight,
+                           experts[1].down.weight if expert_type == "swiglu" else experts[1].fc2.weight)
+    with pytest.raises(ValueError, match="init"):
+        make_tiny_model(tiny_tokenizer, init="he")
+
+
 def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
     model = make_tiny_model(tiny_tokenizer, heads=4, kv_heads=2, moe={"expert_type": "swiglu", "k": 2})
     images, tokens = _batch(tiny_tokenizer)
