@@ -302,6 +302,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                      "zero biases (`init: xavier`, big_vision's ViT and LIMoE's) instead of "
                                      "PyTorch's default", {**LIMOE_E8E, "tokenizer": "bpe",
                                                           "data.caption_positives": "text", "model.init": "xavier"}),
+    "dense-cls-bpe-postext-xavier": ("dense-cls-bpe-postext with `init: xavier` (the dense twin of "
+                                     "limoe-e8e-bpe-postext-xavier)",
+                                     {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe",
+                                      "data.caption_positives": "text", "model.init": "xavier"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext", "dense-cls-bpe-postext", "open_clip")
@@ -455,6 +459,9 @@ CONTRASTS = [
      "open_clip-postext", TOP1),
     ("xavier initialisation vs the dense twin with caption positives", "limoe-e8e-bpe-postext-xavier",
      "dense-cls-bpe-postext", TOP1),
+    ("xavier initialisation, the dense twin", "dense-cls-bpe-postext-xavier", "dense-cls-bpe-postext", TOP1),
+    ("xavier initialisation: LIMoE vs its dense twin", "limoe-e8e-bpe-postext-xavier",
+     "dense-cls-bpe-postext-xavier", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).
