@@ -156,7 +156,7 @@ def test_experts_start_from_different_weights(tiny_model):
 def test_xavier_init_sets_the_blocks_linears_and_keeps_routers_and_embeddings(tiny_tokenizer, expert_type):
     """init: xavier gives each block matrix (k and v, gate and up each on their own)
     xavier-uniform bounds and zero biases; the routers and embeddings are drawn as before."""
-    torch_init = make_tiny_model(tiny_tokenizer, moe={"expert_type": expert_type})
+    torch_init = make_tiny_model(tiny_tokenizer, moe={"expert_type": expert_type}, init="torch")
     xavier = make_tiny_model(tiny_tokenizer, moe={"expert_type": expert_type}, init="xavier")
     block = xavier.blocks[1]
     experts = block.mlp.deepspeed_moe.experts.deepspeed_experts
@@ -174,6 +174,9 @@ def test_xavier_init_sets_the_blocks_linears_and_keeps_routers_and_embeddings(ti
                            experts[1].down.weight if expert_type == "swiglu" else experts[1].fc2.weight)
     with pytest.raises(ValueError, match="init"):
         make_tiny_model(tiny_tokenizer, init="he")
+    # The demo's preset and its dense twin start from xavier; the others keep PyTorch's default.
+    assert get_config("limoe-nano").init == get_config("limoe-nano-dense").init == "xavier"
+    assert get_config("limoe-b-16").init == "torch"
 
 
 def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
