@@ -124,6 +124,9 @@ LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default in rounds 3-5
 LIMOE_E8E = {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
              "model.moe.text": ENTROPY_TEXT}  # the demo's model since round 5 (with open_clip's BPE since round 8)
+# The round-11 default and its dense twin (caption positives on the caption side, open_clip's BPE).
+LIMOE_POSTEXT = {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text"}
+DENSE_POSTEXT = {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": "text"}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
            "data.caption_positives": False}
 
@@ -276,40 +279,35 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-bpe-postext": ("limoe-e8e-bpe with caption positives on the caption side only "
                               "(`data.caption_positives: text`: a caption's target spread over the images that "
                               "have it; an image's stays on its own caption, its other captions out of its softmax)",
-                              {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text"}),
+                              LIMOE_POSTEXT),
     "open_clip-pos": ("the open_clip peer with caption positives (`data.caption_positives`)",
                       {**PEER, "data.caption_positives": True}),
     "open_clip-postext": ("the open_clip peer with caption positives on the caption side "
                           "(`data.caption_positives: text`)", {**PEER, "data.caption_positives": "text"}),
     "dense-cls-bpe-postext": ("dense-cls-bpe with caption positives on the caption side "
                               "(`data.caption_positives: text`)",
-                              {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": "text"}),
+                              DENSE_POSTEXT),
     # Round 12: experts in every block instead of every other one (twice the expert parameters, the same FLOPs).
     "limoe-e8e-bpe-postext-all": ("limoe-e8e-bpe-postext with MoE layers in all 4 blocks (`moe.placement: every 1`) "
                                   "instead of blocks 1 and 3: twice the expert parameters, the same FLOPs per pair",
-                                  {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
-                                   "model.moe.placement": "every 1"}),
+                                  {**LIMOE_POSTEXT, "model.moe.placement": "every 1"}),
     # Round 13: the text's own MLP in the dense blocks (0 and 2); the experts stay shared, the same FLOPs.
     "limoe-e8e-bpe-postext-textmlp": ("limoe-e8e-bpe-postext with the text's own MLP in the 2 dense blocks "
                                       "(`modality_specific: [mlp]`; the experts stay shared, 263k more parameters, "
                                       "the same FLOPs per pair)",
-                                      {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
-                                       "model.modality_specific": ["mlp"]}),
+                                      {**LIMOE_POSTEXT, "model.modality_specific": ["mlp"]}),
     "limoe-e8e-bpe-postext-textdense": ("limoe-e8e-bpe-postext with the text's own norms and attention in every "
                                         "block and its own MLP in the dense blocks (`modality_specific: [norms, "
                                         "attention, mlp]`: two towers but for the shared experts; the same FLOPs)",
-                                        {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
-                                         "model.modality_specific": ["norms", "attention", "mlp"]}),
+                                        {**LIMOE_POSTEXT, "model.modality_specific": ["norms", "attention", "mlp"]}),
     # Round 13: big_vision's ViT initialisation, the one LIMoE trained with.
     "limoe-e8e-bpe-postext-xavier": ("limoe-e8e-bpe-postext with the blocks' Linear weights xavier-uniform and "
                                      "zero biases (`init: xavier`, big_vision's ViT and LIMoE's) instead of "
                                      "PyTorch's default: the demo's default since round 13",
-                                     {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text",
-                                      "model.init": "xavier"}),
+                                     {**LIMOE_POSTEXT, "model.init": "xavier"}),
     "dense-cls-bpe-postext-xavier": ("dense-cls-bpe-postext with `init: xavier` (the dense twin of "
                                      "limoe-e8e-bpe-postext-xavier)",
-                                     {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe",
-                                      "data.caption_positives": "text", "model.init": "xavier"}),
+                                     {**DENSE_POSTEXT, "model.init": "xavier"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext-xavier", "dense-cls-bpe-postext-xavier", "open_clip")

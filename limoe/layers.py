@@ -120,9 +120,10 @@ def xavier_init_(module: nn.Module, skip: tuple[str, ...] = ("wg",)) -> None:
     xavier-uniform, each matrix of a fused weight on its own, and its bias zero.
     Linears whose name ends in one of `skip` (the routers) keep their initialisation."""
     for name, m in module.named_modules():
-        if not isinstance(m, nn.Linear) or name.split(".")[-1] in skip:
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(m, nn.Linear) or leaf in skip:
             continue
-        for w in m.weight.chunk(FUSED_CHUNKS.get(name.split(".")[-1], 1)):
+        for w in m.weight.chunk(FUSED_CHUNKS.get(leaf, 1)):
             nn.init.xavier_uniform_(w)
         if m.bias is not None:
             nn.init.zeros_(m.bias)

@@ -56,6 +56,7 @@ class Block(nn.Module):
         # Text attention is causal, so padding after the end token cannot leak in.
         seqs = [x + attn(norm1(x), causal=m == "text") for x, m, (norm1, attn, _) in zip(seqs, kinds, parts)]
         shapes = [x.shape for x in seqs]
+        sizes = [shape[0] * shape[1] for shape in shapes]  # rows of each sequence in `flat`
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in seqs])
         if self.text_norm2 is None:
             h = self.norm2(flat)
@@ -67,15 +68,9 @@ class Block(nn.Module):
         elif self.text_mlp is None:
             h = self.mlp(h)
         else:
-            chunks = h.split([shape[0] * shape[1] for shape in shapes])
-            h = torch.cat([(self.text_mlp if m == "text" else self.mlp)(c) for c, m in zip(chunks, kinds)])
+            h = torch.cat([(self.text_mlp if m == "text" else self.mlp)(c) for c, m in zip(h.split(sizes), kinds)])
         flat = flat + h
-        out, start = [], 0
-        for shape in shapes:
-            n = shape[0] * shape[1]
-            out.append(flat[start:start + n].view(shape))
-            start += n
-        return out, aux
+        return [rows.view(shape) for rows, shape in zip(flat.split(sizes), shapes)], aux
 
 
 class LIMoE(nn.Module):

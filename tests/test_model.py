@@ -168,10 +168,11 @@ def test_xavier_init_sets_the_blocks_linears_and_keeps_routers_and_embeddings(ti
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
     assert all(not b.any() for n, b in xavier.blocks.named_parameters() if n.endswith("bias"))
     assert any(b.any() for n, b in torch_init.blocks.named_parameters() if n.endswith("bias"))
-    torch.testing.assert_close(block.mlp.deepspeed_moe.gate.wg.weight, torch_init.blocks[1].mlp.deepspeed_moe.gate.wg.weight)
+    router = block.mlp.deepspeed_moe.gate.wg.weight
+    torch.testing.assert_close(router, torch_init.blocks[1].mlp.deepspeed_moe.gate.wg.weight)
     torch.testing.assert_close(xavier.token_embed.weight, torch_init.token_embed.weight)
-    assert not torch.equal(experts[0].down.weight if expert_type == "swiglu" else experts[0].fc2.weight,
-                           experts[1].down.weight if expert_type == "swiglu" else experts[1].fc2.weight)
+    second = "down" if expert_type == "swiglu" else "fc2"  # each expert's second matrix
+    assert not torch.equal(getattr(experts[0], second).weight, getattr(experts[1], second).weight)
     with pytest.raises(ValueError, match="init"):
         make_tiny_model(tiny_tokenizer, init="he")
     # The demo's preset and its dense twin start from xavier; the others keep PyTorch's default.
