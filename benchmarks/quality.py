@@ -308,6 +308,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dense-cls-bpe-postext-xavier": ("dense-cls-bpe-postext with `init: xavier` (the dense twin of "
                                      "limoe-e8e-bpe-postext-xavier)",
                                      {**DENSE_POSTEXT, "model.init": "xavier"}),
+    # Round 14: two things the open_clip peer has and LIMoE lacks.
+    "limoe-e8e-bpe-postext-xavier-lnpre": ("limoe-e8e-bpe-postext-xavier with a LayerNorm on the embedded image "
+                                           "sequence before the first block (`pre_norm: [image]`, open_clip's "
+                                           "`ln_pre`; 256 more parameters, the same FLOPs per pair)",
+                                           {**LIMOE_POSTEXT, "model.init": "xavier", "model.pre_norm": ["image"]}),
+    "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
+                                         "(`init: scaled_normal`: normal weights, the ones writing to the residual "
+                                         "stream scaled down by sqrt(2 x depth)) instead of xavier",
+                                         {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext-xavier", "dense-cls-bpe-postext-xavier", "open_clip")
@@ -464,6 +473,14 @@ CONTRASTS = [
     ("xavier initialisation, the dense twin", "dense-cls-bpe-postext-xavier", "dense-cls-bpe-postext", TOP1),
     ("xavier initialisation: LIMoE vs its dense twin", "limoe-e8e-bpe-postext-xavier",
      "dense-cls-bpe-postext-xavier", TOP1),
+    ("the image's LayerNorm before the blocks (round-13 default)", "limoe-e8e-bpe-postext-xavier-lnpre",
+     "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("open_clip's initialisation (round-13 default)", "limoe-e8e-bpe-postext-scaledinit",
+     "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("the image's LayerNorm before the blocks vs the peer with caption positives",
+     "limoe-e8e-bpe-postext-xavier-lnpre", "open_clip-postext", TOP1),
+    ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
+     "open_clip-postext", TOP1),
 ]
 
 # The demo's budget: 935 steps x 128 pairs = 119,680 Noto pairs per run (`limoe demo`'s default).

@@ -120,14 +120,19 @@ class LIMoEConfig:
     # "norms" (both LayerNorms), "attention" (the attention weights), "mlp" (the MLP of
     # each dense block; the experts stay shared). Same FLOPs.
     modality_specific: list[str] = field(default_factory=list)
+    # Modalities whose embedded sequence is LayerNormed before the first block (open_clip's
+    # image tower does this, `ln_pre`: ["image"]). [] (the default, as LIMoE) adds nothing.
+    pre_norm: list[str] = field(default_factory=list)
     # Heads
     embed_dim: int = 128
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip"
     moe: MoEConfig = field(default_factory=MoEConfig)
-    # The blocks' Linear weights: "torch" (PyTorch's default, uniform +-1/sqrt(fan_in)) or
-    # "xavier" (big_vision's ViT and LIMoE: xavier-uniform, zero biases; routers unchanged).
+    # The blocks' Linear weights: "torch" (PyTorch's default, uniform +-1/sqrt(fan_in)),
+    # "xavier" (big_vision's ViT and LIMoE: xavier-uniform, zero biases; routers unchanged)
+    # or "scaled_normal" (open_clip's text tower: normal, output projections scaled down by
+    # sqrt(2 * depth); routers unchanged).
     init: str = "torch"
 
     def __post_init__(self):
@@ -140,6 +145,9 @@ class LIMoEConfig:
         if isinstance(self.modality_specific, str):
             self.modality_specific = [self.modality_specific]
         self.modality_specific = list(self.modality_specific)
+        if isinstance(self.pre_norm, str):
+            self.pre_norm = [self.pre_norm]
+        self.pre_norm = list(self.pre_norm)
         self.validate()
 
     def validate(self) -> None:
@@ -157,8 +165,11 @@ class LIMoEConfig:
         bad = sorted(set(self.modality_specific) - {"norms", "attention", "mlp"})
         if bad:
             raise ValueError(f"modality_specific may name 'norms', 'attention' and 'mlp', got {bad}")
-        if self.init not in ("torch", "xavier"):
-            raise ValueError(f"init must be 'torch' or 'xavier', got {self.init!r}")
+        bad = sorted(set(self.pre_norm) - set(MODALITIES))
+        if bad:
+            raise ValueError(f"pre_norm may name {list(MODALITIES)}, got {bad}")
+        if self.init not in ("torch", "xavier", "scaled_normal"):
+            raise ValueError(f"init must be 'torch', 'xavier' or 'scaled_normal', got {self.init!r}")
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {self.loss!r}")
         moe = self.moe

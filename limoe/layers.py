@@ -129,6 +129,25 @@ def xavier_init_(module: nn.Module, skip: tuple[str, ...] = ("wg",)) -> None:
             nn.init.zeros_(m.bias)
 
 
+@torch.no_grad()
+def scaled_normal_init_(module: nn.Module, width: int, depth: int) -> None:
+    """open_clip's text-tower initialisation: normal weights with std width^-0.5 for the
+    attention's q / k / v, (2 width)^-0.5 for an MLP's first matrix, and width^-0.5 (2 depth)^-0.5
+    for the matrices that write to the residual stream (attention output, the MLP's second).
+    Attention biases are zero; MLP biases and the routers (`wg`) keep their initialisation."""
+    attn_std = width ** -0.5
+    out_std = attn_std * (2 * depth) ** -0.5
+    std = {"q": attn_std, "kv": attn_std, "out": out_std,
+           "fc1": (2 * width) ** -0.5, "gate_up": (2 * width) ** -0.5, "fc2": out_std, "down": out_std}
+    for name, m in module.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(m, nn.Linear) or leaf not in std:
+            continue
+        nn.init.normal_(m.weight, std=std[leaf])
+        if leaf in ("q", "kv", "out") and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def make_mlp(kind: str, width: int, hidden: int) -> nn.Module:
     return {"mlp": MLP, "swiglu": SwiGLU}[kind](width, hidden)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import LIMoEConfig, MODALITIES
-from .layers import Attention, MAPHead, make_mlp, xavier_init_
+from .layers import Attention, MAPHead, make_mlp, scaled_normal_init_, xavier_init_
 from .moe import LIMoELayer
 from .routing import IGNORE, IMAGE, TEXT, TokenGroups
 
@@ -85,6 +85,9 @@ class LIMoE(nn.Module):
         self.image_cls = nn.Parameter(torch.randn(1, 1, w) * 0.02) if config.image_pool == "cls" else None
         self.token_embed = nn.Embedding(config.vocab_size, w)
         self.text_pos = nn.Parameter(torch.randn(1, config.context_length, w) * 0.01)
+        # LayerNorms on the embedded sequences before the first block (open_clip's `ln_pre`).
+        self.image_pre_norm = nn.LayerNorm(w) if "image" in config.pre_norm else None
+        self.text_pre_norm = nn.LayerNorm(w) if "text" in config.pre_norm else None
         moe_layers = set(config.moe.moe_layers(config.depth))
         self.blocks = nn.ModuleList(Block(config, i in moe_layers, ep_size) for i in range(config.depth))
         self.image_norm = nn.LayerNorm(w)
@@ -99,6 +102,8 @@ class LIMoE(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         if config.init == "xavier":
             xavier_init_(self.blocks)
+        elif config.init == "scaled_normal":
+            scaled_normal_init_(self.blocks, w, config.depth)
 
     # -- switches -----------------------------------------------------------
 
@@ -122,11 +127,12 @@ class LIMoE(nn.Module):
         x = x + self.image_pos.to(x.dtype)
         if self.image_cls is not None:
             x = torch.cat([self.image_cls.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
-        return x
+        return x if self.image_pre_norm is None else self.image_pre_norm(x)
 
     def _embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embed(tokens)
-        return x + self.text_pos[:, : tokens.shape[1]].to(x.dtype)
+        x = x + self.text_pos[:, : tokens.shape[1]].to(x.dtype)
+        return x if self.text_pre_norm is None else self.text_pre_norm(x)
 
     def _pool_image(self, x: torch.Tensor) -> torch.Tensor:
         x = self.image_norm(x)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import limoe
 from limoe.config import get_config
@@ -178,6 +179,50 @@ def test_xavier_init_sets_the_blocks_linears_and_keeps_routers_and_embeddings(ti
     # The demo's preset and its dense twin start from xavier; the others keep PyTorch's default.
     assert get_config("limoe-nano").init == get_config("limoe-nano-dense").init == "xavier"
     assert get_config("limoe-b-16").init == "torch"
+
+
+@pytest.mark.parametrize("expert_type", ["mlp", "swiglu"])
+def test_scaled_normal_init_scales_down_what_writes_to_the_residual_stream(tiny_tokenizer, expert_type):
+    """init: scaled_normal (open_clip's text tower): q / k / v std width^-0.5, an MLP's first
+    matrix (2 width)^-0.5, attention output and the MLP's second width^-0.5 (2 depth)^-0.5;
+    attention biases zero; routers and embeddings drawn as with torch."""
+    torch_init = make_tiny_model(tiny_tokenizer, moe={"expert_type": expert_type}, init="torch")
+    model = make_tiny_model(tiny_tokenizer, moe={"expert_type": expert_type}, init="scaled_normal")
+    width, depth = model.config.width, model.config.depth
+    first, second = ("gate_up", "down") if expert_type == "swiglu" else ("fc1", "fc2")
+    block = model.blocks[1]
+    experts = block.mlp.deepspeed_moe.experts.deepspeed_experts
+    want = [(block.attn.q.weight, width ** -0.5), (block.attn.kv.weight, width ** -0.5),
+            (block.attn.out.weight, (width * 2 * depth) ** -0.5)]
+    want += [(getattr(e, first).weight, (2 * width) ** -0.5) for e in experts]
+    want += [(getattr(e, second).weight, (width * 2 * depth) ** -0.5) for e in experts]
+    for w, std in want:
+        assert abs(w.std().item() / std - 1) < 0.15, (tuple(w.shape), w.std().item(), std)
+    assert not (block.attn.q.bias.any() or block.attn.kv.bias.any() or block.attn.out.bias.any())
+    assert not torch.equal(getattr(experts[0], second).weight, getattr(experts[1], second).weight)
+    torch.testing.assert_close(block.mlp.deepspeed_moe.gate.wg.weight, torch_init.blocks[1].mlp.deepspeed_moe.gate.wg.weight)
+    torch.testing.assert_close(model.token_embed.weight, torch_init.token_embed.weight)
+
+
+def test_pre_norm_normalises_the_embedded_sequence_of_the_modalities_it_names(tiny_tokenizer):
+    """pre_norm: [image] LayerNorms the image's embedded sequence (open_clip's ln_pre) and
+    leaves the text's alone; off (the default), the model has no such module."""
+    images, tokens = _batch(tiny_tokenizer)
+    plain = make_tiny_model(tiny_tokenizer)
+    model = make_tiny_model(tiny_tokenizer, pre_norm=["image"])
+    assert plain.image_pre_norm is None and plain.text_pre_norm is None and model.text_pre_norm is None
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * model.config.width
+    width = (model.config.width,)  # LayerNorms draw no random numbers: the embeddings match plain's
+    torch.testing.assert_close(model._embed_image(images), F.layer_norm(plain._embed_image(images), width))
+    torch.testing.assert_close(model._embed_text(tokens), plain._embed_text(tokens))
+    out = model.train()(images, tokens)
+    LIMoELoss()(out)["loss"].backward()
+    assert model.image_pre_norm.weight.grad is not None
+    both = make_tiny_model(tiny_tokenizer, pre_norm=["image", "text"])
+    torch.testing.assert_close(both._embed_text(tokens), F.layer_norm(plain._embed_text(tokens), width))
+    with pytest.raises(ValueError, match="pre_norm"):
+        make_tiny_model(tiny_tokenizer, pre_norm=["audio"])
 
 
 def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
