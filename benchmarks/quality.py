@@ -313,6 +313,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                            "sequence before the first block (`pre_norm: [image]`, open_clip's "
                                            "`ln_pre`; 256 more parameters, the same FLOPs per pair)",
                                            {**LIMOE_POSTEXT, "model.init": "xavier", "model.pre_norm": ["image"]}),
+    "limoe-e8e-bpe-postext-xavier-lnpreboth": ("limoe-e8e-bpe-postext-xavier with a LayerNorm on each modality's "
+                                               "embedded sequence before the first block (`pre_norm: [image, "
+                                               "text]`; 512 more parameters, the same FLOPs per pair)",
+                                               {**LIMOE_POSTEXT, "model.init": "xavier",
+                                                "model.pre_norm": ["image", "text"]}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -474,6 +479,8 @@ CONTRASTS = [
     ("xavier initialisation: LIMoE vs its dense twin", "limoe-e8e-bpe-postext-xavier",
      "dense-cls-bpe-postext-xavier", TOP1),
     ("the image's LayerNorm before the blocks (round-13 default)", "limoe-e8e-bpe-postext-xavier-lnpre",
+     "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("LayerNorms on both modalities before the blocks (round-13 default)", "limoe-e8e-bpe-postext-xavier-lnpreboth",
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("open_clip's initialisation (round-13 default)", "limoe-e8e-bpe-postext-scaledinit",
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
