@@ -5,14 +5,15 @@ Every variant is a real training run of the `cpu-demo` config through the `deeps
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
 steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
 tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
-2 ranks. The models compared: LIMoE as the demo trains it (`limoe-e8e-bpe-postext-xavier`:
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe-e8e-bpe-postext-xavier-lnpre`:
 open_clip's BPE, images pooled at a class token, 8 experts, LIMoE's entropy losses, caption
-positives on the caption side, xavier initialisation; the demo's default since round 13;
-`limoe-e8e-bpe-postext` is the same with PyTorch's default initialisation, the default of
-rounds 11-12; `limoe-e8e-bpe` is the same without caption positives, the default of rounds 8-10; `limoe-sp8000-cls-e8-entropy` is the same with the largest SentencePiece the
+positives on the caption side, xavier initialisation, a LayerNorm on the embedded image
+sequence; the demo's default since round 14; `limoe-e8e-bpe-postext-xavier` is the same without
+that LayerNorm, the default of round 13; `limoe-e8e-bpe-postext` is the same with PyTorch's
+default initialisation, the default of rounds 11-12; `limoe-e8e-bpe` is the same without caption positives, the default of rounds 8-10; `limoe-sp8000-cls-e8-entropy` is the same with the largest SentencePiece the
 captions give, the default of rounds 5-7; `limoe-sp8000-cls` has 4 experts and no entropy
 losses, rounds 3-5; `limoe-sp8000` pools images by MAP, and `limoe` is the first demo's,
-with 1,000 pieces), its dense one-tower twin (`dense-cls-bpe-postext-xavier`; `dense-cls-bpe-postext`, `dense-cls-bpe`, `dense-sp8000-cls`,
+with 1,000 pieces), its dense one-tower twin (`dense-cls-bpe-postext-xavier-lnpre`; `dense-cls-bpe-postext-xavier`, `dense-cls-bpe-postext`, `dense-cls-bpe`, `dense-sp8000-cls`,
 `dense-sp8000`, `dense` for the older defaults), and the peer, open_clip's two-tower CLIP of
 the same width and depth and so the same FLOPs per pair (`open_clip`, limoe/two_tower.py,
 with open_clip's BPE and plain InfoNCE, as open_clip trains it). The
@@ -116,9 +117,10 @@ LIMOE = {
     "model.moe.text": BALANCE,
     "data.caption_positives": False,  # the demo's config sets "text" since round 11
     "model.init": "torch",  # limoe-nano has xavier since round 13
+    "model.pre_norm": [],  # and the image's LayerNorm before the blocks since round 14
 }
 DENSE = {"model.preset": "limoe-nano-dense", "model.image_pool": "map", "data.caption_positives": False,
-         "model.init": "torch"}
+         "model.init": "torch", "model.pre_norm": []}
 PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe", "data.caption_positives": False}
 LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default in rounds 3-5
@@ -303,7 +305,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # Round 13: big_vision's ViT initialisation, the one LIMoE trained with.
     "limoe-e8e-bpe-postext-xavier": ("limoe-e8e-bpe-postext with the blocks' Linear weights xavier-uniform and "
                                      "zero biases (`init: xavier`, big_vision's ViT and LIMoE's) instead of "
-                                     "PyTorch's default: the demo's default since round 13",
+                                     "PyTorch's default: the demo's default in round 13",
                                      {**LIMOE_POSTEXT, "model.init": "xavier"}),
     "dense-cls-bpe-postext-xavier": ("dense-cls-bpe-postext with `init: xavier` (the dense twin of "
                                      "limoe-e8e-bpe-postext-xavier)",
@@ -311,8 +313,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # Round 14: two things the open_clip peer has and LIMoE lacks.
     "limoe-e8e-bpe-postext-xavier-lnpre": ("limoe-e8e-bpe-postext-xavier with a LayerNorm on the embedded image "
                                            "sequence before the first block (`pre_norm: [image]`, open_clip's "
-                                           "`ln_pre`; 256 more parameters, the same FLOPs per pair)",
+                                           "`ln_pre`; 256 more parameters, the same FLOPs per pair): the demo's "
+                                           "default since round 14",
                                            {**LIMOE_POSTEXT, "model.init": "xavier", "model.pre_norm": ["image"]}),
+    "dense-cls-bpe-postext-xavier-lnpre": ("dense-cls-bpe-postext-xavier with `pre_norm: [image]` (the dense twin "
+                                           "of limoe-e8e-bpe-postext-xavier-lnpre)",
+                                           {**DENSE_POSTEXT, "model.init": "xavier", "model.pre_norm": ["image"]}),
     "limoe-e8e-bpe-postext-xavier-lnpreboth": ("limoe-e8e-bpe-postext-xavier with a LayerNorm on each modality's "
                                                "embedded sequence before the first block (`pre_norm: [image, "
                                                "text]`; 512 more parameters, the same FLOPs per pair)",
@@ -324,7 +330,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext-xavier", "dense-cls-bpe-postext-xavier", "open_clip")
+DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-bpe-postext-xavier-lnpre", "open_clip")
 
 
 def variant_tokenizer(variant: str) -> str:

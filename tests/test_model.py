@@ -206,9 +206,9 @@ def test_scaled_normal_init_scales_down_what_writes_to_the_residual_stream(tiny_
 
 def test_pre_norm_normalises_the_embedded_sequence_of_the_modalities_it_names(tiny_tokenizer):
     """pre_norm: [image] LayerNorms the image's embedded sequence (open_clip's ln_pre) and
-    leaves the text's alone; off (the default), the model has no such module."""
+    leaves the text's alone; off, the model has no such module. limoe-nano has it on."""
     images, tokens = _batch(tiny_tokenizer)
-    plain = make_tiny_model(tiny_tokenizer)
+    plain = make_tiny_model(tiny_tokenizer, pre_norm=[])
     model = make_tiny_model(tiny_tokenizer, pre_norm=["image"])
     assert plain.image_pre_norm is None and plain.text_pre_norm is None and model.text_pre_norm is None
     extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
@@ -223,6 +223,9 @@ def test_pre_norm_normalises_the_embedded_sequence_of_the_modalities_it_names(ti
     torch.testing.assert_close(both._embed_text(tokens), F.layer_norm(plain._embed_text(tokens), width))
     with pytest.raises(ValueError, match="pre_norm"):
         make_tiny_model(tiny_tokenizer, pre_norm=["audio"])
+    # The demo's preset and its dense twin have it since round 14; the GPU presets do not.
+    assert get_config("limoe-nano").pre_norm == get_config("limoe-nano-dense").pre_norm == ["image"]
+    assert get_config("limoe-b-16").pre_norm == []
 
 
 def test_swiglu_experts_and_grouped_query_attention_run(tiny_tokenizer):
