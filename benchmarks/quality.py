@@ -129,6 +129,9 @@ LIMOE_E8E = {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY
 # The round-11 default and its dense twin (caption positives on the caption side, open_clip's BPE).
 LIMOE_POSTEXT = {**LIMOE_E8E, "tokenizer": "bpe", "data.caption_positives": "text"}
 DENSE_POSTEXT = {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.caption_positives": "text"}
+# The round-13 default (xavier initialisation) and its dense twin.
+LIMOE_XAVIER = {**LIMOE_POSTEXT, "model.init": "xavier"}
+DENSE_XAVIER = {**DENSE_POSTEXT, "model.init": "xavier"}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
            "data.caption_positives": False}
 
@@ -306,24 +309,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-bpe-postext-xavier": ("limoe-e8e-bpe-postext with the blocks' Linear weights xavier-uniform and "
                                      "zero biases (`init: xavier`, big_vision's ViT and LIMoE's) instead of "
                                      "PyTorch's default: the demo's default in round 13",
-                                     {**LIMOE_POSTEXT, "model.init": "xavier"}),
+                                     LIMOE_XAVIER),
     "dense-cls-bpe-postext-xavier": ("dense-cls-bpe-postext with `init: xavier` (the dense twin of "
                                      "limoe-e8e-bpe-postext-xavier)",
-                                     {**DENSE_POSTEXT, "model.init": "xavier"}),
+                                     DENSE_XAVIER),
     # Round 14: two things the open_clip peer has and LIMoE lacks.
     "limoe-e8e-bpe-postext-xavier-lnpre": ("limoe-e8e-bpe-postext-xavier with a LayerNorm on the embedded image "
                                            "sequence before the first block (`pre_norm: [image]`, open_clip's "
                                            "`ln_pre`; 256 more parameters, the same FLOPs per pair): the demo's "
                                            "default since round 14",
-                                           {**LIMOE_POSTEXT, "model.init": "xavier", "model.pre_norm": ["image"]}),
+                                           {**LIMOE_XAVIER, "model.pre_norm": ["image"]}),
     "dense-cls-bpe-postext-xavier-lnpre": ("dense-cls-bpe-postext-xavier with `pre_norm: [image]` (the dense twin "
                                            "of limoe-e8e-bpe-postext-xavier-lnpre)",
-                                           {**DENSE_POSTEXT, "model.init": "xavier", "model.pre_norm": ["image"]}),
+                                           {**DENSE_XAVIER, "model.pre_norm": ["image"]}),
     "limoe-e8e-bpe-postext-xavier-lnpreboth": ("limoe-e8e-bpe-postext-xavier with a LayerNorm on each modality's "
                                                "embedded sequence before the first block (`pre_norm: [image, "
                                                "text]`; 512 more parameters, the same FLOPs per pair)",
-                                               {**LIMOE_POSTEXT, "model.init": "xavier",
-                                                "model.pre_norm": ["image", "text"]}),
+                                               {**LIMOE_XAVIER, "model.pre_norm": ["image", "text"]}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",

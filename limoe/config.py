@@ -142,12 +142,9 @@ class LIMoEConfig:
                 if isinstance(moe.get(m), dict):
                     moe[m] = AuxLossWeights(**moe[m])
             self.moe = MoEConfig(**moe)
-        if isinstance(self.modality_specific, str):
-            self.modality_specific = [self.modality_specific]
-        self.modality_specific = list(self.modality_specific)
-        if isinstance(self.pre_norm, str):
-            self.pre_norm = [self.pre_norm]
-        self.pre_norm = list(self.pre_norm)
+        for name in ("modality_specific", "pre_norm"):  # a single name may be given as a string
+            value = getattr(self, name)
+            setattr(self, name, [value] if isinstance(value, str) else list(value))
         self.validate()
 
     def validate(self) -> None:

@@ -114,14 +114,20 @@ class SwiGLU(nn.Module):
 FUSED_CHUNKS = {"kv": 2, "gate_up": 2}
 
 
+def named_linears(module: nn.Module):
+    """(leaf name, Linear) for every Linear under `module`: "kv" for `blocks.1.attn.kv`."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            yield name.rsplit(".", 1)[-1], m
+
+
 @torch.no_grad()
 def xavier_init_(module: nn.Module, skip: tuple[str, ...] = ("wg",)) -> None:
     """big_vision's ViT initialisation (the one LIMoE trained with): every Linear's weight
     xavier-uniform, each matrix of a fused weight on its own, and its bias zero.
     Linears whose name ends in one of `skip` (the routers) keep their initialisation."""
-    for name, m in module.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if not isinstance(m, nn.Linear) or leaf in skip:
+    for leaf, m in named_linears(module):
+        if leaf in skip:
             continue
         for w in m.weight.chunk(FUSED_CHUNKS.get(leaf, 1)):
             nn.init.xavier_uniform_(w)
@@ -139,9 +145,8 @@ def scaled_normal_init_(module: nn.Module, width: int, depth: int) -> None:
     out_std = attn_std * (2 * depth) ** -0.5
     std = {"q": attn_std, "kv": attn_std, "out": out_std,
            "fc1": (2 * width) ** -0.5, "gate_up": (2 * width) ** -0.5, "fc2": out_std, "down": out_std}
-    for name, m in module.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if not isinstance(m, nn.Linear) or leaf not in std:
+    for leaf, m in named_linears(module):
+        if leaf not in std:
             continue
         nn.init.normal_(m.weight, std=std[leaf])
         if leaf in ("q", "kv", "out") and m.bias is not None:
