@@ -326,6 +326,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                "embedded sequence before the first block (`pre_norm: [image, "
                                                "text]`; 512 more parameters, the same FLOPs per pair)",
                                                {**LIMOE_XAVIER, "model.pre_norm": ["image", "text"]}),
+    "limoe-e8e-bpe-postext-xavier-lnpre-stgate": ("limoe-e8e-bpe-postext-xavier-lnpre with straight-through gates "
+                                                  "(`moe.straight_through_gates`: a kept token's expert output "
+                                                  "enters at weight 1, as the dense twin's MLP, the router "
+                                                  "trained by the gradient of its probability; the same "
+                                                  "parameters and FLOPs per pair)",
+                                                  {**LIMOE_XAVIER, "model.pre_norm": ["image"],
+                                                   "model.moe.straight_through_gates": True}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -500,6 +507,10 @@ CONTRASTS = [
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("the image's LayerNorm before the blocks vs the peer with caption positives",
      "limoe-e8e-bpe-postext-xavier-lnpre", "open_clip-postext", TOP1),
+    ("straight-through gates (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-stgate",
+     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("straight-through gates vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-stgate",
+     "dense-cls-bpe-postext-xavier-lnpre", TOP1),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]

@@ -71,6 +71,9 @@ class MoEConfig:
     priority_modality: str | None = None
     noise_std: float = 1.0  # router noise sigma = noise_std / num_experts, training only
     renormalize_gates: bool = False  # for k > 1; V-MoE does not renormalise
+    # Combine with the chosen probabilities renormalised to sum 1 (1 at k = 1), with the
+    # gradient of the raw ones (straight-through). V-MoE and LIMoE weight by the raw ones.
+    straight_through_gates: bool = False
     expert_type: str = "mlp"  # "mlp" (GELU) or "swiglu"
     # Hidden width of each expert; 0 = the model's mlp_dim. With k = 2 and half of mlp_dim,
     # each token spends what one full-width expert costs ("fine-grained" experts).

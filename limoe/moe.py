@@ -84,6 +84,7 @@ class LIMoEGate(nn.Module):
         routes = routing.assign_routes(router.probs, self.k, capacity,
                                        batch_priority=self.config.batch_priority_routing,
                                        valid=token_groups.valid, renormalize=self.config.renormalize_gates,
+                                       straight_through=self.config.straight_through_gates,
                                        first=token_groups.masks.get(self.config.priority_modality))
         return routes, self.aux(router, token_groups, routes)
 

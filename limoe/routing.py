@@ -109,6 +109,7 @@ def assign_routes(
     valid: torch.Tensor | None = None,
     renormalize: bool = False,
     first: torch.Tensor | None = None,
+    straight_through: bool = False,
 ) -> Routes:
     """Assign tokens to expert slots.
 
@@ -121,10 +122,15 @@ def assign_routes(
     `first` [S] bool marks tokens that take the slots before all others within
     each choice level (`moe.priority_modality`); among themselves, and among the
     rest, the order above holds.
+    `straight_through`: the gates' values are the chosen probabilities renormalised to
+    sum 1 (at k = 1, 1: a kept token's expert output enters at a dense MLP's scale), their
+    gradient that of the chosen probabilities (`moe.straight_through_gates`).
     """
     num_tokens, num_experts = probs.shape
     top_p, top_e = probs.topk(k, dim=-1)  # [S, k]
     gates = top_p / top_p.sum(-1, keepdim=True) if renormalize and k > 1 else top_p
+    if straight_through:
+        gates = top_p + (top_p / top_p.sum(-1, keepdim=True) - top_p).detach()
     top_e, gates = top_e.t(), gates.t()  # [k, S]
     if valid is None:
         valid = torch.ones(num_tokens, dtype=torch.bool, device=probs.device)

@@ -4,6 +4,7 @@ DeepSpeed's stock `_sparse_encode` / `_sparse_decode`, and, across two gloo
 processes, the same layer with its experts split over an expert-parallel group
 (launch/expert_parallel.py).
 """
+import dataclasses
 import os
 
 import pytest
@@ -118,6 +119,32 @@ def test_dropless_eval_matches_per_token_loop():
     assert (expert[:, modality != IGNORE] >= 0).all()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
 
+
+
+def test_straight_through_gates_make_identical_experts_the_dense_mlp_and_train_the_router():
+    """With `straight_through_gates` every kept token's expert output enters at weight 1: if all
+    experts are one MLP, the layer is that MLP (the dense twin) and only the router's gradient
+    tells the experts apart. Without it, the output is scaled by the token's gate."""
+    layer = make_layer(straight_through_gates=True)
+    experts = layer.deepspeed_moe.experts.deepspeed_experts
+    for e in experts[1:]:
+        e.load_state_dict(experts[0].state_dict())
+    x, modality = make_tokens()
+    routed = modality != IGNORE
+    layer.eval()
+    with torch.no_grad():
+        dense = experts[0](x)
+        y, _ = layer(x, modality)
+        torch.testing.assert_close(y[routed], dense[routed], rtol=1e-5, atol=1e-6)
+        layer.gate.config = dataclasses.replace(layer.gate.config, straight_through_gates=False)
+        y_raw, _ = layer(x, modality)
+        assert (y_raw[routed].norm(dim=1) < 0.99 * dense[routed].norm(dim=1)).all()
+    layer.gate.config = dataclasses.replace(layer.gate.config, straight_through_gates=True)
+    layer.train()
+    assert_same_as_reference(layer, x, modality)  # gradients as the per-token loop's, router included
+    y, _ = layer(x, modality)
+    y.square().sum().backward()
+    assert layer.gate.wg.weight.grad.abs().sum() > 0
 
 def test_dropped_and_padding_tokens_get_exactly_zero_output_and_no_gradient():
     layer = make_layer(capacity_factor=0.5).train()

@@ -97,6 +97,28 @@ def test_gates_are_chosen_probs_not_renormalised_by_default():
     assert torch.allclose(routes.gate[:, 0], torch.tensor([0.625, 0.375]))
 
 
+
+def test_straight_through_gates_combine_at_one_with_the_probabilities_gradient():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 3.0, 0.0]], requires_grad=True)
+    probs = torch.softmax(logits, -1)
+    routes = routing.assign_routes(probs, k=1, capacity=4, straight_through=True)
+    assert torch.allclose(routes.gate, torch.ones(1, 2))
+    weights = torch.tensor([0.7, -1.3])
+    (routes.gate[0] * weights).sum().backward()
+    st_grad = logits.grad.clone()
+
+    logits.grad = None
+    raw = routing.assign_routes(torch.softmax(logits, -1), k=1, capacity=4)
+    assert not torch.allclose(raw.gate, torch.ones(1, 2))
+    (raw.gate[0] * weights).sum().backward()
+    assert torch.allclose(st_grad, logits.grad) and st_grad.abs().sum() > 0
+
+    # k = 2: the values are renormalised to sum 1; a dropped route still weighs 0.
+    two = routing.assign_routes(torch.tensor([[0.5, 0.3, 0.2, 0.0]]), k=2, capacity=4, straight_through=True)
+    assert torch.allclose(two.gate[:, 0], torch.tensor([0.625, 0.375]))
+    dropped = routing.assign_routes(_all_to_expert_zero([0.9, 0.8]), k=1, capacity=1, straight_through=True)
+    assert dropped.gate[0].tolist() == [1.0, 0.0]
+
 # -- auxiliary losses on a hand-computed example --------------------------------------
 
 PROBS = torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
