@@ -1,0 +1,142 @@
+"""How much of each expert's output reaches the residual stream: the combine weights of trained routers.
+
+With V-MoE's gates (LIMoE's), a kept token's expert output is multiplied by its top router
+probability; its dense twin's MLP output enters at weight 1. With flat routers that
+probability is near 1/E, and the MoE layers write to the residual stream at a fraction of
+the dense MLP's scale. For each trained run (a folder with `export/`, as
+`benchmarks/quality.py` and `limoe demo` write them) this script embeds every image of a
+labelled folder (`--data`, the name level of `limoe data emoji`'s zero-shot tree) and the
+bare class names as text, in eval mode, and reports per modality, over all MoE layers:
+
+- the mean and median top-1 router probability (the raw gate; with
+  `moe.straight_through_gates` the combine weight is 1 whatever it is), and
+- the mean routing entropy in nats (ln E when uniform).
+
+    python benchmarks/gate_weights.py --data data/emoji-twitter \\
+        runs/quality/runs/limoe-e8e-bpe-postext-xavier-lnpre-seed{0,1,2}
+
+Prints a markdown table (mean over each variant's seeds, a run folder named
+`<variant>-seed<s>`) and writes JSON (--out). Evaluation only, about 10 s a run on 2 cores.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (REPO, REPO / "benchmarks"):  # benchmarks/name_errors.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from name_errors import check_runs, run_parser, runs_by_variant  # noqa: E402
+
+MODALITIES = ("image", "text")
+STATS = ("top1_mean", "top1_median", "entropy")
+
+
+def capture_router_probs(model) -> tuple[dict[str, list], list]:
+    """Forward hooks on every MoE gate that keep its clean router probabilities per modality
+    ({modality: [probs [N, E], ...]}), and the hook handles."""
+    import torch
+
+    from limoe.moe import LIMoEGate
+
+    seen: dict[str, list] = {m: [] for m in MODALITIES}
+
+    def hook(gate, args, _output):
+        x, token_groups = args
+        with torch.no_grad():
+            probs = torch.softmax(x.float() @ gate.wg.weight.float().t(), dim=-1)
+        for m in MODALITIES:
+            seen[m].append(probs[token_groups.masks[m]].cpu())
+
+    handles = [mod.register_forward_hook(hook) for mod in model.modules() if isinstance(mod, LIMoEGate)]
+    return seen, handles
+
+
+def gate_stats(probs: list) -> dict[str, float]:
+    """Top-1 probability (mean, median) and mean entropy (nats) of the routed tokens' router probabilities."""
+    import torch
+
+    p = torch.cat(probs)
+    top1 = p.max(-1).values
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    return {"top1_mean": top1.mean().item(), "top1_median": top1.median().item(), "entropy": entropy.mean().item(),
+            "tokens": int(p.shape[0]), "experts": int(p.shape[1])}
+
+
+def measure(export: Path, data: Path, batch_size: int = 256) -> dict[str, dict[str, float]]:
+    import torch
+
+    import limoe
+    from eval.datasets import open_labelled_images
+    from eval.encode import evaluating, model_device
+
+    model, preprocess, tokenizer = limoe.load(export)
+    seen, handles = capture_router_probs(model)
+    if not handles:
+        raise SystemExit(f"error: {export} has no MoE layers (a dense model): nothing to measure")
+    images = open_labelled_images(data, preprocess, model.config.image_size)
+    device = model_device(model)
+    try:
+        with evaluating(model), torch.no_grad():
+            for batch, _ in images.batches(batch_size):
+                model.encode_image(batch.to(device))
+            for i in range(0, len(images.classnames), batch_size):
+                model.encode_text(tokenizer(images.classnames[i:i + batch_size]).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen["image"]:
+        raise SystemExit(f"error: no readable images in {data}")
+    return {m: gate_stats(seen[m]) for m in MODALITIES}
+
+
+def per_variant(per_run: dict[str, dict]) -> dict[str, dict]:
+    """{variant: {modality: {stat: {"mean", "n"}}}} over the variant's seeds."""
+    out = {}
+    for v, runs in runs_by_variant(per_run).items():
+        out[v] = {m: {s: {"mean": statistics.fmean(per_run[r][m][s] for r in runs), "n": len(runs)} for s in STATS}
+                  for m in MODALITIES}
+    return out
+
+
+def table(summary: dict[str, dict]) -> str:
+    lines = ["| variant | seeds | " + " | ".join(f"{m} top-1 gate (mean / median) | {m} entropy (nats)"
+                                                 for m in MODALITIES) + " |",
+             "|---|---:|" + "---:|---:|" * len(MODALITIES)]
+    for v, by_m in summary.items():
+        cells = []
+        for m in MODALITIES:
+            s = by_m[m]
+            cells += [f"{s['top1_mean']['mean']:.3f} / {s['top1_median']['mean']:.3f}", f"{s['entropy']['mean']:.2f}"]
+        lines.append(f"| {v} | {by_m['image']['entropy']['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = run_parser(__doc__, "a labelled image folder whose images and class names are routed",
+                   "gate_weights.json")
+    args = p.parse_args(argv)
+    check_runs(p, args.runs)
+    if (args.data / "zeroshot" / "name").is_dir():
+        args.data = args.data / "zeroshot" / "name"
+
+    from tqdm import tqdm
+
+    from limoe.files import write_json
+
+    per_run = {run.name: measure(run / "export", args.data) for run in tqdm(args.runs, desc="runs", unit="run")}
+    summary = per_variant(per_run)
+    print(f"\nRouter probabilities on {args.data} (images and bare class names, eval mode, all MoE layers), "
+          "mean over each variant's seeds:\n")
+    print(table(summary))
+    write_json({"per_run": per_run, "per_variant": summary, "runs": [str(r) for r in args.runs],
+                "data": str(args.data)}, args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
