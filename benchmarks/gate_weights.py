@@ -10,7 +10,10 @@ bare class names as text, in eval mode, and reports per modality, over all MoE l
 
 - the mean and median top-1 router probability (the raw gate; with
   `moe.straight_through_gates` the combine weight is 1 whatever it is), and
-- the mean routing entropy in nats (ln E when uniform).
+- the mean routing entropy in nats (ln E when uniform), and
+- the share of tokens whose first-choice expert changes when the router's training noise
+  (N(0, (noise_std / E)^2) on the logits, the export's `moe.noise_std`) is added: how far
+  the routes a token trains with differ from the ones it is evaluated with.
 
     python benchmarks/gate_weights.py --data data/emoji-twitter \\
         runs/quality/runs/limoe-e8e-bpe-postext-xavier-lnpre-seed{0,1,2}
@@ -32,12 +35,13 @@ for _path in (REPO, REPO / "benchmarks"):  # benchmarks/name_errors.py
 from name_errors import check_runs, run_parser, runs_by_variant  # noqa: E402
 
 MODALITIES = ("image", "text")
-STATS = ("top1_mean", "top1_median", "entropy")
+STATS = ("top1_mean", "top1_median", "entropy", "noise_changes_top1")
+NOISE_DRAWS = 5
 
 
 def capture_router_probs(model) -> tuple[dict[str, list], list]:
-    """Forward hooks on every MoE gate that keep its clean router probabilities per modality
-    ({modality: [probs [N, E], ...]}), and the hook handles."""
+    """Forward hooks on every MoE gate that keep its clean router logits per modality
+    ({modality: [logits [N, E], ...]}), and the hook handles."""
     import torch
 
     from limoe.moe import LIMoEGate
@@ -47,23 +51,31 @@ def capture_router_probs(model) -> tuple[dict[str, list], list]:
     def hook(gate, args, _output):
         x, token_groups = args
         with torch.no_grad():
-            probs = torch.softmax(x.float() @ gate.wg.weight.float().t(), dim=-1)
+            logits = x.float() @ gate.wg.weight.float().t()
         for m in MODALITIES:
-            seen[m].append(probs[token_groups.masks[m]].cpu())
+            seen[m].append(logits[token_groups.masks[m]].cpu())
 
     handles = [mod.register_forward_hook(hook) for mod in model.modules() if isinstance(mod, LIMoEGate)]
     return seen, handles
 
 
-def gate_stats(probs: list) -> dict[str, float]:
-    """Top-1 probability (mean, median) and mean entropy (nats) of the routed tokens' router probabilities."""
+def gate_stats(logits: list, noise_std: float, seed: int = 0) -> dict[str, float]:
+    """Top-1 probability (mean, median), mean entropy (nats) and the share of first choices the
+    training noise (sigma = noise_std / E, NOISE_DRAWS draws) changes, over the routed tokens' logits."""
     import torch
 
-    p = torch.cat(probs)
+    logits = torch.cat(logits)
+    p = torch.softmax(logits, dim=-1)
     top1 = p.max(-1).values
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    sigma = noise_std / logits.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    first = logits.argmax(-1)
+    changed = [(logits + sigma * torch.randn(logits.shape, generator=g)).argmax(-1).ne(first).float().mean().item()
+               for _ in range(NOISE_DRAWS)]
     return {"top1_mean": top1.mean().item(), "top1_median": top1.median().item(), "entropy": entropy.mean().item(),
-            "tokens": int(p.shape[0]), "experts": int(p.shape[1])}
+            "noise_changes_top1": sum(changed) / len(changed), "noise_std": noise_std,
+            "tokens": int(logits.shape[0]), "experts": int(logits.shape[1])}
 
 
 def measure(export: Path, data: Path, batch_size: int = 256) -> dict[str, dict[str, float]]:
@@ -90,7 +102,7 @@ def measure(export: Path, data: Path, batch_size: int = 256) -> dict[str, dict[s
             h.remove()
     if not seen["image"]:
         raise SystemExit(f"error: no readable images in {data}")
-    return {m: gate_stats(seen[m]) for m in MODALITIES}
+    return {m: gate_stats(seen[m], model.config.moe.noise_std) for m in MODALITIES}
 
 
 def per_variant(per_run: dict[str, dict]) -> dict[str, dict]:
@@ -103,14 +115,16 @@ def per_variant(per_run: dict[str, dict]) -> dict[str, dict]:
 
 
 def table(summary: dict[str, dict]) -> str:
-    lines = ["| variant | seeds | " + " | ".join(f"{m} top-1 gate (mean / median) | {m} entropy (nats)"
+    lines = ["| variant | seeds | " + " | ".join(f"{m} top-1 gate (mean / median) | {m} entropy (nats) | "
+                                                 f"{m} first choice changed by the noise"
                                                  for m in MODALITIES) + " |",
-             "|---|---:|" + "---:|---:|" * len(MODALITIES)]
+             "|---|---:|" + "---:|---:|---:|" * len(MODALITIES)]
     for v, by_m in summary.items():
         cells = []
         for m in MODALITIES:
             s = by_m[m]
-            cells += [f"{s['top1_mean']['mean']:.3f} / {s['top1_median']['mean']:.3f}", f"{s['entropy']['mean']:.2f}"]
+            cells += [f"{s['top1_mean']['mean']:.3f} / {s['top1_median']['mean']:.3f}", f"{s['entropy']['mean']:.2f}",
+                      f"{100 * s['noise_changes_top1']['mean']:.0f} %"]
         lines.append(f"| {v} | {by_m['image']['entropy']['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -20,13 +20,20 @@ spec.loader.exec_module(gate_weights)
 
 
 def test_gate_stats_by_hand():
-    probs = [torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0], [0.8, 0.2]])]
-    s = gate_weights.gate_stats(probs)
+    probs = [torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 1e-12], [0.8, 0.2]])]
+    s = gate_weights.gate_stats([p.log() for p in probs], noise_std=0.0)
     assert s["top1_mean"] == pytest.approx((0.5 + 1.0 + 0.8) / 3)
     assert s["top1_median"] == pytest.approx(0.8)
     h = lambda p: -sum(x * math.log(x) for x in p if x)  # noqa: E731
     assert s["entropy"] == pytest.approx((h([0.5, 0.5]) + 0 + h([0.8, 0.2])) / 3)
-    assert (s["tokens"], s["experts"]) == (3, 2)
+    assert (s["tokens"], s["experts"]) == (3, 2) and s["noise_changes_top1"] == 0.0
+
+
+def test_noise_changes_close_first_choices_and_not_clear_ones():
+    close = torch.tensor([[0.01, 0.0]] * 2000)  # a gap of 0.01 against sigma 0.5
+    clear = torch.tensor([[20.0, 0.0]] * 2000)
+    assert 0.4 < gate_weights.gate_stats([close], noise_std=1.0)["noise_changes_top1"] < 0.6
+    assert gate_weights.gate_stats([clear], noise_std=1.0)["noise_changes_top1"] == 0.0
 
 
 def _folder(root: Path) -> Path:
@@ -46,7 +53,7 @@ def test_the_script_measures_both_modalities_of_a_run_and_matches_the_models_rou
     for m in ("image", "text"):
         s = result[m]
         assert s["tokens"] > 0 and 1 / s["experts"] <= s["top1_mean"] <= 1
-        assert 0 <= s["entropy"] <= math.log(s["experts"]) + 1e-6
+        assert 0 <= s["entropy"] <= math.log(s["experts"]) + 1e-6 and 0 <= s["noise_changes_top1"] <= 1
 
     # The hook's probabilities are the gate's own: its eval-mode routes take their argmax.
     model, _, tokenizer = limoe.load(run / "export")
