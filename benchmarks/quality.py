@@ -339,6 +339,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                      "pair)",
                                                      {**LIMOE_XAVIER, "model.pre_norm": ["image"],
                                                       "model.moe.noise_std": 0.25}),
+    "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05": ("limoe-e8e-bpe-postext-xavier-lnpre with 5x the local "
+                                                         "entropy loss on the text (`moe.text.local_entropy: "
+                                                         "0.05`), to sharpen the text's near-uniform routing",
+                                                         {**LIMOE_XAVIER, "model.pre_norm": ["image"],
+                                                          "model.moe.text": {**ENTROPY_TEXT, "local_entropy": 0.05}}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -520,6 +525,10 @@ CONTRASTS = [
     ("a quarter of the router noise (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25",
      "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("a quarter of the router noise vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25",
+     "dense-cls-bpe-postext-xavier-lnpre", TOP1),
+    ("5x the text's local entropy loss (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05",
+     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("5x the text's local entropy loss vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05",
      "dense-cls-bpe-postext-xavier-lnpre", TOP1),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
