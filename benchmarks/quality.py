@@ -514,6 +514,8 @@ CONTRASTS = [
      "dense-cls-bpe-postext-xavier", TOP1),
     ("LayerNorms on both modalities before the blocks (round-13 default)", "limoe-e8e-bpe-postext-xavier-lnpreboth",
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("LayerNorms on both modalities before the blocks (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpreboth",
+     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("open_clip's initialisation (round-13 default)", "limoe-e8e-bpe-postext-scaledinit",
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("the image's LayerNorm before the blocks vs the peer with caption positives",
