@@ -32,7 +32,7 @@ for _path in (REPO, REPO / "benchmarks"):  # benchmarks/name_errors.py
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from name_errors import check_runs, run_parser, runs_by_variant  # noqa: E402
+from name_errors import check_runs, report_runs, run_parser, runs_by_variant  # noqa: E402
 
 MODALITIES = ("image", "text")
 STATS = ("top1_mean", "top1_median", "entropy", "noise_changes_top1")
@@ -137,20 +137,9 @@ def main(argv=None) -> int:
     if (args.data / "zeroshot" / "name").is_dir():
         args.data = args.data / "zeroshot" / "name"
 
-    from tqdm import tqdm
-
-    from limoe.files import write_json
-
-    per_run = {run.name: measure(run / "export", args.data) for run in tqdm(args.runs, desc="runs", unit="run")}
-    summary = per_variant(per_run)
-    print(f"\nRouter probabilities on {args.data} (images and bare class names, eval mode, all MoE layers), "
-          "mean over each variant's seeds:\n")
-    print(table(summary))
-    write_json({"per_run": per_run, "per_variant": summary, "runs": [str(r) for r in args.runs],
-                "data": str(args.data)}, args.out)
-    print(f"\nwrote {args.out}")
-    return 0
-
+    return report_runs(args, lambda export: measure(export, args.data), per_variant, table,
+                       f"Router probabilities on {args.data} (images and bare class names, eval mode, all MoE "
+                       "layers), mean over each variant's seeds:")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from name_errors import check_runs, run_parser, runs_by_variant  # noqa: E402
+from name_errors import check_runs, report_runs, run_parser, runs_by_variant  # noqa: E402
 
 COARSE = ("subcategory", "category")
 
@@ -78,19 +78,9 @@ def main(argv=None) -> int:
     if not all((args.data / "zeroshot" / g).is_dir() for g in COARSE):
         p.error(f"{args.data}/zeroshot/subcategory or category not found: pass a `limoe data emoji` folder")
 
-    from tqdm import tqdm
-
-    from limoe.files import write_json
-
-    per_run = {run.name: measure(run / "export", args.data) for run in tqdm(args.runs, desc="runs", unit="run")}
-    summary = per_variant(per_run)
-    print(f"\nZero-shot top-1 (%) on {args.data.name}, split at the largest class, mean over each variant's seeds:\n")
-    print(table(summary))
-    write_json({"per_run": per_run, "per_variant": summary, "runs": [str(r) for r in args.runs],
-                "data": str(args.data)}, args.out)
-    print(f"\nwrote {args.out}")
-    return 0
-
+    return report_runs(args, lambda export: measure(export, args.data), per_variant, table,
+                       f"Zero-shot top-1 (%) on {args.data.name}, split at the largest class, mean over each "
+                       "variant's seeds:")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,6 +60,24 @@ def check_runs(parser: argparse.ArgumentParser, runs: list[Path]) -> None:
         parser.error("no export/ in " + ", ".join(missing))
 
 
+def report_runs(args, measure, per_variant, table, heading: str, **extra) -> int:
+    """The run-analysis scripts' main loop: `measure(export_dir)` for each run in args.runs (a
+    progress bar), summarise per variant, print `heading` and the markdown table, and write the
+    per-run and per-variant results (plus `extra`) as JSON to args.out."""
+    from tqdm import tqdm
+
+    from limoe.files import write_json
+
+    per_run = {run.name: measure(run / "export") for run in tqdm(args.runs, desc="runs", unit="run")}
+    summary = per_variant(per_run)
+    print(f"\n{heading}\n")
+    print(table(summary))
+    write_json({"per_run": per_run, "per_variant": summary, "runs": [str(r) for r in args.runs],
+                "data": str(args.data), **extra}, args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
 def name_categories(zeroshot: Path) -> tuple[list[str], list[str]]:
     """The category of each name class (by index), from the image files the two folders share."""
     names = (zeroshot / "name" / "classnames.txt").read_text().splitlines()

@@ -35,7 +35,7 @@ for _path in (REPO, REPO / "benchmarks"):  # launch.demo; benchmarks/name_errors
         sys.path.insert(0, str(_path))
 
 from launch.demo import GRANULARITIES  # noqa: E402 (light imports)
-from name_errors import check_runs, run_parser, runs_by_variant  # noqa: E402
+from name_errors import check_runs, report_runs, run_parser, runs_by_variant  # noqa: E402
 
 
 def embed_folder(model, preprocess, folder: Path, batch_size: int = 256):
@@ -161,21 +161,9 @@ def main(argv=None) -> int:
         if not (d / "zeroshot" / "name").is_dir():
             p.error(f"{d}/zeroshot/name not found: pass the folder `limoe data emoji --style ...` built")
 
-    from tqdm import tqdm
-
-    from limoe.files import write_json
-
-    per_run = {run.name: probe(run / "export", args.train_style, args.data)
-               for run in tqdm(args.runs, desc="runs", unit="run")}
-    summary = per_variant(per_run)
-    print(f"\nNearest class centroid of {args.train_style.name} image embeddings, top-1 (%) on "
-          f"{args.data.name}, mean ± std over each variant's seeds:\n")
-    print(table(summary))
-    write_json({"per_run": per_run, "per_variant": summary, "runs": [str(r) for r in args.runs],
-                "data": str(args.data), "train_style": str(args.train_style)}, args.out)
-    print(f"\nwrote {args.out}")
-    return 0
-
+    return report_runs(args, lambda export: probe(export, args.train_style, args.data), per_variant, table,
+                       f"Nearest class centroid of {args.train_style.name} image embeddings, top-1 (%) on "
+                       f"{args.data.name}, mean ± std over each variant's seeds:", train_style=str(args.train_style))
 
 if __name__ == "__main__":
     sys.exit(main())
