@@ -344,6 +344,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                          "0.05`), to sharpen the text's near-uniform routing",
                                                          {**LIMOE_XAVIER, "model.pre_norm": ["image"],
                                                           "model.moe.text": {**ENTROPY_TEXT, "local_entropy": 0.05}}),
+    "limoe-e8e-bpe-postext-xavier-lnpre-e16": ("limoe-e8e-bpe-postext-xavier-lnpre with 16 experts instead of 8 "
+                                               "(more parameters, the same FLOPs per pair)",
+                                               {**LIMOE_XAVIER, "model.pre_norm": ["image"],
+                                                "model.moe.num_experts": 16}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -532,6 +536,9 @@ CONTRASTS = [
      "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("5x the text's local entropy loss vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05",
      "dense-cls-bpe-postext-xavier-lnpre", TOP1),
+    ("16 experts (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-e16",
+     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("16 experts vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-e16", "dense-cls-bpe-postext-xavier-lnpre", TOP1),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
