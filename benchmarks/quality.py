@@ -366,6 +366,14 @@ def variant_config(variant: str) -> dict:
     return {k: v for k, v in VARIANTS[variant][1].items() if k != "tokenizer"}
 
 
+def round15(what: str, variant: str) -> list[tuple]:
+    """Round 15's two comparisons of a variant: against the round-14 default (with drop rates)
+    and against that default's dense twin."""
+    return [(f"{what} (round-14 default)", variant, "limoe-e8e-bpe-postext-xavier-lnpre",
+             TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+            (f"{what} vs the dense twin", variant, "dense-cls-bpe-postext-xavier-lnpre", TOP1)]
+
+
 # Seed-paired differences (first minus second).
 TOP1 = [f"zeroshot/{g}/top1" for g in GRANULARITIES]
 CONTRASTS = [
@@ -524,21 +532,10 @@ CONTRASTS = [
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("the image's LayerNorm before the blocks vs the peer with caption positives",
      "limoe-e8e-bpe-postext-xavier-lnpre", "open_clip-postext", TOP1),
-    ("straight-through gates (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-stgate",
-     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
-    ("straight-through gates vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-stgate",
-     "dense-cls-bpe-postext-xavier-lnpre", TOP1),
-    ("a quarter of the router noise (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25",
-     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
-    ("a quarter of the router noise vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25",
-     "dense-cls-bpe-postext-xavier-lnpre", TOP1),
-    ("5x the text's local entropy loss (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05",
-     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
-    ("5x the text's local entropy loss vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05",
-     "dense-cls-bpe-postext-xavier-lnpre", TOP1),
-    ("16 experts (round-14 default)", "limoe-e8e-bpe-postext-xavier-lnpre-e16",
-     "limoe-e8e-bpe-postext-xavier-lnpre", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
-    ("16 experts vs the dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-e16", "dense-cls-bpe-postext-xavier-lnpre", TOP1),
+    *round15("straight-through gates", "limoe-e8e-bpe-postext-xavier-lnpre-stgate"),
+    *round15("a quarter of the router noise", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25"),
+    *round15("5x the text's local entropy loss", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05"),
+    *round15("16 experts", "limoe-e8e-bpe-postext-xavier-lnpre-e16"),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
