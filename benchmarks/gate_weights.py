@@ -39,7 +39,7 @@ STATS = ("top1_mean", "top1_median", "entropy", "noise_changes_top1")
 NOISE_DRAWS = 5
 
 
-def capture_router_probs(model) -> tuple[dict[str, list], list]:
+def capture_router_logits(model) -> tuple[dict[str, list], list]:
     """Forward hooks on every MoE gate that keep its clean router logits per modality
     ({modality: [logits [N, E], ...]}), and the hook handles."""
     import torch
@@ -51,7 +51,7 @@ def capture_router_probs(model) -> tuple[dict[str, list], list]:
     def hook(gate, args, _output):
         x, token_groups = args
         with torch.no_grad():
-            logits = x.float() @ gate.wg.weight.float().t()
+            logits = gate.router_logits(x)
         for m in MODALITIES:
             seen[m].append(logits[token_groups.masks[m]].cpu())
 
@@ -86,7 +86,7 @@ def measure(export: Path, data: Path, batch_size: int = 256) -> dict[str, dict[s
     from eval.encode import evaluating, model_device
 
     model, preprocess, tokenizer = limoe.load(export)
-    seen, handles = capture_router_probs(model)
+    seen, handles = capture_router_logits(model)
     if not handles:
         raise SystemExit(f"error: {export} has no MoE layers (a dense model): nothing to measure")
     images = open_labelled_images(data, preprocess, model.config.image_size)
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     return report_runs(args, lambda export: measure(export, args.data), per_variant, table,
                        f"Router probabilities on {args.data} (images and bare class names, eval mode, all MoE "
                        "layers), mean over each variant's seeds:")
+
 
 if __name__ == "__main__":
     sys.exit(main())

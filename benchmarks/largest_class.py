@@ -82,5 +82,6 @@ def main(argv=None) -> int:
                        f"Zero-shot top-1 (%) on {args.data.name}, split at the largest class, mean over each "
                        "variant's seeds:")
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -132,6 +132,8 @@ DENSE_POSTEXT = {**DENSE, "model.image_pool": "cls", "tokenizer": "bpe", "data.c
 # The round-13 default (xavier initialisation) and its dense twin.
 LIMOE_XAVIER = {**LIMOE_POSTEXT, "model.init": "xavier"}
 DENSE_XAVIER = {**DENSE_POSTEXT, "model.init": "xavier"}
+# The round-14 default (a LayerNorm on the embedded image sequence).
+LIMOE_LNPRE = {**LIMOE_XAVIER, "model.pre_norm": ["image"]}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
            "data.caption_positives": False}
 
@@ -318,7 +320,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                            "sequence before the first block (`pre_norm: [image]`, open_clip's "
                                            "`ln_pre`; 256 more parameters, the same FLOPs per pair): the demo's "
                                            "default since round 14",
-                                           {**LIMOE_XAVIER, "model.pre_norm": ["image"]}),
+                                           LIMOE_LNPRE),
     "dense-cls-bpe-postext-xavier-lnpre": ("dense-cls-bpe-postext-xavier with `pre_norm: [image]` (the dense twin "
                                            "of limoe-e8e-bpe-postext-xavier-lnpre)",
                                            {**DENSE_XAVIER, "model.pre_norm": ["image"]}),
@@ -331,23 +333,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                   "enters at weight 1, as the dense twin's MLP, the router "
                                                   "trained by the gradient of its probability; the same "
                                                   "parameters and FLOPs per pair)",
-                                                  {**LIMOE_XAVIER, "model.pre_norm": ["image"],
-                                                   "model.moe.straight_through_gates": True}),
+                                                  {**LIMOE_LNPRE, "model.moe.straight_through_gates": True}),
     "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25": ("limoe-e8e-bpe-postext-xavier-lnpre with a quarter of V-MoE's "
                                                      "router noise in training (`moe.noise_std: 0.25`, sigma "
                                                      "1/32 instead of 1/8; the same parameters and FLOPs per "
                                                      "pair)",
-                                                     {**LIMOE_XAVIER, "model.pre_norm": ["image"],
-                                                      "model.moe.noise_std": 0.25}),
+                                                     {**LIMOE_LNPRE, "model.moe.noise_std": 0.25}),
     "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05": ("limoe-e8e-bpe-postext-xavier-lnpre with 5x the local "
                                                          "entropy loss on the text (`moe.text.local_entropy: "
                                                          "0.05`), to sharpen the text's near-uniform routing",
-                                                         {**LIMOE_XAVIER, "model.pre_norm": ["image"],
+                                                         {**LIMOE_LNPRE,
                                                           "model.moe.text": {**ENTROPY_TEXT, "local_entropy": 0.05}}),
     "limoe-e8e-bpe-postext-xavier-lnpre-e16": ("limoe-e8e-bpe-postext-xavier-lnpre with 16 experts instead of 8 "
                                                "(more parameters, the same FLOPs per pair)",
-                                               {**LIMOE_XAVIER, "model.pre_norm": ["image"],
-                                                "model.moe.num_experts": 16}),
+                                               {**LIMOE_LNPRE, "model.moe.num_experts": 16}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",

@@ -165,5 +165,6 @@ def main(argv=None) -> int:
                        f"Nearest class centroid of {args.train_style.name} image embeddings, top-1 (%) on "
                        f"{args.data.name}, mean ± std over each variant's seeds:", train_style=str(args.train_style))
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -73,10 +73,14 @@ class LIMoEGate(nn.Module):
         actually routed) is never larger."""
         return routing.expert_capacity(num_tokens, self.num_experts, self.k, self.active_capacity_factor())
 
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The clean fp32 router logits [S, E] of tokens x [S, d]."""
+        return F.linear(x.float(), self.wg.weight.float())
+
     def forward(self, x: torch.Tensor, token_groups: TokenGroups) -> tuple[Routes, dict]:
         """Route the tokens x [S, d]. Returns the routes and this layer's aux dict
         (weighted loss, unweighted terms, statistics), all without a host sync."""
-        logits = F.linear(x.float(), self.wg.weight.float())
+        logits = self.router_logits(x)
         router = routing.route_logits(logits, self.config.noise_std, self.training)
         factor = self.active_capacity_factor()
         capacity = None if factor is None else routing.expert_capacity_tensor(

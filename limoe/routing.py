@@ -128,9 +128,10 @@ def assign_routes(
     """
     num_tokens, num_experts = probs.shape
     top_p, top_e = probs.topk(k, dim=-1)  # [S, k]
-    gates = top_p / top_p.sum(-1, keepdim=True) if renormalize and k > 1 else top_p
-    if straight_through:
+    if straight_through:  # the renormalised values, the raw probabilities' gradient
         gates = top_p + (top_p / top_p.sum(-1, keepdim=True) - top_p).detach()
+    else:
+        gates = top_p / top_p.sum(-1, keepdim=True) if renormalize and k > 1 else top_p
     top_e, gates = top_e.t(), gates.t()  # [k, S]
     if valid is None:
         valid = torch.ones(num_tokens, dtype=torch.bool, device=probs.device)

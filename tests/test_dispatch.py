@@ -120,7 +120,6 @@ def test_dropless_eval_matches_per_token_loop():
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
 
 
-
 def test_straight_through_gates_make_identical_experts_the_dense_mlp_and_train_the_router():
     """With `straight_through_gates` every kept token's expert output enters at weight 1: if all
     experts are one MLP, the layer is that MLP (the dense twin) and only the router's gradient
@@ -145,6 +144,7 @@ def test_straight_through_gates_make_identical_experts_the_dense_mlp_and_train_t
     y, _ = layer(x, modality)
     y.square().sum().backward()
     assert layer.gate.wg.weight.grad.abs().sum() > 0
+
 
 def test_dropped_and_padding_tokens_get_exactly_zero_output_and_no_gradient():
     layer = make_layer(capacity_factor=0.5).train()

@@ -37,7 +37,7 @@ def test_noise_changes_close_first_choices_and_not_clear_ones():
 
 
 def _folder(root: Path) -> Path:
-    for i, (name, colour) in enumerate([("red", (255, 0, 0)), ("green", (0, 255, 0))]):
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
         (root / f"{i:05d}").mkdir(parents=True)
         Image.new("RGB", (16, 16), colour).save(root / f"{i:05d}" / "a.png")
     (root / "classnames.txt").write_text("red\ngreen\n")
@@ -55,9 +55,9 @@ def test_the_script_measures_both_modalities_of_a_run_and_matches_the_models_rou
         assert s["tokens"] > 0 and 1 / s["experts"] <= s["top1_mean"] <= 1
         assert 0 <= s["entropy"] <= math.log(s["experts"]) + 1e-6 and 0 <= s["noise_changes_top1"] <= 1
 
-    # The hook's probabilities are the gate's own: its eval-mode routes take their argmax.
+    # The hook's logits are the gate's own: its eval-mode routes take their argmax.
     model, _, tokenizer = limoe.load(run / "export")
-    seen, handles = gate_weights.capture_router_probs(model)
+    seen, handles = gate_weights.capture_router_logits(model)
     chosen = []
     for gate in (mod for mod in model.modules() if isinstance(mod, LIMoEGate)):
         handles.append(gate.register_forward_hook(lambda g, a, out: chosen.append(out[0].expert[0])))

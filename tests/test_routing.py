@@ -97,7 +97,6 @@ def test_gates_are_chosen_probs_not_renormalised_by_default():
     assert torch.allclose(routes.gate[:, 0], torch.tensor([0.625, 0.375]))
 
 
-
 def test_straight_through_gates_combine_at_one_with_the_probabilities_gradient():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 3.0, 0.0]], requires_grad=True)
     probs = torch.softmax(logits, -1)
@@ -118,6 +117,7 @@ def test_straight_through_gates_combine_at_one_with_the_probabilities_gradient()
     assert torch.allclose(two.gate[:, 0], torch.tensor([0.625, 0.375]))
     dropped = routing.assign_routes(_all_to_expert_zero([0.9, 0.8]), k=1, capacity=1, straight_through=True)
     assert dropped.gate[0].tolist() == [1.0, 0.0]
+
 
 # -- auxiliary losses on a hand-computed example --------------------------------------
 
