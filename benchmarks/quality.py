@@ -134,6 +134,7 @@ LIMOE_XAVIER = {**LIMOE_POSTEXT, "model.init": "xavier"}
 DENSE_XAVIER = {**DENSE_POSTEXT, "model.init": "xavier"}
 # The round-14 default (a LayerNorm on the embedded image sequence).
 LIMOE_LNPRE = {**LIMOE_XAVIER, "model.pre_norm": ["image"]}
+DENSE_LNPRE = {**DENSE_XAVIER, "model.pre_norm": ["image"]}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
            "data.caption_positives": False}
 
@@ -323,7 +324,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                            LIMOE_LNPRE),
     "dense-cls-bpe-postext-xavier-lnpre": ("dense-cls-bpe-postext-xavier with `pre_norm: [image]` (the dense twin "
                                            "of limoe-e8e-bpe-postext-xavier-lnpre)",
-                                           {**DENSE_XAVIER, "model.pre_norm": ["image"]}),
+                                           DENSE_LNPRE),
     "limoe-e8e-bpe-postext-xavier-lnpreboth": ("limoe-e8e-bpe-postext-xavier with a LayerNorm on each modality's "
                                                "embedded sequence before the first block (`pre_norm: [image, "
                                                "text]`; 512 more parameters, the same FLOPs per pair)",
@@ -347,6 +348,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "limoe-e8e-bpe-postext-xavier-lnpre-e16": ("limoe-e8e-bpe-postext-xavier-lnpre with 16 experts instead of 8 "
                                                "(more parameters, the same FLOPs per pair)",
                                                {**LIMOE_LNPRE, "model.moe.num_experts": 16}),
+    # Round 16: dropout, for a model that sees each of its 1,911 training images about 63 times.
+    "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1": ("limoe-e8e-bpe-postext-xavier-lnpre with dropout 0.1 on the "
+                                                   "hidden activations of every MLP, the experts' included "
+                                                   "(`mlp_dropout: 0.1`)",
+                                                   {**LIMOE_LNPRE, "model.mlp_dropout": 0.1}),
+    "dense-cls-bpe-postext-xavier-lnpre-drop0.1": ("dense-cls-bpe-postext-xavier-lnpre with dropout 0.1 on the "
+                                                   "hidden activations of every MLP (the dense twin of "
+                                                   "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1)",
+                                                   {**DENSE_LNPRE, "model.mlp_dropout": 0.1}),
+    "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2": ("limoe-e8e-bpe-postext-xavier-lnpre with dropout 0.2 on the "
+                                                    "experts' hidden activations only (`moe.expert_dropout: 0.2`, "
+                                                    "Switch Transformer's expert dropout; dense MLPs none)",
+                                                    {**LIMOE_LNPRE, "model.moe.expert_dropout": 0.2}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -535,6 +549,12 @@ CONTRASTS = [
     *round15("a quarter of the router noise", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25"),
     *round15("5x the text's local entropy loss", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05"),
     *round15("16 experts", "limoe-e8e-bpe-postext-xavier-lnpre-e16"),
+    *round15("dropout 0.1 in every MLP", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1"),
+    ("dropout 0.1 in every MLP, the dense twin", "dense-cls-bpe-postext-xavier-lnpre-drop0.1",
+     "dense-cls-bpe-postext-xavier-lnpre", TOP1),
+    ("dropout 0.1 in every MLP: LIMoE vs its dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1",
+     "dense-cls-bpe-postext-xavier-lnpre-drop0.1", TOP1),
+    *round15("expert dropout 0.2", "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2"),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]

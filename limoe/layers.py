@@ -47,16 +47,23 @@ def align_groups(rows: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, to
     return buffer, offsets, place, group
 
 
-class MLP(nn.Module):
-    """GELU MLP: the dense block MLP and the default expert."""
+def hidden_dropout(experts: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+    """Dropout on the experts' hidden activations (they share one rate), in training only."""
+    return F.dropout(h, experts[0].dropout, experts[0].training)
 
-    def __init__(self, width: int, hidden: int):
+
+class MLP(nn.Module):
+    """GELU MLP: the dense block MLP and the default expert. `dropout` drops hidden
+    activations in training (T5 / Switch Transformer put it there; 0 = none)."""
+
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training))
 
     @staticmethod
     def grouped_forward(experts: list["MLP"], x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +72,7 @@ class MLP(nn.Module):
         b1 = torch.stack([e.fc1.bias for e in experts]).unsqueeze(1)
         w2 = torch.stack([e.fc2.weight for e in experts])  # [E, width, hidden]
         b2 = torch.stack([e.fc2.bias for e in experts]).unsqueeze(1)
-        h = F.gelu(torch.baddbmm(b1, x, w1.transpose(1, 2)))
+        h = hidden_dropout(experts, F.gelu(torch.baddbmm(b1, x, w1.transpose(1, 2))))
         return torch.baddbmm(b2, h, w2.transpose(1, 2))
 
     @staticmethod
@@ -76,29 +83,31 @@ class MLP(nn.Module):
         w2 = torch.stack([e.fc2.weight for e in experts])
         b1 = torch.stack([e.fc1.bias for e in experts])
         b2 = torch.stack([e.fc2.bias for e in experts])
-        h = F.gelu(F.grouped_mm(buffer, w1.transpose(-2, -1), offs=offsets) + b1[group])
+        h = hidden_dropout(experts, F.gelu(F.grouped_mm(buffer, w1.transpose(-2, -1), offs=offsets) + b1[group]))
         y = F.grouped_mm(h, w2.transpose(-2, -1), offs=offsets) + b2[group]
         return y.index_select(0, place)
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP (as in mmLiT / LLaMA): silu(x W_gate) * (x W_up) W_down, no biases."""
+    """SwiGLU MLP (as in mmLiT / LLaMA): silu(x W_gate) * (x W_up) W_down, no biases.
+    `dropout` as in MLP, on silu(x W_gate) * (x W_up)."""
 
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.dropout(F.silu(gate) * up, self.dropout, self.training))
 
     @staticmethod
     def grouped_forward(experts: list["SwiGLU"], x: torch.Tensor) -> torch.Tensor:
         w12 = torch.stack([e.gate_up.weight for e in experts])
         w3 = torch.stack([e.down.weight for e in experts])
         gate, up = torch.bmm(x, w12.transpose(1, 2)).chunk(2, dim=-1)
-        return torch.bmm(F.silu(gate) * up, w3.transpose(1, 2))
+        return torch.bmm(hidden_dropout(experts, F.silu(gate) * up), w3.transpose(1, 2))
 
     @staticmethod
     def grouped_rows_forward(experts: list["SwiGLU"], rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -107,7 +116,8 @@ class SwiGLU(nn.Module):
         w12 = torch.stack([e.gate_up.weight for e in experts])
         w3 = torch.stack([e.down.weight for e in experts])
         gate, up = F.grouped_mm(buffer, w12.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, w3.transpose(-2, -1), offs=offsets).index_select(0, place)
+        h = hidden_dropout(experts, F.silu(gate) * up)
+        return F.grouped_mm(h, w3.transpose(-2, -1), offs=offsets).index_select(0, place)
 
 
 # Fused weights that hold several matrices: each gets its own xavier bounds.
@@ -153,8 +163,8 @@ def scaled_normal_init_(module: nn.Module, width: int, depth: int) -> None:
             nn.init.zeros_(m.bias)
 
 
-def make_mlp(kind: str, width: int, hidden: int) -> nn.Module:
-    return {"mlp": MLP, "swiglu": SwiGLU}[kind](width, hidden)
+def make_mlp(kind: str, width: int, hidden: int, dropout: float = 0.0) -> nn.Module:
+    return {"mlp": MLP, "swiglu": SwiGLU}[kind](width, hidden, dropout)
 
 
 class MAPHead(nn.Module):

@@ -40,9 +40,10 @@ class Block(nn.Module):
         self.text_norm1 = nn.LayerNorm(config.width) if "norms" in own else None
         self.text_norm2 = nn.LayerNorm(config.width) if "norms" in own else None
         self.text_attn = Attention(config.width, config.heads, config.kv_heads) if "attention" in own else None
-        expert = make_mlp(config.moe.expert_type, config.width, config.expert_hidden if moe else config.mlp_dim)
+        expert = make_mlp(config.moe.expert_type, config.width, config.expert_hidden if moe else config.mlp_dim,
+                          config.expert_dropout if moe else config.mlp_dropout)
         self.mlp = LIMoELayer(config.width, expert, config.moe, ep_size) if moe else expert
-        self.text_mlp = make_mlp(config.moe.expert_type, config.width, config.mlp_dim) \
+        self.text_mlp = make_mlp(config.moe.expert_type, config.width, config.mlp_dim, config.mlp_dropout) \
             if "mlp" in own and not moe else None
         self.is_moe = moe
 
