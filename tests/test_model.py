@@ -304,6 +304,83 @@ def test_fine_grained_experts_spend_one_full_experts_flops(tiny_tokenizer):
         make_tiny_model(tiny_tokenizer, moe={"expert_mlp_dim": -1})
 
 
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_mlp_dropout_drops_hidden_activations_in_training_only(kind):
+    from limoe.layers import make_mlp
+
+    torch.manual_seed(0)
+    mlp, plain = make_mlp(kind, 8, 16, dropout=0.5), make_mlp(kind, 8, 16)
+    plain.load_state_dict(mlp.state_dict())
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(mlp.eval()(x), plain.eval()(x))
+    mlp.train()
+    torch.manual_seed(1)
+    y = mlp(x)
+    if kind == "mlp":
+        hidden, out = F.gelu(mlp.fc1(x)), mlp.fc2
+    else:
+        gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+        hidden, out = F.silu(gate) * up, mlp.down
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, out(F.dropout(hidden, 0.5, True)))
+    assert not torch.allclose(y, plain(x))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_grouped_experts_drop_the_same_hidden_activations(kind):
+    """The batched path (CUDA's) drops what each expert's own forward would, given one draw
+    over the stacked [E, N, hidden] activations; in eval it equals the per-expert path."""
+    from limoe.layers import make_mlp
+
+    torch.manual_seed(0)
+    experts = [make_mlp(kind, 8, 16, dropout=0.3) for _ in range(3)]
+    x = torch.randn(3, 4, 8)
+    per_expert = torch.stack([e.eval()(xe) for e, xe in zip(experts, x)])
+    torch.testing.assert_close(type(experts[0]).grouped_forward(experts, x), per_expert)
+    for e in experts:
+        e.train()
+    torch.manual_seed(2)
+    y = type(experts[0]).grouped_forward(experts, x)
+    if kind == "mlp":
+        hidden = torch.stack([F.gelu(e.fc1(xe)) for e, xe in zip(experts, x)])
+        outs = [e.fc2 for e in experts]
+    else:
+        hidden = torch.stack([F.silu(g) * u for g, u in (e.gate_up(xe).chunk(2, dim=-1)
+                                                         for e, xe in zip(experts, x))])
+        outs = [e.down for e in experts]
+    torch.manual_seed(2)
+    dropped = F.dropout(hidden, 0.3, True)
+    torch.testing.assert_close(y, torch.stack([out(h) for out, h in zip(outs, dropped)]))
+
+
+def test_model_dropout_rates_reach_dense_mlps_and_experts_and_leave_eval_alone(tiny_tokenizer):
+    images, tokens = _batch(tiny_tokenizer)
+    plain = make_tiny_model(tiny_tokenizer)
+    both = make_tiny_model(tiny_tokenizer, mlp_dropout=0.1)
+    switch = make_tiny_model(tiny_tokenizer, mlp_dropout=0.1, moe={"expert_dropout": 0.4})
+
+    def rates(model):
+        dense = {b.mlp.dropout for b in model.blocks if not b.is_moe}
+        experts = {e.dropout for layer in model.moe_layers() for e in layer.experts.deepspeed_experts}
+        return dense, experts
+
+    assert rates(plain) == ({0.0}, {0.0})
+    assert rates(both) == ({0.1}, {0.1})  # expert_dropout None: the experts follow mlp_dropout
+    assert rates(switch) == ({0.1}, {0.4})
+    # The same seed draws the same weights; eval (and so every export) is unchanged.
+    for model in (both, switch):
+        with torch.no_grad():
+            for a, b in zip(plain.eval()(images, tokens).values(), model.eval()(images, tokens).values()):
+                if isinstance(a, torch.Tensor):
+                    torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        first, second = (switch.train()(images, tokens)["image_features"] for _ in range(2))
+    assert not torch.allclose(first, second)
+    for bad in ({"mlp_dropout": 1.0}, {"mlp_dropout": -0.1}, {"moe": {"expert_dropout": 1.5}}):
+        with pytest.raises(ValueError, match="dropout"):
+            make_tiny_model(tiny_tokenizer, **bad)
+
 def test_grad_checkpointing_gives_same_gradients(tiny_tokenizer):
     images, tokens = _batch(tiny_tokenizer)
     grads = []
