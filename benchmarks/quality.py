@@ -361,6 +361,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                     "experts' hidden activations only (`moe.expert_dropout: 0.2`, "
                                                     "Switch Transformer's expert dropout; dense MLPs none)",
                                                     {**LIMOE_LNPRE, "model.moe.expert_dropout": 0.2}),
+    "limoe-e8e-bpe-postext-xavier-lnpre-dropless": ("limoe-e8e-bpe-postext-xavier-lnpre trained without a capacity "
+                                                    "(`moe.train_dropless`: every route reaches its expert, as in "
+                                                    "eval; the default drops about 9 % of patches and 30 % of text "
+                                                    "in training; the same parameters and FLOPs per pair)",
+                                                    {**LIMOE_LNPRE, "model.moe.train_dropless": True}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -555,6 +560,7 @@ CONTRASTS = [
     ("dropout 0.1 in every MLP: LIMoE vs its dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1",
      "dense-cls-bpe-postext-xavier-lnpre-drop0.1", TOP1),
     *round15("expert dropout 0.2", "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2"),
+    *round15("dropless training", "limoe-e8e-bpe-postext-xavier-lnpre-dropless"),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]

@@ -65,6 +65,10 @@ class MoEConfig:
     capacity_factor: float = 1.0  # training
     eval_capacity_factor: float = 1.0  # only used when eval_dropless is False
     eval_dropless: bool = True  # inference never depends on batch composition
+    # Training without a capacity: every route reaches its expert, each expert computes exactly
+    # its rows (as eval_dropless), so no token skips its MoE MLP and training routes as eval
+    # does. V-MoE / LIMoE train with the capacity above (capacity_factor is then unused).
+    train_dropless: bool = False
     batch_priority_routing: bool = True
     # A modality whose tokens take the expert slots before the other's ("text" or "image"),
     # then BPR within each; None (default, as in LIMoE): one ranking over all tokens.

@@ -8,13 +8,14 @@
 - the experts, `GroupedExperts`, run all local experts with batched matmuls
   on CUDA and one after another on CPU;
 - the dispatch, in the layer itself:
-  * with a capacity (training, or capacity-limited eval) tokens go into
+  * with a capacity (training by default, or capacity-limited eval) tokens go into
     [E, C, d] expert buffers and back, and every data movement, forward and
     backward, is a single row gather (`DispatchTokens`, `CombineExperts`);
     the buffer size C is a function of the batch shape only, so
     expert-parallel ranks agree on it without talking and the step never
     waits for the GPU;
-  * dropless (inference): the routes are sorted by expert and each expert
+  * dropless (inference; training with `moe.train_dropless`): the routes
+    are sorted by expert and each expert
     runs on exactly its rows (row slices on CPU, a grouped matmul on CUDA),
     so skewed routing costs what the routed tokens cost, not E times the
     busiest expert's buffer.
@@ -53,6 +54,7 @@ class LIMoEGate(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = config.eval_capacity_factor
         self.dropless_eval = config.eval_dropless
+        self.dropless_train = config.train_dropless
         self.wg = nn.Linear(width, config.num_experts, bias=False)
         nn.init.normal_(self.wg.weight, std=0.02)
 
@@ -61,9 +63,9 @@ class LIMoEGate(nn.Module):
         return self.wg.weight.shape[0]
 
     def active_capacity_factor(self) -> float | None:
-        """The capacity factor routing uses now; None for dropless eval."""
+        """The capacity factor routing uses now; None when dropless (eval by default)."""
         if self.training:
-            return self.capacity_factor
+            return None if self.dropless_train else self.capacity_factor
         return None if self.dropless_eval else self.eval_capacity_factor
 
     def buffer_capacity(self, num_tokens: int) -> int:
@@ -260,7 +262,8 @@ class CombineExperts(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------
-# Dropless dispatch (inference): routes sorted by expert, no buffers.
+# Dropless dispatch (inference, or training with moe.train_dropless): routes sorted
+# by expert, no buffers.
 
 
 @dataclass
@@ -270,7 +273,7 @@ class SortedRoutes:
 
     token: torch.Tensor  # [R] int64
     gate: torch.Tensor  # [R] fp32
-    sizes: list[int]  # [E] host ints: sorting for dropless inference reads the counts once
+    sizes: list[int]  # [E] host ints: sorting for dropless routing reads the counts once
 
     @classmethod
     def build(cls, routes: Routes) -> "SortedRoutes":

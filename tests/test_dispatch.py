@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import _route_slots, _sparse_decode, _sparse_encode
 
@@ -118,6 +119,28 @@ def test_dropless_eval_matches_per_token_loop():
         y_ref, expert = reference_forward(layer, x, modality)
     assert (expert[:, modality != IGNORE] >= 0).all()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+@both_expert_modes
+def test_dropless_training_keeps_every_route_and_matches_per_token_loop(batched):
+    """moe.train_dropless: in training no route is dropped, even when the routing is skewed
+    past any capacity, and outputs and gradients are the per-token loop's."""
+    layer = make_layer(batched=batched, train_dropless=True)
+    x, modality = make_tokens()
+    towards = F.normalize(torch.ones(WIDTH), dim=0)
+    x = x + 2 * towards  # most tokens now prefer expert 0
+    with torch.no_grad():
+        layer.gate.wg.weight[0] = 2 * towards
+    layer.train()
+    routes, aux = layer.gate(x, TokenGroups.from_modality(modality))
+    assert routes.capacity is None and (routes.expert[:, modality != IGNORE] >= 0).all()
+    assert int(routes.counts.max()) > x.shape[0] // 4 * 2, "expert 0 should take more than twice its share"
+    assert all(int(aux["stats"][m]["dropped"]) == 0 for m in ("image", "text"))
+    assert_same_as_reference(layer, x, modality)
+    capped = make_layer(batched=batched)
+    capped.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert (capped.train().gate(x, TokenGroups.from_modality(modality))[0].expert[:, modality != IGNORE] < 0).any()
 
 
 def test_straight_through_gates_make_identical_experts_the_dense_mlp_and_train_the_router():
