@@ -299,6 +299,10 @@ class LIMoELayer(nn.Module):
         super().__init__()
         if config.num_experts % ep_size:
             raise ValueError(f"num_experts={config.num_experts} is not divisible by ep_size={ep_size}")
+        if config.train_dropless and ep_size > 1:
+            raise ValueError(f"moe.train_dropless needs ep_size 1, got {ep_size}: the dropless exchange between "
+                             "expert-parallel ranks has no backward. Train with a capacity factor, or without "
+                             "expert parallelism")
         self.num_experts = config.num_experts
         self.ep_size = ep_size
         self.num_local_experts = config.num_experts // ep_size

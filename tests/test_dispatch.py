@@ -141,6 +141,8 @@ def test_dropless_training_keeps_every_route_and_matches_per_token_loop(batched)
     capped.load_state_dict(layer.state_dict())
     with torch.no_grad():
         assert (capped.train().gate(x, TokenGroups.from_modality(modality))[0].expert[:, modality != IGNORE] < 0).any()
+    with pytest.raises(ValueError, match="train_dropless needs ep_size 1"):
+        make_layer(ep_size=2, train_dropless=True)
 
 
 def test_straight_through_gates_make_identical_experts_the_dense_mlp_and_train_the_router():
