@@ -394,6 +394,22 @@ def test_grad_checkpointing_gives_same_gradients(tiny_tokenizer):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+
+def test_grad_checkpointing_recomputes_the_same_dropout_and_router_noise(tiny_tokenizer):
+    """Recomputing a block in backward draws the dropout masks and router noise it drew in the
+    forward pass (the checkpoint restores the RNG state), so the gradients are unchanged."""
+    images, tokens = _batch(tiny_tokenizer)
+    grads = []
+    for ckpt in (False, True):
+        model = make_tiny_model(tiny_tokenizer, mlp_dropout=0.3).train()
+        model.set_grad_checkpointing(ckpt)
+        torch.manual_seed(5)
+        LIMoELoss()(model(images, tokens))["loss"].backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
 def test_logit_scale_is_clamped(tiny_model):
     with torch.no_grad():
         tiny_model.logit_scale.fill_(10.0)
