@@ -384,9 +384,9 @@ def variant_config(variant: str) -> dict:
     return {k: v for k, v in VARIANTS[variant][1].items() if k != "tokenizer"}
 
 
-def round15(what: str, variant: str) -> list[tuple]:
-    """Round 15's two comparisons of a variant: against the round-14 default (with drop rates)
-    and against that default's dense twin."""
+def vs_round14_default(what: str, variant: str) -> list[tuple]:
+    """The two comparisons of a round-15/16 variant: against the round-14 default (with drop
+    rates) and against that default's dense twin."""
     return [(f"{what} (round-14 default)", variant, "limoe-e8e-bpe-postext-xavier-lnpre",
              TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
             (f"{what} vs the dense twin", variant, "dense-cls-bpe-postext-xavier-lnpre", TOP1)]
@@ -550,17 +550,17 @@ CONTRASTS = [
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("the image's LayerNorm before the blocks vs the peer with caption positives",
      "limoe-e8e-bpe-postext-xavier-lnpre", "open_clip-postext", TOP1),
-    *round15("straight-through gates", "limoe-e8e-bpe-postext-xavier-lnpre-stgate"),
-    *round15("a quarter of the router noise", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25"),
-    *round15("5x the text's local entropy loss", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05"),
-    *round15("16 experts", "limoe-e8e-bpe-postext-xavier-lnpre-e16"),
-    *round15("dropout 0.1 in every MLP", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1"),
+    *vs_round14_default("straight-through gates", "limoe-e8e-bpe-postext-xavier-lnpre-stgate"),
+    *vs_round14_default("a quarter of the router noise", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25"),
+    *vs_round14_default("5x the text's local entropy loss", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05"),
+    *vs_round14_default("16 experts", "limoe-e8e-bpe-postext-xavier-lnpre-e16"),
+    *vs_round14_default("dropout 0.1 in every MLP", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1"),
     ("dropout 0.1 in every MLP, the dense twin", "dense-cls-bpe-postext-xavier-lnpre-drop0.1",
      "dense-cls-bpe-postext-xavier-lnpre", TOP1),
     ("dropout 0.1 in every MLP: LIMoE vs its dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1",
      "dense-cls-bpe-postext-xavier-lnpre-drop0.1", TOP1),
-    *round15("expert dropout 0.2", "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2"),
-    *round15("dropless training", "limoe-e8e-bpe-postext-xavier-lnpre-dropless"),
+    *vs_round14_default("expert dropout 0.2", "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2"),
+    *vs_round14_default("dropless training", "limoe-e8e-bpe-postext-xavier-lnpre-dropless"),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]

@@ -305,6 +305,14 @@ def test_fine_grained_experts_spend_one_full_experts_flops(tiny_tokenizer):
 
 
 
+def hidden_and_output(mlp, x):
+    """An MLP's hidden activations of x (where dropout applies) and its output Linear, by hand."""
+    if hasattr(mlp, "fc1"):
+        return F.gelu(mlp.fc1(x)), mlp.fc2
+    gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+    return F.silu(gate) * up, mlp.down
+
+
 @pytest.mark.parametrize("kind", ["mlp", "swiglu"])
 def test_mlp_dropout_drops_hidden_activations_in_training_only(kind):
     from limoe.layers import make_mlp
@@ -317,11 +325,7 @@ def test_mlp_dropout_drops_hidden_activations_in_training_only(kind):
     mlp.train()
     torch.manual_seed(1)
     y = mlp(x)
-    if kind == "mlp":
-        hidden, out = F.gelu(mlp.fc1(x)), mlp.fc2
-    else:
-        gate, up = mlp.gate_up(x).chunk(2, dim=-1)
-        hidden, out = F.silu(gate) * up, mlp.down
+    hidden, out = hidden_and_output(mlp, x)
     torch.manual_seed(1)
     torch.testing.assert_close(y, out(F.dropout(hidden, 0.5, True)))
     assert not torch.allclose(y, plain(x))
@@ -342,13 +346,8 @@ def test_grouped_experts_drop_the_same_hidden_activations(kind):
         e.train()
     torch.manual_seed(2)
     y = type(experts[0]).grouped_forward(experts, x)
-    if kind == "mlp":
-        hidden = torch.stack([F.gelu(e.fc1(xe)) for e, xe in zip(experts, x)])
-        outs = [e.fc2 for e in experts]
-    else:
-        hidden = torch.stack([F.silu(g) * u for g, u in (e.gate_up(xe).chunk(2, dim=-1)
-                                                         for e, xe in zip(experts, x))])
-        outs = [e.down for e in experts]
+    hidden, outs = zip(*(hidden_and_output(e, xe) for e, xe in zip(experts, x)))
+    hidden = torch.stack(hidden)
     torch.manual_seed(2)
     dropped = F.dropout(hidden, 0.3, True)
     torch.testing.assert_close(y, torch.stack([out(h) for out, h in zip(outs, dropped)]))
