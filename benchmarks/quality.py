@@ -138,6 +138,15 @@ DENSE_LNPRE = {**DENSE_XAVIER, "model.pre_norm": ["image"]}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
            "data.caption_positives": False}
 
+
+def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
+    """A change to the round-14 default and the same change to its dense twin, as two variants
+    (`limoe-e8e-bpe-postext-xavier-lnpre-SUFFIX`, `dense-cls-bpe-postext-xavier-lnpre-SUFFIX`)."""
+    limoe, dense = "limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-bpe-postext-xavier-lnpre"
+    return {f"{limoe}-{suffix}": (f"{limoe} with {what}", {**LIMOE_LNPRE, **overrides}),
+            f"{dense}-{suffix}": (f"{dense} with {what} (the dense twin of {limoe}-{suffix})",
+                                  {**DENSE_LNPRE, **overrides})}
+
 VARIANTS: dict[str, tuple[str, dict]] = {
     # The three models of the first comparison, with the first demo's settings (SentencePiece 1k).
     "limoe": ("LIMoE as the first demo trained it: limoe-nano, 4 experts, SentencePiece 1k", LIMOE),
@@ -349,14 +358,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                "(more parameters, the same FLOPs per pair)",
                                                {**LIMOE_LNPRE, "model.moe.num_experts": 16}),
     # Round 16: dropout, for a model that sees each of its 1,911 training images about 63 times.
-    "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1": ("limoe-e8e-bpe-postext-xavier-lnpre with dropout 0.1 on the "
-                                                   "hidden activations of every MLP, the experts' included "
-                                                   "(`mlp_dropout: 0.1`)",
-                                                   {**LIMOE_LNPRE, "model.mlp_dropout": 0.1}),
-    "dense-cls-bpe-postext-xavier-lnpre-drop0.1": ("dense-cls-bpe-postext-xavier-lnpre with dropout 0.1 on the "
-                                                   "hidden activations of every MLP (the dense twin of "
-                                                   "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1)",
-                                                   {**DENSE_LNPRE, "model.mlp_dropout": 0.1}),
+    **with_dense_twin("drop0.1", "dropout 0.1 on the hidden activations of every MLP (`mlp_dropout: 0.1`)",
+                      {"model.mlp_dropout": 0.1}),
     "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2": ("limoe-e8e-bpe-postext-xavier-lnpre with dropout 0.2 on the "
                                                     "experts' hidden activations only (`moe.expert_dropout: 0.2`, "
                                                     "Switch Transformer's expert dropout; dense MLPs none)",
@@ -366,6 +369,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                     "eval; the default drops about 9 % of patches and 30 % of text "
                                                     "in training; the same parameters and FLOPs per pair)",
                                                     {**LIMOE_LNPRE, "model.moe.train_dropless": True}),
+    # Round 17: more distinct training images (round 16's half budget hinted that the experts need
+    # more distinct data than 1,911 images seen ~63 times each).
+    **with_dense_twin("aug", "stronger augmentation: random crops of 50-100 % of the image's area and "
+                      "brightness / contrast / saturation jitter 0.2 (the default: 70-100 %, no jitter)",
+                      {"data.augment": {"scale_min": 0.5, "color_jitter": 0.2}}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -390,6 +398,14 @@ def vs_round14_default(what: str, variant: str) -> list[tuple]:
     return [(f"{what} (round-14 default)", variant, "limoe-e8e-bpe-postext-xavier-lnpre",
              TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
             (f"{what} vs the dense twin", variant, "dense-cls-bpe-postext-xavier-lnpre", TOP1)]
+
+
+def twin_contrasts(what: str, suffix: str) -> list[tuple]:
+    """A with_dense_twin pair's comparisons: the dense twin with the change against the dense twin
+    without it, and LIMoE against its dense twin, both with the change."""
+    limoe, dense = "limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-bpe-postext-xavier-lnpre"
+    return [(f"{what}, the dense twin", f"{dense}-{suffix}", dense, TOP1),
+            (f"{what}: LIMoE vs its dense twin", f"{limoe}-{suffix}", f"{dense}-{suffix}", TOP1)]
 
 
 # Seed-paired differences (first minus second).
@@ -555,12 +571,11 @@ CONTRASTS = [
     *vs_round14_default("5x the text's local entropy loss", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05"),
     *vs_round14_default("16 experts", "limoe-e8e-bpe-postext-xavier-lnpre-e16"),
     *vs_round14_default("dropout 0.1 in every MLP", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1"),
-    ("dropout 0.1 in every MLP, the dense twin", "dense-cls-bpe-postext-xavier-lnpre-drop0.1",
-     "dense-cls-bpe-postext-xavier-lnpre", TOP1),
-    ("dropout 0.1 in every MLP: LIMoE vs its dense twin", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1",
-     "dense-cls-bpe-postext-xavier-lnpre-drop0.1", TOP1),
+    *twin_contrasts("dropout 0.1 in every MLP", "drop0.1"),
     *vs_round14_default("expert dropout 0.2", "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2"),
     *vs_round14_default("dropless training", "limoe-e8e-bpe-postext-xavier-lnpre-dropless"),
+    *vs_round14_default("stronger augmentation", "limoe-e8e-bpe-postext-xavier-lnpre-aug"),
+    *twin_contrasts("stronger augmentation", "aug"),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
