@@ -138,6 +138,11 @@ DENSE_LNPRE = {**DENSE_XAVIER, "model.pre_norm": ["image"]}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
            "data.caption_positives": False}
 
+# Round 17's stronger augmentation (limoe.transforms.AugmentConfig fields).
+STRONG_AUGMENT = {"scale_min": 0.5, "color_jitter": 0.2}
+AUG_WHAT = ("random crops of 50-100 % of the image's area and brightness / contrast / saturation jitter 0.2 "
+            "(the default: 70-100 %, no jitter)")
+
 
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
     """A change to the round-14 default and the same change to its dense twin, as two variants
@@ -371,9 +376,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                     {**LIMOE_LNPRE, "model.moe.train_dropless": True}),
     # Round 17: more distinct training images (round 16's half budget hinted that the experts need
     # more distinct data than 1,911 images seen ~63 times each).
-    **with_dense_twin("aug", "stronger augmentation: random crops of 50-100 % of the image's area and "
-                      "brightness / contrast / saturation jitter 0.2 (the default: 70-100 %, no jitter)",
-                      {"data.augment": {"scale_min": 0.5, "color_jitter": 0.2}}),
+    **with_dense_twin("aug", f"stronger augmentation: {AUG_WHAT}", {"data.augment": STRONG_AUGMENT}),
+    "open_clip-aug": (f"the open_clip peer with stronger augmentation: {AUG_WHAT}",
+                      {**PEER, "data.augment": STRONG_AUGMENT}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -576,6 +581,8 @@ CONTRASTS = [
     *vs_round14_default("dropless training", "limoe-e8e-bpe-postext-xavier-lnpre-dropless"),
     *vs_round14_default("stronger augmentation", "limoe-e8e-bpe-postext-xavier-lnpre-aug"),
     *twin_contrasts("stronger augmentation", "aug"),
+    ("stronger augmentation, the peer", "open_clip-aug", "open_clip", TOP1),
+    ("stronger augmentation: LIMoE vs the peer", "limoe-e8e-bpe-postext-xavier-lnpre-aug", "open_clip-aug", TOP1),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
