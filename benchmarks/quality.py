@@ -5,18 +5,21 @@ Every variant is a real training run of the `cpu-demo` config through the `deeps
 launcher (`launch.launcher.run_training`), on the Noto (google) emoji, with the same
 steps, batch size, data, schedule, augmentation and seeds; only the overrides (and the
 tokenizer) in VARIANTS differ. The default budget is the demo's: 935 steps x 128 pairs on
-2 ranks. The models compared: LIMoE as the demo trains it (`limoe-e8e-bpe-postext-xavier-lnpre`:
+2 ranks. The models compared: LIMoE as the demo trains it (`limoe-e8e-bpe-postext-xavier-lnpre-aug`:
 open_clip's BPE, images pooled at a class token, 8 experts, LIMoE's entropy losses, caption
 positives on the caption side, xavier initialisation, a LayerNorm on the embedded image
-sequence; the demo's default since round 14; `limoe-e8e-bpe-postext-xavier` is the same without
+sequence, crops of 50-100 % with colour jitter 0.2; the demo's default since round 17;
+`limoe-e8e-bpe-postext-xavier-lnpre` is the same with the older augmentation, crops of 70-100 %,
+the default of rounds 14-16; `limoe-e8e-bpe-postext-xavier` is the same without
 that LayerNorm, the default of round 13; `limoe-e8e-bpe-postext` is the same with PyTorch's
 default initialisation, the default of rounds 11-12; `limoe-e8e-bpe` is the same without caption positives, the default of rounds 8-10; `limoe-sp8000-cls-e8-entropy` is the same with the largest SentencePiece the
 captions give, the default of rounds 5-7; `limoe-sp8000-cls` has 4 experts and no entropy
 losses, rounds 3-5; `limoe-sp8000` pools images by MAP, and `limoe` is the first demo's,
-with 1,000 pieces), its dense one-tower twin (`dense-cls-bpe-postext-xavier-lnpre`; `dense-cls-bpe-postext-xavier`, `dense-cls-bpe-postext`, `dense-cls-bpe`, `dense-sp8000-cls`,
+with 1,000 pieces), its dense one-tower twin (`dense-cls-bpe-postext-xavier-lnpre-aug`; `dense-cls-bpe-postext-xavier-lnpre`, `dense-cls-bpe-postext-xavier`, `dense-cls-bpe-postext`, `dense-cls-bpe`, `dense-sp8000-cls`,
 `dense-sp8000`, `dense` for the older defaults), and the peer, open_clip's two-tower CLIP of
-the same width and depth and so the same FLOPs per pair (`open_clip`, limoe/two_tower.py,
-with open_clip's BPE and plain InfoNCE, as open_clip trains it). The
+the same width and depth and so the same FLOPs per pair (`open_clip-aug`, limoe/two_tower.py,
+with open_clip's BPE and plain InfoNCE, as open_clip trains it, and the demo's augmentation;
+`open_clip` with the older augmentation). The
 other variants change one thing each. Each run is then measured on the Twemoji (twitter)
 style, which no run ever trains on:
 
@@ -118,10 +121,11 @@ LIMOE = {
     "data.caption_positives": False,  # the demo's config sets "text" since round 11
     "model.init": "torch",  # limoe-nano has xavier since round 13
     "model.pre_norm": [],  # and the image's LayerNorm before the blocks since round 14
+    "data.augment": True,  # crops of 70-100 %: the demo's config augments more since round 17
 }
 DENSE = {"model.preset": "limoe-nano-dense", "model.image_pool": "map", "data.caption_positives": False,
-         "model.init": "torch", "model.pre_norm": []}
-PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe", "data.caption_positives": False}
+         "model.init": "torch", "model.pre_norm": [], "data.augment": True}
+PEER = {"model.preset": "open_clip-nano", "tokenizer": "bpe", "data.caption_positives": False, "data.augment": True}
 LIMOE_SP = {**LIMOE, "tokenizer": "sp8000"}
 LIMOE_CLS = {**LIMOE_SP, "model.image_pool": "cls"}  # the demo's default in rounds 3-5
 LIMOE_E8E = {**LIMOE_CLS, "model.moe.num_experts": 8, "model.moe.image": ENTROPY_IMAGE,
@@ -136,7 +140,7 @@ DENSE_XAVIER = {**DENSE_POSTEXT, "model.init": "xavier"}
 LIMOE_LNPRE = {**LIMOE_XAVIER, "model.pre_norm": ["image"]}
 DENSE_LNPRE = {**DENSE_XAVIER, "model.pre_norm": ["image"]}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
-           "data.caption_positives": False}
+           "data.caption_positives": False, "data.augment": True}
 
 # Round 17's stronger augmentation (limoe.transforms.AugmentConfig fields).
 STRONG_AUGMENT = {"scale_min": 0.5, "color_jitter": 0.2}
@@ -385,7 +389,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-bpe-postext-xavier-lnpre", "open_clip")
+DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext-xavier-lnpre-aug", "dense-cls-bpe-postext-xavier-lnpre-aug", "open_clip-aug")
 
 
 def variant_tokenizer(variant: str) -> str:
