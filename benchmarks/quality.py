@@ -383,6 +383,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     **with_dense_twin("aug", f"stronger augmentation: {AUG_WHAT}", {"data.augment": STRONG_AUGMENT}),
     "open_clip-aug": (f"the open_clip peer with stronger augmentation: {AUG_WHAT}",
                       {**PEER, "data.augment": STRONG_AUGMENT}),
+    "open_clip-postext-aug": (f"the open_clip peer with caption positives on the caption side and stronger "
+                              f"augmentation: {AUG_WHAT}",
+                              {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -587,6 +590,8 @@ CONTRASTS = [
     *twin_contrasts("stronger augmentation", "aug"),
     ("stronger augmentation, the peer", "open_clip-aug", "open_clip", TOP1),
     ("stronger augmentation: LIMoE vs the peer", "limoe-e8e-bpe-postext-xavier-lnpre-aug", "open_clip-aug", TOP1),
+    ("stronger augmentation: LIMoE vs the peer with caption positives", "limoe-e8e-bpe-postext-xavier-lnpre-aug",
+     "open_clip-postext-aug", TOP1),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
