@@ -142,6 +142,9 @@ DENSE_LNPRE = {**DENSE_XAVIER, "model.pre_norm": ["image"]}
 PEER_SP = {"model.preset": "open_clip-nano", "model.text_pool": "eos", "model.eos_id": 2,
            "data.caption_positives": False, "data.augment": True}
 
+# The round-14 default and its dense twin, the base of the with_dense_twin pairs and the comparisons of
+# rounds 15-17.
+ROUND14_LIMOE, ROUND14_DENSE = "limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-bpe-postext-xavier-lnpre"
 # Round 17's stronger augmentation (limoe.transforms.AugmentConfig fields).
 STRONG_AUGMENT = {"scale_min": 0.5, "color_jitter": 0.2}
 AUG_WHAT = ("random crops of 50-100 % of the image's area and brightness / contrast / saturation jitter 0.2 "
@@ -151,10 +154,10 @@ AUG_WHAT = ("random crops of 50-100 % of the image's area and brightness / contr
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
     """A change to the round-14 default and the same change to its dense twin, as two variants
     (`limoe-e8e-bpe-postext-xavier-lnpre-SUFFIX`, `dense-cls-bpe-postext-xavier-lnpre-SUFFIX`)."""
-    limoe, dense = "limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-bpe-postext-xavier-lnpre"
-    return {f"{limoe}-{suffix}": (f"{limoe} with {what}", {**LIMOE_LNPRE, **overrides}),
-            f"{dense}-{suffix}": (f"{dense} with {what} (the dense twin of {limoe}-{suffix})",
-                                  {**DENSE_LNPRE, **overrides})}
+    return {f"{ROUND14_LIMOE}-{suffix}": (f"{ROUND14_LIMOE} with {what}", {**LIMOE_LNPRE, **overrides}),
+            f"{ROUND14_DENSE}-{suffix}": (f"{ROUND14_DENSE} with {what} (the dense twin of {ROUND14_LIMOE}-{suffix})",
+                                          {**DENSE_LNPRE, **overrides})}
+
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     # The three models of the first comparison, with the first demo's settings (SentencePiece 1k).
@@ -392,7 +395,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = ("limoe-e8e-bpe-postext-xavier-lnpre-aug", "dense-cls-bpe-postext-xavier-lnpre-aug", "open_clip-aug")
+DEFAULT_VARIANTS = (f"{ROUND14_LIMOE}-aug", f"{ROUND14_DENSE}-aug", "open_clip-aug")
 
 
 def variant_tokenizer(variant: str) -> str:
@@ -407,17 +410,16 @@ def variant_config(variant: str) -> dict:
 def vs_round14_default(what: str, variant: str) -> list[tuple]:
     """The two comparisons of a round-15/16 variant: against the round-14 default (with drop
     rates) and against that default's dense twin."""
-    return [(f"{what} (round-14 default)", variant, "limoe-e8e-bpe-postext-xavier-lnpre",
+    return [(f"{what} (round-14 default)", variant, ROUND14_LIMOE,
              TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
-            (f"{what} vs the dense twin", variant, "dense-cls-bpe-postext-xavier-lnpre", TOP1)]
+            (f"{what} vs the dense twin", variant, ROUND14_DENSE, TOP1)]
 
 
 def twin_contrasts(what: str, suffix: str) -> list[tuple]:
     """A with_dense_twin pair's comparisons: the dense twin with the change against the dense twin
     without it, and LIMoE against its dense twin, both with the change."""
-    limoe, dense = "limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-bpe-postext-xavier-lnpre"
-    return [(f"{what}, the dense twin", f"{dense}-{suffix}", dense, TOP1),
-            (f"{what}: LIMoE vs its dense twin", f"{limoe}-{suffix}", f"{dense}-{suffix}", TOP1)]
+    return [(f"{what}, the dense twin", f"{ROUND14_DENSE}-{suffix}", ROUND14_DENSE, TOP1),
+            (f"{what}: LIMoE vs its dense twin", f"{ROUND14_LIMOE}-{suffix}", f"{ROUND14_DENSE}-{suffix}", TOP1)]
 
 
 # Seed-paired differences (first minus second).

@@ -393,7 +393,6 @@ def test_grad_checkpointing_gives_same_gradients(tiny_tokenizer):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-
 def test_grad_checkpointing_recomputes_the_same_dropout_and_router_noise(tiny_tokenizer):
     """Recomputing a block in backward draws the dropout masks and router noise it drew in the
     forward pass (the checkpoint restores the RNG state), so the gradients are unchanged."""
@@ -408,6 +407,7 @@ def test_grad_checkpointing_recomputes_the_same_dropout_and_router_noise(tiny_to
     assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
 
 def test_logit_scale_is_clamped(tiny_model):
     with torch.no_grad():
