@@ -149,6 +149,10 @@ ROUND14_LIMOE, ROUND14_DENSE = "limoe-e8e-bpe-postext-xavier-lnpre", "dense-cls-
 STRONG_AUGMENT = {"scale_min": 0.5, "color_jitter": 0.2}
 AUG_WHAT = ("random crops of 50-100 % of the image's area and brightness / contrast / saturation jitter 0.2 "
             "(the default: 70-100 %, no jitter)")
+# Round 18: further along the same line, on the round-17 default.
+STRONGER_AUGMENT = {"scale_min": 0.35, "color_jitter": 0.3}
+AUG2_WHAT = ("still stronger augmentation: random crops of 35-100 % of the image's area and brightness / contrast / "
+             "saturation jitter 0.3 (the round-17 default: 50-100 %, 0.2)")
 
 
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
@@ -389,6 +393,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "open_clip-postext-aug": (f"the open_clip peer with caption positives on the caption side and stronger "
                               f"augmentation: {AUG_WHAT}",
                               {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT}),
+    **with_dense_twin("aug2", AUG2_WHAT, {"data.augment": STRONGER_AUGMENT}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -594,6 +599,10 @@ CONTRASTS = [
     ("stronger augmentation: LIMoE vs the peer", "limoe-e8e-bpe-postext-xavier-lnpre-aug", "open_clip-aug", TOP1),
     ("stronger augmentation: LIMoE vs the peer with caption positives", "limoe-e8e-bpe-postext-xavier-lnpre-aug",
      "open_clip-postext-aug", TOP1),
+    ("still stronger augmentation (round-17 default)", f"{ROUND14_LIMOE}-aug2", f"{ROUND14_LIMOE}-aug",
+     TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
+    ("still stronger augmentation, the dense twin", f"{ROUND14_DENSE}-aug2", f"{ROUND14_DENSE}-aug", TOP1),
+    ("still stronger augmentation: LIMoE vs its dense twin", f"{ROUND14_LIMOE}-aug2", f"{ROUND14_DENSE}-aug2", TOP1),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
