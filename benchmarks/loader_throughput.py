@@ -12,6 +12,8 @@ decode) written to a temporary folder.
     python benchmarks/loader_throughput.py                                  # synthetic JPEGs
     python benchmarks/loader_throughput.py --data data/emoji-google/shards  # emoji PNGs
     python benchmarks/loader_throughput.py --workers 0 2 4 --seconds 10
+    python benchmarks/loader_throughput.py --data data/emoji-google/shards --sizes 32 --workers 1 \
+        --augment true '{"scale_min": 0.5, "color_jitter": 0.2}'    # what the demo's augmentation costs
 
 Results: a table on stdout and JSON (command, machine, date) in --out.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import json
 import os
 import shlex
 import sys
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import machine, write_json  # noqa: E402
 from data_pipelines import build_train_loader, train_tokenizer  # noqa: E402
 from data_pipelines.writer import Record, write_shards  # noqa: E402
+from launch.train_config import augment_config  # noqa: E402
 
 
 def synthetic_jpeg(index: int, size: int = 256) -> bytes:
@@ -57,9 +61,23 @@ def write_synthetic_shards(folder: Path, num_images: int) -> Path:
     return folder / "shards"
 
 
-def measure(shards, tokenizer, image_size: int, workers: int, batch_size: int, seconds: float) -> dict:
+def parse_augment(text: str) -> bool | dict:
+    """An --augment value: JSON, as the config's data.augment (false, true or a dict)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--augment takes JSON (false, true or an object), got {text!r}: {e}")
+    try:
+        augment_config(value)  # rejects unknown keys and wrong types as the config does
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return value
+
+
+def measure(shards, tokenizer, image_size: int, workers: int, batch_size: int, seconds: float,
+            augment: bool | dict = True) -> dict:
     loader = build_train_loader(shards, tokenizer, image_size, batch_size=batch_size, batches_per_epoch=1_000_000,
-                                num_workers=workers, seed=0)
+                                num_workers=workers, seed=0, augment=augment_config(augment))
     batches = iter(loader)
     start_up = time.perf_counter()
     next(batches)  # worker start-up and shuffle-buffer fill are not throughput
@@ -72,6 +90,7 @@ def measure(shards, tokenizer, image_size: int, workers: int, batch_size: int, s
     del batches  # stops the workers
     rate = samples / elapsed
     return {
+        "augment": augment,
         "image_size": image_size,
         "workers": workers,
         "batch_size": batch_size,
@@ -90,6 +109,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224], help="output image sizes")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--augment", type=parse_augment, nargs="+", default=[True],
+                        help="training augmentations to compare, each as the config's data.augment in JSON: "
+                             "false (resize only), true (crops of 70-100 %% of the area) or an object such as "
+                             "'{\"scale_min\": 0.5, \"color_jitter\": 0.2}' (the CPU demo's); default: true")
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per setting")
     parser.add_argument("--out", default="benchmarks/results/loader_throughput.json")
     args = parser.parse_args()
@@ -101,14 +124,14 @@ def main() -> None:
             shards = write_synthetic_shards(Path(tmp), args.images)
             data = f"synthetic: {args.images} JPEGs 256x256"
         tokenizer = train_tokenizer(shards, vocab_size=1000, context_length=16)
-        rows = [measure(shards, tokenizer, size, workers, args.batch_size, args.seconds)
-                for size in args.sizes for workers in args.workers]
+        rows = [measure(shards, tokenizer, size, workers, args.batch_size, args.seconds, augment)
+                for augment in args.augment for size in args.sizes for workers in args.workers]
 
     print(f"data: {data}; batch {args.batch_size}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    print("| image px | workers | samples/s | samples/s per worker | first batch (s) |")
-    print("|---|---|---|---|---|")
+    print("| augment | image px | workers | samples/s | samples/s per worker | first batch (s) |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['image_size']} | {row['workers']} | {row['samples_per_s']} | "
+        print(f"| {json.dumps(row['augment'])} | {row['image_size']} | {row['workers']} | {row['samples_per_s']} | "
               f"{row['samples_per_s_per_worker']} | {row['first_batch_s']} |")
     result = {
         "benchmark": "training loader throughput (data_pipelines.build_train_loader)",
