@@ -420,10 +420,12 @@ def vs_round14_default(what: str, variant: str) -> list[tuple]:
             (f"{what} vs the dense twin", variant, ROUND14_DENSE, TOP1)]
 
 
-def twin_contrasts(what: str, suffix: str) -> list[tuple]:
+def twin_contrasts(what: str, suffix: str, base: str = "") -> list[tuple]:
     """A with_dense_twin pair's comparisons: the dense twin with the change against the dense twin
-    without it, and LIMoE against its dense twin, both with the change."""
-    return [(f"{what}, the dense twin", f"{ROUND14_DENSE}-{suffix}", ROUND14_DENSE, TOP1),
+    without it, and LIMoE against its dense twin, both with the change. `base`: the suffix of the
+    pair the change was measured against ("" = the round-14 default's dense twin itself)."""
+    dense_base = f"{ROUND14_DENSE}-{base}" if base else ROUND14_DENSE
+    return [(f"{what}, the dense twin", f"{ROUND14_DENSE}-{suffix}", dense_base, TOP1),
             (f"{what}: LIMoE vs its dense twin", f"{ROUND14_LIMOE}-{suffix}", f"{ROUND14_DENSE}-{suffix}", TOP1)]
 
 
@@ -601,8 +603,7 @@ CONTRASTS = [
      "open_clip-postext-aug", TOP1),
     ("still stronger augmentation (round-17 default)", f"{ROUND14_LIMOE}-aug2", f"{ROUND14_LIMOE}-aug",
      TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
-    ("still stronger augmentation, the dense twin", f"{ROUND14_DENSE}-aug2", f"{ROUND14_DENSE}-aug", TOP1),
-    ("still stronger augmentation: LIMoE vs its dense twin", f"{ROUND14_LIMOE}-aug2", f"{ROUND14_DENSE}-aug2", TOP1),
+    *twin_contrasts("still stronger augmentation", "aug2", base="aug"),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
