@@ -154,6 +154,10 @@ STRONGER_AUGMENT = {"scale_min": 0.35, "color_jitter": 0.3}
 AUG2_WHAT = ("still stronger augmentation: random crops of 35-100 % of the image's area and brightness / contrast / "
              "saturation jitter 0.3 (the round-17 default: 50-100 %, 0.2)")
 
+# The round-17 default (the demo's model since), the base of round 19's variants.
+ROUND17_LIMOE = f"{ROUND14_LIMOE}-aug"
+LIMOE_AUG = {**LIMOE_LNPRE, "data.augment": STRONG_AUGMENT}
+
 
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
     """A change to the round-14 default and the same change to its dense twin, as two variants
@@ -394,13 +398,21 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                               f"augmentation: {AUG_WHAT}",
                               {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT}),
     **with_dense_twin("aug2", AUG2_WHAT, {"data.augment": STRONGER_AUGMENT}),
+    # Round 19: the experts' shape on the round-17 default, two hypotheses of the issue's list measured
+    # on old bases with one seed only (rounds 6-7): finer experts at k = 2, and V-MoE's placement.
+    f"{ROUND17_LIMOE}-e16k2": (f"{ROUND17_LIMOE} with 16 experts of half width (256) and top-2 routing: the same "
+                               "expert weights and FLOPs per pair as 8 full experts at k = 1",
+                               {**LIMOE_AUG, "model.moe.num_experts": 16, "model.moe.k": 2,
+                                "model.moe.expert_mlp_dim": 256}),
+    f"{ROUND17_LIMOE}-last2": (f"{ROUND17_LIMOE} with its 2 MoE layers in the last two blocks (2, 3; V-MoE's "
+                               "\"last n\") instead of blocks 1 and 3", {**LIMOE_AUG, "model.moe.placement": "last 2"}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
                                          {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = (f"{ROUND14_LIMOE}-aug", f"{ROUND14_DENSE}-aug", "open_clip-aug")
+DEFAULT_VARIANTS = (ROUND17_LIMOE, f"{ROUND14_DENSE}-aug", "open_clip-aug")
 
 
 def variant_tokenizer(variant: str) -> str:
@@ -412,12 +424,14 @@ def variant_config(variant: str) -> dict:
     return {k: v for k, v in VARIANTS[variant][1].items() if k != "tokenizer"}
 
 
-def vs_round14_default(what: str, variant: str) -> list[tuple]:
+def vs_round14_default(what: str, variant: str, round_: int = 14) -> list[tuple]:
     """The two comparisons of a round-15/16 variant: against the round-14 default (with drop
-    rates) and against that default's dense twin."""
-    return [(f"{what} (round-14 default)", variant, ROUND14_LIMOE,
+    rates) and against that default's dense twin. `round_=17`: the same against the round-17
+    default and its dense twin (round 19's variants)."""
+    limoe, dense = (ROUND17_LIMOE, f"{ROUND14_DENSE}-aug") if round_ == 17 else (ROUND14_LIMOE, ROUND14_DENSE)
+    return [(f"{what} (round-{round_} default)", variant, limoe,
              TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
-            (f"{what} vs the dense twin", variant, ROUND14_DENSE, TOP1)]
+            (f"{what} vs the dense twin", variant, dense, TOP1)]
 
 
 def twin_contrasts(what: str, suffix: str, base: str = "") -> list[tuple]:
@@ -604,6 +618,8 @@ CONTRASTS = [
     ("still stronger augmentation (round-17 default)", f"{ROUND14_LIMOE}-aug2", f"{ROUND14_LIMOE}-aug",
      TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     *twin_contrasts("still stronger augmentation", "aug2", base="aug"),
+    *vs_round14_default("16 half-width experts, k = 2", f"{ROUND17_LIMOE}-e16k2", round_=17),
+    *vs_round14_default("MoE in the last two blocks", f"{ROUND17_LIMOE}-last2", round_=17),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
