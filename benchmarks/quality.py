@@ -398,14 +398,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                               f"augmentation: {AUG_WHAT}",
                               {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT}),
     **with_dense_twin("aug2", AUG2_WHAT, {"data.augment": STRONGER_AUGMENT}),
-    # Round 19: the experts' shape on the round-17 default, two hypotheses of the issue's list measured
-    # on old bases with one seed only (rounds 6-7): finer experts at k = 2, and V-MoE's placement.
+    # Round 19: the experts' shape on the round-17 default: two hypotheses of the issue's list measured
+    # on old bases with one seed only (rounds 6-7), finer experts at k = 2 and V-MoE's placement, and
+    # DeepSeekMoE's shared expert (a dense MLP beside the experts carries what every token needs).
     f"{ROUND17_LIMOE}-e16k2": (f"{ROUND17_LIMOE} with 16 experts of half width (256) and top-2 routing: the same "
                                "expert weights and FLOPs per pair as 8 full experts at k = 1",
                                {**LIMOE_AUG, "model.moe.num_experts": 16, "model.moe.k": 2,
                                 "model.moe.expert_mlp_dim": 256}),
     f"{ROUND17_LIMOE}-last2": (f"{ROUND17_LIMOE} with its 2 MoE layers in the last two blocks (2, 3; V-MoE's "
                                "\"last n\") instead of blocks 1 and 3", {**LIMOE_AUG, "model.moe.placement": "last 2"}),
+    f"{ROUND17_LIMOE}-shared": (f"{ROUND17_LIMOE} with a shared expert (`moe.shared_expert_mlp_dim: 256`, "
+                                "DeepSeekMoE's: a dense MLP every token passes through beside the experts) and 16 "
+                                "experts of half width (256) at k = 1: the same expert weights and FLOPs per pair",
+                                {**LIMOE_AUG, "model.moe.num_experts": 16, "model.moe.expert_mlp_dim": 256,
+                                 "model.moe.shared_expert_mlp_dim": 256}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -620,6 +626,7 @@ CONTRASTS = [
     *twin_contrasts("still stronger augmentation", "aug2", base="aug"),
     *vs_round14_default("16 half-width experts, k = 2", f"{ROUND17_LIMOE}-e16k2", round_=17),
     *vs_round14_default("MoE in the last two blocks", f"{ROUND17_LIMOE}-last2", round_=17),
+    *vs_round14_default("a shared expert", f"{ROUND17_LIMOE}-shared", round_=17),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]

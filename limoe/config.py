@@ -82,6 +82,11 @@ class MoEConfig:
     # Hidden width of each expert; 0 = the model's mlp_dim. With k = 2 and half of mlp_dim,
     # each token spends what one full-width expert costs ("fine-grained" experts).
     expert_mlp_dim: int = 0
+    # Hidden width of a dense MLP beside the experts in every MoE block: every token passes
+    # through it and its output adds to the experts' (DeepSeekMoE's "shared expert"); 0 (the
+    # default, as V-MoE and LIMoE) = none. With 2x the experts at half width it keeps the FLOPs
+    # per token: a 256-wide shared MLP plus one 256-wide expert cost one 512-wide expert.
+    shared_expert_mlp_dim: int = 0
     # Dropout on each expert's hidden activations in training; None = the model's mlp_dropout.
     # Switch Transformer fine-tuned with 0.4 in the experts and 0.1 elsewhere ("expert dropout").
     expert_dropout: float | None = None
@@ -189,6 +194,8 @@ class LIMoEConfig:
             raise ValueError(f"moe.expert_type must be 'mlp' or 'swiglu', got {moe.expert_type!r}")
         if moe.expert_mlp_dim < 0:
             raise ValueError(f"moe.expert_mlp_dim must be >= 0 (0 = mlp_dim), got {moe.expert_mlp_dim}")
+        if moe.shared_expert_mlp_dim < 0:
+            raise ValueError(f"moe.shared_expert_mlp_dim must be >= 0 (0 = none), got {moe.shared_expert_mlp_dim}")
         for key, p in (("mlp_dropout", self.mlp_dropout), ("moe.expert_dropout", moe.expert_dropout)):
             if p is not None and not (isinstance(p, (int, float)) and 0 <= p < 1):
                 raise ValueError(f"{key} must be a number in [0, 1), got {p!r}")

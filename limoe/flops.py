@@ -31,11 +31,12 @@ def _sequence_flops(c: LIMoEConfig, n: int, causal: bool) -> dict:
     attn_scores = 2 * 2 * n * n * d * (0.5 if causal else 1.0)
     mlp = 2 * n * mlp_mults * d * h
     expert = 2 * n * mlp_mults * d * c.expert_hidden if moe else 0
+    shared = 2 * n * mlp_mults * d * c.moe.shared_expert_mlp_dim
     flops = {"attention": 0.0, "mlp": 0.0, "router": 0.0}
     for i in range(c.depth):
         flops["attention"] += attn_proj + attn_scores
         if i in moe:
-            flops["mlp"] += c.moe.k * expert
+            flops["mlp"] += c.moe.k * expert + shared
             flops["router"] += 2 * n * d * c.moe.num_experts
         else:
             flops["mlp"] += mlp
@@ -86,6 +87,8 @@ def measured_flops_per_pair(model: torch.nn.Module, pairs: int = 8) -> float:
 #                              statistics (2 x 2 x 4 bytes) and the fp32 attention
 #                              log-sum-exp (heads x 4 bytes)
 #   dense MLP, per token       the input and the hidden twice (d + 2h; SwiGLU d + 4h)
+#   shared expert              its hidden activations (2h a token; SwiGLU 4h), and in
+#                              16-bit its input (in fp32 that is the router's copy)
 #   MoE layer                  the router's fp32 copy of its input (d x 4 bytes) and its
 #                              per-expert probabilities (clean and noisy softmax, the masked
 #                              products of the aux losses: about 5 x E x 4 bytes a token), the slot map
@@ -146,6 +149,11 @@ def block_activation_bytes(c: LIMoEConfig, batch: int, b: int, moe: bool, *, bat
     parts["slot_map"] = k * tokens * (INT64 + 1) + rows * (INT64 + 1 + 4)
     parts["moe_buffers"] = 2 * rows * d * b  # dispatch buffer + expert outputs, [E, C, d] each
     parts["experts"] = _mlp_saved_elements(c, hidden_rows, c.expert_hidden) * b
+    if c.moe.shared_expert_mlp_dim:
+        # Its hidden activations; its input is the router's (in fp32 the router's fp32 copy is that
+        # same tensor, counted above; otherwise the shared MLP keeps its own, in the model's dtype).
+        parts["shared_expert"] = (_mlp_saved_elements(c, tokens, c.moe.shared_expert_mlp_dim)
+                                  + (0 if b == 4 else tokens * d)) * b
     if batched_experts:
         local = num_experts // ep_size
         per_expert = (3 if c.moe.expert_type == "swiglu" else 2) * d * c.expert_hidden + c.expert_hidden + d

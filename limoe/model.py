@@ -22,7 +22,8 @@ PAD_ID = 0  # the tokenizer pads with id 0
 
 
 class Block(nn.Module):
-    """Pre-LN block: attention per sequence, then a dense MLP or an MoE over all tokens.
+    """Pre-LN block: attention per sequence, then a dense MLP or an MoE over all tokens
+    (plus, with `moe.shared_expert_mlp_dim`, a dense MLP beside the experts).
 
     `config.modality_specific` names the parts the text gets its own copy of
     ("norms": both LayerNorms; "attention": the attention weights; "mlp": the MLP of
@@ -43,6 +44,10 @@ class Block(nn.Module):
         expert = make_mlp(config.moe.expert_type, config.width, config.expert_hidden if moe else config.mlp_dim,
                           config.expert_dropout if moe else config.mlp_dropout)
         self.mlp = LIMoELayer(config.width, expert, config.moe, ep_size) if moe else expert
+        # The shared expert beside an MoE layer: a dense MLP every token passes through.
+        shared = config.moe.shared_expert_mlp_dim
+        self.shared_mlp = make_mlp(config.moe.expert_type, config.width, shared, config.mlp_dropout) \
+            if moe and shared else None
         self.text_mlp = make_mlp(config.moe.expert_type, config.width, config.mlp_dim, config.mlp_dropout) \
             if "mlp" in own and not moe else None
         self.is_moe = moe
@@ -65,7 +70,8 @@ class Block(nn.Module):
             h = torch.cat([norm2(x.reshape(-1, x.shape[-1])) for x, (_, _, norm2) in zip(seqs, parts)])
         aux = None
         if self.is_moe:
-            h, aux = self.mlp(h, token_groups)
+            routed, aux = self.mlp(h, token_groups)
+            h = routed if self.shared_mlp is None else routed + self.shared_mlp(h)
         elif self.text_mlp is None:
             h = self.mlp(h)
         else:

@@ -304,6 +304,47 @@ def test_fine_grained_experts_spend_one_full_experts_flops(tiny_tokenizer):
         make_tiny_model(tiny_tokenizer, moe={"expert_mlp_dim": -1})
 
 
+def test_a_shared_expert_adds_a_dense_mlp_every_token_passes_through(tiny_tokenizer):
+    """A half-width shared expert beside 8 half-width experts at k = 1 spends what 4 full
+    experts at k = 1 spend (counted and analytic); it is a dense parameter (not an expert's:
+    every rank holds it whole), and its output adds to the experts' for every token."""
+    from limoe.flops import count_parameters, measured_flops_per_pair
+
+    full = make_tiny_model(tiny_tokenizer, moe={"num_experts": 4})
+    shared = make_tiny_model(tiny_tokenizer, moe={"num_experts": 8, "expert_mlp_dim": 32,
+                                                  "shared_expert_mlp_dim": 32})
+    moe_blocks = [b for b in shared.blocks if b.is_moe]
+    assert moe_blocks and all(b.shared_mlp.fc1.weight.shape == (32, 32) for b in moe_blocks)
+    assert all(b.shared_mlp is None for b in shared.blocks if not b.is_moe)
+    assert all(b.shared_mlp is None for b in full.blocks)
+    f_full, f_shared = flops_per_pair(full.config), flops_per_pair(shared.config)
+    for m in ("image", "text"):
+        assert f_shared[m + "_parts"]["mlp"] == f_full[m + "_parts"]["mlp"]
+    assert measured_flops_per_pair(shared) == pytest.approx(measured_flops_per_pair(full), rel=0.02)
+    counts = count_parameters(shared)
+    shared_params = sum(p.numel() for b in moe_blocks for p in b.shared_mlp.parameters())
+    per_expert = sum(p.numel() for p in moe_blocks[0].mlp.experts.deepspeed_experts[0].parameters())
+    assert counts["experts"] == len(moe_blocks) * 8 * per_expert  # the shared MLP is not an expert
+    assert counts["active_per_token"] == counts["total"] - len(moe_blocks) * 7 * per_expert
+    assert shared_params == len(moe_blocks) * per_expert
+
+    # The block's output is the residual after attention plus the routed and the shared outputs.
+    block = moe_blocks[0]
+    seen = {}
+    block.mlp.register_forward_hook(lambda mod, inp, out: seen.update(h=inp[0], routed=out[0]))
+    block.register_forward_hook(lambda mod, inp, out: seen.update(seqs=inp[0], out=out[0]))
+    images, tokens = _batch(tiny_tokenizer)
+    with torch.no_grad():
+        shared.eval().encode_image(images)
+        (x,), (y,) = seen["seqs"], seen["out"]
+        mid = (x + block.attn(block.norm1(x), causal=False)).reshape(-1, x.shape[-1])
+        assert torch.allclose(y.reshape(mid.shape), mid + seen["routed"] + block.shared_mlp(seen["h"]), atol=1e-5)
+    LIMoELoss()(shared.train()(images, tokens))["loss"].backward()
+    assert all(p.grad is not None for b in moe_blocks for p in b.shared_mlp.parameters())
+    with pytest.raises(ValueError, match="shared_expert_mlp_dim"):
+        make_tiny_model(tiny_tokenizer, moe={"shared_expert_mlp_dim": -1})
+
+
 
 def hidden_and_output(mlp, x):
     """An MLP's hidden activations of x (where dropout applies) and its output Linear, by hand."""

@@ -137,10 +137,12 @@ ACTIVATION_MODEL = dict(width=32, depth=4, heads=2, mlp_dim=128, image_size=16, 
                         context_length=8, embed_dim=16)
 
 
-@pytest.mark.parametrize("variant", ["per-expert loop", "batched experts", "checkpointing"])
+@pytest.mark.parametrize("variant", ["per-expert loop", "batched experts", "checkpointing", "shared expert"])
 def test_kept_activations_match_what_torch_allocates(variant):
     # Capacity factor 4: no route is dropped; every variant runs its experts on all E x C buffer rows.
-    config = LIMoEConfig(**ACTIVATION_MODEL, moe=MoEConfig(num_experts=4, capacity_factor=4.0))
+    shared = 256 if variant == "shared expert" else 0  # its activations: about a fifth of the kept bytes
+    config = LIMoEConfig(**ACTIVATION_MODEL, moe=MoEConfig(num_experts=4, capacity_factor=4.0,
+                                                         shared_expert_mlp_dim=shared))
     torch.manual_seed(0)
     model = limoe.LIMoE(config).train()
     batched = variant == "batched experts"
