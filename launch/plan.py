@@ -455,7 +455,8 @@ def format_plan(p: dict) -> str:
     row(f"activations (batch {s['batch']}, checkpointing {'on' if s['grad_checkpointing'] else 'off'})",
         total=act["kept"], extra=f"kept, + {human_bytes(act['backward'])} in the backward")
     shown = [("attention", "attention"), ("mlp", "dense MLPs"), ("moe_buffers", "MoE [E, C, d] buffers x2"),
-             ("experts", "expert hiddens"), ("router", "router"), ("head", "heads + loss"), ("inputs", "inputs")]
+             ("experts", "expert hiddens"), ("shared_expert", "shared expert"), ("router", "router"),
+             ("head", "heads + loss"), ("inputs", "inputs")]
     a2a = p["all_to_all"]
     listed = [f"{label} {human_bytes(parts[key])}" for key, label in shown if parts.get(key)]
     lines.append("    kept without checkpointing: " + ", ".join(listed[:4]) + ",")

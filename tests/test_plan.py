@@ -260,6 +260,10 @@ def test_cli_prints_the_plan_and_json(capsys):
     assert cli_main(["plan", "cpu-demo", "--device-memory", "24GB", "--json", "--set", "train.batch_size=8"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["setup"]["batch"] == 8 and data["memory"]["peak"] > 0
+    # A shared expert's activations get their own entry; without one there is none.
+    for shared in (0, 256):
+        assert cli_main(["plan", "cpu-demo", "--set", f"model.moe.shared_expert_mlp_dim={shared}"]) == 0
+        assert ("shared expert" in capsys.readouterr().out) == bool(shared)
 
 
 def test_cli_names_a_bad_argument_in_one_line(capsys):
