@@ -155,7 +155,7 @@ AUG2_WHAT = ("still stronger augmentation: random crops of 35-100 % of the image
              "saturation jitter 0.3 (the round-17 default: 50-100 %, 0.2)")
 
 # The round-17 default (the demo's model since), the base of round 19's variants.
-ROUND17_LIMOE = f"{ROUND14_LIMOE}-aug"
+ROUND17_LIMOE, ROUND17_DENSE = f"{ROUND14_LIMOE}-aug", f"{ROUND14_DENSE}-aug"
 LIMOE_AUG = {**LIMOE_LNPRE, "data.augment": STRONG_AUGMENT}
 
 
@@ -418,7 +418,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = (ROUND17_LIMOE, f"{ROUND14_DENSE}-aug", "open_clip-aug")
+DEFAULT_VARIANTS = (ROUND17_LIMOE, ROUND17_DENSE, "open_clip-aug")
 
 
 def variant_tokenizer(variant: str) -> str:
@@ -430,11 +430,14 @@ def variant_config(variant: str) -> dict:
     return {k: v for k, v in VARIANTS[variant][1].items() if k != "tokenizer"}
 
 
-def vs_round14_default(what: str, variant: str, round_: int = 14) -> list[tuple]:
-    """The two comparisons of a round-15/16 variant: against the round-14 default (with drop
-    rates) and against that default's dense twin. `round_=17`: the same against the round-17
-    default and its dense twin (round 19's variants)."""
-    limoe, dense = (ROUND17_LIMOE, f"{ROUND14_DENSE}-aug") if round_ == 17 else (ROUND14_LIMOE, ROUND14_DENSE)
+# The defaults variants are compared with, by the round that made them the default: (LIMoE, dense twin).
+DEFAULTS_BY_ROUND = {14: (ROUND14_LIMOE, ROUND14_DENSE), 17: (ROUND17_LIMOE, ROUND17_DENSE)}
+
+
+def vs_default(what: str, variant: str, round_: int = 14) -> list[tuple]:
+    """The two comparisons of a variant: against the round-`round_` default (with drop rates) and
+    against that default's dense twin (rounds 15-16 against round 14's, round 19 against round 17's)."""
+    limoe, dense = DEFAULTS_BY_ROUND[round_]
     return [(f"{what} (round-{round_} default)", variant, limoe,
              TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
             (f"{what} vs the dense twin", variant, dense, TOP1)]
@@ -607,15 +610,15 @@ CONTRASTS = [
      "limoe-e8e-bpe-postext-xavier", TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     ("the image's LayerNorm before the blocks vs the peer with caption positives",
      "limoe-e8e-bpe-postext-xavier-lnpre", "open_clip-postext", TOP1),
-    *vs_round14_default("straight-through gates", "limoe-e8e-bpe-postext-xavier-lnpre-stgate"),
-    *vs_round14_default("a quarter of the router noise", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25"),
-    *vs_round14_default("5x the text's local entropy loss", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05"),
-    *vs_round14_default("16 experts", "limoe-e8e-bpe-postext-xavier-lnpre-e16"),
-    *vs_round14_default("dropout 0.1 in every MLP", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1"),
+    *vs_default("straight-through gates", "limoe-e8e-bpe-postext-xavier-lnpre-stgate"),
+    *vs_default("a quarter of the router noise", "limoe-e8e-bpe-postext-xavier-lnpre-noise0.25"),
+    *vs_default("5x the text's local entropy loss", "limoe-e8e-bpe-postext-xavier-lnpre-textlocal0.05"),
+    *vs_default("16 experts", "limoe-e8e-bpe-postext-xavier-lnpre-e16"),
+    *vs_default("dropout 0.1 in every MLP", "limoe-e8e-bpe-postext-xavier-lnpre-drop0.1"),
     *twin_contrasts("dropout 0.1 in every MLP", "drop0.1"),
-    *vs_round14_default("expert dropout 0.2", "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2"),
-    *vs_round14_default("dropless training", "limoe-e8e-bpe-postext-xavier-lnpre-dropless"),
-    *vs_round14_default("stronger augmentation", "limoe-e8e-bpe-postext-xavier-lnpre-aug"),
+    *vs_default("expert dropout 0.2", "limoe-e8e-bpe-postext-xavier-lnpre-edrop0.2"),
+    *vs_default("dropless training", "limoe-e8e-bpe-postext-xavier-lnpre-dropless"),
+    *vs_default("stronger augmentation", "limoe-e8e-bpe-postext-xavier-lnpre-aug"),
     *twin_contrasts("stronger augmentation", "aug"),
     ("stronger augmentation, the peer", "open_clip-aug", "open_clip", TOP1),
     ("stronger augmentation: LIMoE vs the peer", "limoe-e8e-bpe-postext-xavier-lnpre-aug", "open_clip-aug", TOP1),
@@ -624,9 +627,9 @@ CONTRASTS = [
     ("still stronger augmentation (round-17 default)", f"{ROUND14_LIMOE}-aug2", f"{ROUND14_LIMOE}-aug",
      TOP1 + ["routing/text/drop_rate", "routing/image/drop_rate"]),
     *twin_contrasts("still stronger augmentation", "aug2", base="aug"),
-    *vs_round14_default("16 half-width experts, k = 2", f"{ROUND17_LIMOE}-e16k2", round_=17),
-    *vs_round14_default("MoE in the last two blocks", f"{ROUND17_LIMOE}-last2", round_=17),
-    *vs_round14_default("a shared expert", f"{ROUND17_LIMOE}-shared", round_=17),
+    *vs_default("16 half-width experts, k = 2", f"{ROUND17_LIMOE}-e16k2", round_=17),
+    *vs_default("MoE in the last two blocks", f"{ROUND17_LIMOE}-last2", round_=17),
+    *vs_default("a shared expert", f"{ROUND17_LIMOE}-shared", round_=17),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
