@@ -158,6 +158,10 @@ AUG2_WHAT = ("still stronger augmentation: random crops of 35-100 % of the image
 ROUND17_LIMOE, ROUND17_DENSE = f"{ROUND14_LIMOE}-aug", f"{ROUND14_DENSE}-aug"
 LIMOE_AUG = {**LIMOE_LNPRE, "data.augment": STRONG_AUGMENT}
 
+# Round 20: half the width (the experts, and each tower of the peer, likewise); embed_dim stays 128.
+W64 = {"model.width": 64, "model.heads": 2, "model.mlp_dim": 256}
+W64_WHAT = "width 64, 2 heads of 32, MLPs and experts 256 wide (limoe-nano: 128, 4, 512)"
+
 
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
     """A change to the round-14 default and the same change to its dense twin, as two variants
@@ -412,6 +416,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                 "experts of half width (256) at k = 1: the same expert weights and FLOPs per pair",
                                 {**LIMOE_AUG, "model.moe.num_experts": 16, "model.moe.expert_mlp_dim": 256,
                                  "model.moe.shared_expert_mlp_dim": 256}),
+    # Round 20: the same three models at half the width, where the data is larger against the model.
+    f"{ROUND17_LIMOE}-w64": (f"{ROUND17_LIMOE} at half the width: {W64_WHAT}", {**LIMOE_AUG, **W64}),
+    f"{ROUND17_DENSE}-w64": (f"{ROUND17_DENSE} at half the width (the dense twin of {ROUND17_LIMOE}-w64): {W64_WHAT}",
+                             {**DENSE_LNPRE, "data.augment": STRONG_AUGMENT, **W64}),
+    "open_clip-postext-aug-w64": (f"open_clip-postext-aug at half the width (the peer trained as "
+                                  f"{ROUND17_LIMOE}-w64): {W64_WHAT}, each tower",
+                                  {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT, **W64}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
@@ -630,6 +641,12 @@ CONTRASTS = [
     *vs_default("16 half-width experts, k = 2", f"{ROUND17_LIMOE}-e16k2", round_=17),
     *vs_default("MoE in the last two blocks", f"{ROUND17_LIMOE}-last2", round_=17),
     *vs_default("a shared expert", f"{ROUND17_LIMOE}-shared", round_=17),
+    ("half the width: LIMoE vs its dense twin", f"{ROUND17_LIMOE}-w64", f"{ROUND17_DENSE}-w64", TOP1),
+    ("half the width: LIMoE vs the peer trained alike", f"{ROUND17_LIMOE}-w64", "open_clip-postext-aug-w64", TOP1),
+    ("half the width: the dense twin vs the peer trained alike", f"{ROUND17_DENSE}-w64",
+     "open_clip-postext-aug-w64", TOP1),
+    ("half the width against the full width, LIMoE", f"{ROUND17_LIMOE}-w64", ROUND17_LIMOE, TOP1),
+    ("half the width against the full width, the dense twin", f"{ROUND17_DENSE}-w64", ROUND17_DENSE, TOP1),
     ("open_clip's initialisation vs the peer with caption positives", "limoe-e8e-bpe-postext-scaledinit",
      "open_clip-postext", TOP1),
 ]
