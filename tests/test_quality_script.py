@@ -60,12 +60,19 @@ def test_every_variant_is_a_valid_cpu_demo_config_with_the_intended_model():
                for name in ("importance", "load", "switch_load", "local_entropy", "global_entropy", "zloss"))
     assert limoe.batch_priority_routing and not models["limoe-no-bpr"].moe.batch_priority_routing
     assert models["open_clip-sp1000"].text_pool == "eos" and models["limoe-cls"].image_pool == "cls"
-    # Every variant but the k=2 one spends the demo model's FLOPs per pair (within the class token).
+    # Every variant but the k=2 one spends the demo model's FLOPs per pair (within the class token);
+    # the half-width ones (round 20) spend the half-width LIMoE's, a little over a quarter of it.
     from limoe.flops import flops_per_pair
 
     base = flops_per_pair(models["limoe"])["total"]
+    half = flops_per_pair(models[f"{quality.ROUND17_LIMOE}-w64"])["total"]
+    assert 0.25 < half / base < 0.3
     for variant, model in models.items():
-        if variant != "limoe-k2":
+        if variant.endswith("-w64"):
+            assert model.width == 64 and model.heads == 2 and model.mlp_dim == 256, variant
+            assert abs(flops_per_pair(model)["total"] - half) / half < 0.02, variant
+        elif variant != "limoe-k2":
+            assert model.width == 128, variant
             assert abs(flops_per_pair(model)["total"] - base) / base < 0.02, variant
 
 
