@@ -157,6 +157,8 @@ AUG2_WHAT = ("still stronger augmentation: random crops of 35-100 % of the image
 # The round-17 default (the demo's model since), the base of round 19's variants.
 ROUND17_LIMOE, ROUND17_DENSE = f"{ROUND14_LIMOE}-aug", f"{ROUND14_DENSE}-aug"
 LIMOE_AUG = {**LIMOE_LNPRE, "data.augment": STRONG_AUGMENT}
+DENSE_AUG = {**DENSE_LNPRE, "data.augment": STRONG_AUGMENT}  # with_dense_twin("aug") builds the same
+PEER_POSTEXT_AUG = {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT}
 
 # Round 20: half the width (the experts, and each tower of the peer, likewise); embed_dim stays 128.
 W64 = {"model.width": 64, "model.heads": 2, "model.mlp_dim": 256}
@@ -400,7 +402,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                       {**PEER, "data.augment": STRONG_AUGMENT}),
     "open_clip-postext-aug": (f"the open_clip peer with caption positives on the caption side and stronger "
                               f"augmentation: {AUG_WHAT}",
-                              {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT}),
+                              PEER_POSTEXT_AUG),
     **with_dense_twin("aug2", AUG2_WHAT, {"data.augment": STRONGER_AUGMENT}),
     # Round 19: the experts' shape on the round-17 default: two hypotheses of the issue's list measured
     # on old bases with one seed only (rounds 6-7), finer experts at k = 2 and V-MoE's placement, and
@@ -419,10 +421,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # Round 20: the same three models at half the width, where the data is larger against the model.
     f"{ROUND17_LIMOE}-w64": (f"{ROUND17_LIMOE} at half the width: {W64_WHAT}", {**LIMOE_AUG, **W64}),
     f"{ROUND17_DENSE}-w64": (f"{ROUND17_DENSE} at half the width (the dense twin of {ROUND17_LIMOE}-w64): {W64_WHAT}",
-                             {**DENSE_LNPRE, "data.augment": STRONG_AUGMENT, **W64}),
+                             {**DENSE_AUG, **W64}),
     "open_clip-postext-aug-w64": (f"open_clip-postext-aug at half the width (the peer trained as "
                                   f"{ROUND17_LIMOE}-w64): {W64_WHAT}, each tower",
-                                  {**PEER, "data.caption_positives": "text", "data.augment": STRONG_AUGMENT, **W64}),
+                                  {**PEER_POSTEXT_AUG, **W64}),
     "limoe-e8e-bpe-postext-scaledinit": ("limoe-e8e-bpe-postext with open_clip's text-tower initialisation "
                                          "(`init: scaled_normal`: normal weights, the ones writing to the residual "
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
