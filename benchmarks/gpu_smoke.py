@@ -82,7 +82,8 @@ def run_phase(name: str, cmd: list[str], out: Path, env: dict | None = None) -> 
 
 
 def tests_command(out: Path, dry_run: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"]
+    # -n 0: one pytest process (the tests share the GPUs; pyproject's addopts ask for 2 workers)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider"]
     return cmd + (["--collect-only"] if dry_run else ["--junitxml", str(out / "cuda_tests.xml")])
 
 

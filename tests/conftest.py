@@ -1,6 +1,15 @@
-"""Shared fixtures: a tiny tokenizer and tiny LIMoE models that build in milliseconds."""
+"""Shared fixtures: a tiny tokenizer and tiny LIMoE models that build in milliseconds.
+
+The README's test command runs the tests in two pytest-xdist workers (`-n 2` in pyproject's
+addopts; `-n 0` runs them in one process). Each test file stays on one worker, so a file's
+module-scoped training runs start once (`pytest_xdist_make_scheduler` below).
+"""
+import collections
+import os
 import random
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads must not spin on the
+#                                                      cores another worker's training ranks are using
 import pytest
 import torch
 
@@ -24,6 +33,44 @@ def tiny_tokenizer():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; benchmarks/run_gpu.sh runs them)")
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # the workers share the cores: one worker's torch threads must not crowd out the other's
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+# Test files that share the session's `two_rank_run` (a 2-rank training run): one worker runs them
+# all, so it trains once. pytest_collection_modifyitems checks that no other file uses it.
+SHARE_TWO_RANK_RUN = ("test_elastic_resume.py", "test_multinode_localhost.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work of a pytest-xdist worker: a whole test file (so a file's module-scoped
+    fixtures, its training runs, start once), with the files that share `two_rank_run` as one."""
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "two_rank_run" if name in SHARE_TWO_RANK_RUN else name
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Send each work unit (above) to one worker, in collection order (`--no-loadscope-reorder`
+    in pyproject's addopts). pytest-xdist's `--dist loadgroup` would do this with marks, but it
+    renames items in a way pytest 9.2 no longer reads, so this subclasses its file scheduler."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnits(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The work units with the most slow tests go first: they are what the two workers should
+    share from the start, while the quick files fill in around them."""
+    for item in items:
+        if "two_rank_run" in item.fixturenames and item.path.name not in SHARE_TWO_RANK_RUN:
+            raise pytest.UsageError(f"{item.path.name} uses two_rank_run: add it to SHARE_TWO_RANK_RUN in conftest.py")
+    slow = collections.Counter(work_unit(item.nodeid) for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[work_unit(item.nodeid)])  # stable: the order inside a file is kept
 
 
 TINY = dict(width=32, depth=2, heads=2, mlp_dim=64, embed_dim=16, image_size=16, patch_size=4)
