@@ -418,6 +418,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                 "experts of half width (256) at k = 1: the same expert weights and FLOPs per pair",
                                 {**LIMOE_AUG, "model.moe.num_experts": 16, "model.moe.expert_mlp_dim": 256,
                                  "model.moe.shared_expert_mlp_dim": 256}),
+    # Round 22: the two round-19 changes that each gained where the other lost (the last two blocks:
+    # by name and category; the shared expert: by subcategory and category), together.
+    f"{ROUND17_LIMOE}-last2-shared": (f"{ROUND17_LIMOE} with its MoE layers in the last two blocks (2, 3) and "
+                                      "in each a shared expert (256 wide) beside 16 half-width experts at k = 1: "
+                                      "the -last2 and -shared changes together, the same FLOPs per pair",
+                                      {**LIMOE_AUG, "model.moe.placement": "last 2", "model.moe.num_experts": 16,
+                                       "model.moe.expert_mlp_dim": 256, "model.moe.shared_expert_mlp_dim": 256}),
     # Round 20: the same three models at half the width, where the data is larger against the model.
     f"{ROUND17_LIMOE}-w64": (f"{ROUND17_LIMOE} at half the width: {W64_WHAT}", {**LIMOE_AUG, **W64}),
     f"{ROUND17_DENSE}-w64": (f"{ROUND17_DENSE} at half the width (the dense twin of {ROUND17_LIMOE}-w64): {W64_WHAT}",
@@ -643,6 +650,7 @@ CONTRASTS = [
     *vs_default("16 half-width experts, k = 2", f"{ROUND17_LIMOE}-e16k2", round_=17),
     *vs_default("MoE in the last two blocks", f"{ROUND17_LIMOE}-last2", round_=17),
     *vs_default("a shared expert", f"{ROUND17_LIMOE}-shared", round_=17),
+    *vs_default("the last two blocks with a shared expert", f"{ROUND17_LIMOE}-last2-shared", round_=17),
     ("half the width: LIMoE vs its dense twin", f"{ROUND17_LIMOE}-w64", f"{ROUND17_DENSE}-w64", TOP1),
     ("half the width: LIMoE vs the peer trained alike", f"{ROUND17_LIMOE}-w64", "open_clip-postext-aug-w64", TOP1),
     ("half the width: the dense twin vs the peer trained alike", f"{ROUND17_DENSE}-w64",
