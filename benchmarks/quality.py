@@ -649,6 +649,7 @@ CONTRASTS = [
     *twin_contrasts("still stronger augmentation", "aug2", base="aug"),
     *vs_default("16 half-width experts, k = 2", f"{ROUND17_LIMOE}-e16k2", round_=17),
     *vs_default("MoE in the last two blocks", f"{ROUND17_LIMOE}-last2", round_=17),
+    ("MoE in the last two blocks vs the peer trained alike", f"{ROUND17_LIMOE}-last2", "open_clip-postext-aug", TOP1),
     *vs_default("a shared expert", f"{ROUND17_LIMOE}-shared", round_=17),
     *vs_default("the last two blocks with a shared expert", f"{ROUND17_LIMOE}-last2-shared", round_=17),
     ("half the width: LIMoE vs its dense twin", f"{ROUND17_LIMOE}-w64", f"{ROUND17_DENSE}-w64", TOP1),
