@@ -164,6 +164,10 @@ PEER_POSTEXT_AUG = {**PEER, "data.caption_positives": "text", "data.augment": ST
 W64 = {"model.width": 64, "model.heads": 2, "model.mlp_dim": 256}
 W64_WHAT = "width 64, 2 heads of 32, MLPs and experts 256 wide (limoe-nano: 128, 4, 512)"
 
+# Round 19's expert layouts, on their own (rounds 19-22) and together (round 22).
+LAST2 = {"model.moe.placement": "last 2"}  # V-MoE's "last n": blocks 2 and 3 of 4
+SHARED = {"model.moe.num_experts": 16, "model.moe.expert_mlp_dim": 256, "model.moe.shared_expert_mlp_dim": 256}
+
 
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
     """A change to the round-14 default and the same change to its dense twin, as two variants
@@ -412,19 +416,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                {**LIMOE_AUG, "model.moe.num_experts": 16, "model.moe.k": 2,
                                 "model.moe.expert_mlp_dim": 256}),
     f"{ROUND17_LIMOE}-last2": (f"{ROUND17_LIMOE} with its 2 MoE layers in the last two blocks (2, 3; V-MoE's "
-                               "\"last n\") instead of blocks 1 and 3", {**LIMOE_AUG, "model.moe.placement": "last 2"}),
+                               "\"last n\") instead of blocks 1 and 3", {**LIMOE_AUG, **LAST2}),
     f"{ROUND17_LIMOE}-shared": (f"{ROUND17_LIMOE} with a shared expert (`moe.shared_expert_mlp_dim: 256`, "
                                 "DeepSeekMoE's: a dense MLP every token passes through beside the experts) and 16 "
                                 "experts of half width (256) at k = 1: the same expert weights and FLOPs per pair",
-                                {**LIMOE_AUG, "model.moe.num_experts": 16, "model.moe.expert_mlp_dim": 256,
-                                 "model.moe.shared_expert_mlp_dim": 256}),
+                                {**LIMOE_AUG, **SHARED}),
     # Round 22: the two round-19 changes that each gained where the other lost (the last two blocks:
     # by name and category; the shared expert: by subcategory and category), together.
     f"{ROUND17_LIMOE}-last2-shared": (f"{ROUND17_LIMOE} with its MoE layers in the last two blocks (2, 3) and "
                                       "in each a shared expert (256 wide) beside 16 half-width experts at k = 1: "
                                       "the -last2 and -shared changes together, the same FLOPs per pair",
-                                      {**LIMOE_AUG, "model.moe.placement": "last 2", "model.moe.num_experts": 16,
-                                       "model.moe.expert_mlp_dim": 256, "model.moe.shared_expert_mlp_dim": 256}),
+                                      {**LIMOE_AUG, **LAST2, **SHARED}),
     # Round 20: the same three models at half the width, where the data is larger against the model.
     f"{ROUND17_LIMOE}-w64": (f"{ROUND17_LIMOE} at half the width: {W64_WHAT}", {**LIMOE_AUG, **W64}),
     f"{ROUND17_DENSE}-w64": (f"{ROUND17_DENSE} at half the width (the dense twin of {ROUND17_LIMOE}-w64): {W64_WHAT}",
