@@ -100,7 +100,7 @@ TOKENIZERS = {
 BASE_TOKENIZER = "sp1000"  # the first demo's; variants built on LIMOE_SP name "sp8000"
 
 # The limoe-nano defaults of the demo (cpu-demo.yaml + limoe/config.py), written out so a
-# variant's row says everything: 4 experts in blocks 1 and 3, k=1, capacity factor 1, BPR,
+# variant's row says everything: 4 full-width experts in blocks 1 and 3, k=1, capacity factor 1, BPR,
 # V-MoE importance + load (0.005 per layer, summed over layers) for each modality.
 BALANCE = {"importance": 0.005, "load": 0.005, "switch_load": 0.0, "local_entropy": 0.0, "global_entropy": 0.0,
            "zloss": 0.0}
@@ -116,6 +116,11 @@ LIMOE = {
     "model.moe.k": 1,
     "model.moe.capacity_factor": 1.0,
     "model.moe.batch_priority_routing": True,
+    # MoE in blocks 1 and 3, full-width experts, no shared expert (limoe-nano's since round 22:
+    # blocks 2 and 3, 16 experts 256 wide beside a shared expert of 256; that is "-last2-shared").
+    "model.moe.placement": "every 2",
+    "model.moe.expert_mlp_dim": 0,
+    "model.moe.shared_expert_mlp_dim": 0,
     "model.moe.image": BALANCE,
     "model.moe.text": BALANCE,
     "data.caption_positives": False,  # the demo's config sets "text" since round 11
@@ -439,8 +444,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
                                          {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
+# The round-22 default (the demo's model since): round 17's with both of round 19's expert layouts.
+# Its dense twin is round 17's (a dense model has no expert layout).
+ROUND22_LIMOE = f"{ROUND17_LIMOE}-last2-shared"
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
-DEFAULT_VARIANTS = (ROUND17_LIMOE, ROUND17_DENSE, "open_clip-aug")
+DEFAULT_VARIANTS = (ROUND22_LIMOE, ROUND17_DENSE, "open_clip-aug")
 
 
 def variant_tokenizer(variant: str) -> str:
@@ -654,6 +662,8 @@ CONTRASTS = [
     ("MoE in the last two blocks vs the peer trained alike", f"{ROUND17_LIMOE}-last2", "open_clip-postext-aug", TOP1),
     *vs_default("a shared expert", f"{ROUND17_LIMOE}-shared", round_=17),
     *vs_default("the last two blocks with a shared expert", f"{ROUND17_LIMOE}-last2-shared", round_=17),
+    ("the round-22 default vs the peer trained alike", ROUND22_LIMOE, "open_clip-postext-aug", TOP1),
+    ("the round-22 default vs the peer", ROUND22_LIMOE, "open_clip-aug", TOP1),
     ("half the width: LIMoE vs its dense twin", f"{ROUND17_LIMOE}-w64", f"{ROUND17_DENSE}-w64", TOP1),
     ("half the width: LIMoE vs the peer trained alike", f"{ROUND17_LIMOE}-w64", "open_clip-postext-aug-w64", TOP1),
     ("half the width: the dense twin vs the peer trained alike", f"{ROUND17_DENSE}-w64",

@@ -326,12 +326,16 @@ def config_from_dict(data: dict) -> "LIMoEConfig | TwoTowerConfig":
 # the dataclass defaults (MoEConfig: 8 experts, top-1, MoE in every 2nd block).
 PRESETS = {c.name: c for c in (
     # The demo preset: 32 px emoji, small enough to train in minutes on 2 CPU cores. Images pool at
-    # a class token, not the paper's MAP head, 8 experts (the demo config adds LIMoE's entropy
-    # losses), the paper's xavier initialisation, and a LayerNorm on the embedded image sequence
-    # (open_clip's ln_pre): each chosen on the emoji benchmark (docs/quality.md).
+    # a class token, not the paper's MAP head; the paper's xavier initialisation; a LayerNorm on the
+    # embedded image sequence (open_clip's ln_pre). Its two MoE layers are the last two blocks
+    # (V-MoE's "last 2"), each with 16 experts of half width (256) beside a shared expert of 256 that
+    # every token passes (DeepSeekMoE's, not the paper's): the same FLOPs per token as 8 full-width
+    # experts. The demo config adds LIMoE's entropy losses. Each was chosen on the emoji benchmark
+    # (docs/quality.md).
     LIMoEConfig(name="limoe-nano", width=128, depth=4, heads=4, mlp_dim=512, image_size=32, patch_size=4,
                 embed_dim=128, vocab_size=4000, logit_scale_init=math.log(30.0), image_pool="cls",
-                init="xavier", pre_norm=["image"], moe=MoEConfig(num_experts=8)),
+                init="xavier", pre_norm=["image"],
+                moe=MoEConfig(num_experts=16, placement="last 2", expert_mlp_dim=256, shared_expert_mlp_dim=256)),
     LIMoEConfig(name="limoe-ti-16", width=192, depth=12, heads=3, mlp_dim=768, image_size=224, patch_size=16,
                 embed_dim=256, vocab_size=16000),
     # V-MoE backbone widths (docs/model.md).

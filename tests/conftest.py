@@ -74,14 +74,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 TINY = dict(width=32, depth=2, heads=2, mlp_dim=64, embed_dim=16, image_size=16, patch_size=4)
+# The tiny sparse models' expert layout: block 0 dense, block 1 MoE with full-width experts and no
+# shared expert (limoe-nano's own layout, the last 2 blocks with 256-wide experts, would make both
+# of the 2 blocks MoE and the experts wider than the model).
+TINY_MOE = dict(num_experts=4, placement="every 2", expert_mlp_dim=0, shared_expert_mlp_dim=0)
 
 
 def make_tiny_model(tokenizer, seed=0, name="limoe-nano", **overrides):
-    """A tiny model of the preset `name`; a sparse one has 4 experts unless `moe` says otherwise."""
+    """A tiny model of the preset `name`; a sparse one has TINY_MOE's experts unless `moe` says otherwise."""
     torch.manual_seed(seed)
     kw = dict(TINY, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
     if not name.endswith("-dense"):
-        overrides = {**overrides, "moe": {"num_experts": 4, **overrides.get("moe", {})}}
+        overrides = {**overrides, "moe": {**TINY_MOE, **overrides.get("moe", {})}}
     kw.update(overrides)
     return limoe.create_model(name, **kw)
 

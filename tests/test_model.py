@@ -93,6 +93,19 @@ def test_moe_blocks_are_every_other_block_by_default():
         get_config("limoe-b-16", moe={"placement": "3,12"})
 
 
+def test_the_demo_preset_has_a_shared_expert_beside_narrow_experts_in_its_last_two_blocks():
+    """limoe-nano's layout (docs/quality.md, round 22): 16 experts 256 wide and a 256-wide shared
+    expert in blocks 2 and 3, the same FLOPs per token (bar the router) as its dense twin."""
+    config = get_config("limoe-nano")
+    assert config.moe.moe_layers(config.depth) == [2, 3]
+    model = limoe.LIMoE(config)
+    assert [b.is_moe for b in model.blocks] == [False, False, True, True]
+    assert [b.shared_mlp is not None for b in model.blocks] == [False, False, True, True]
+    f_sparse, f_dense = flops_per_pair(config), flops_per_pair(get_config("limoe-nano-dense"))
+    router = sum(f_sparse[m + "_parts"]["router"] for m in ("image", "text"))
+    assert f_sparse["total"] - router == pytest.approx(f_dense["total"])
+
+
 def test_dense_twin_has_same_backbone_and_flops_per_token():
     sparse, dense = get_config("limoe-ti-16"), get_config("limoe-ti-16-dense")
     assert dense.moe.num_experts == 0 and (dense.width, dense.depth) == (sparse.width, sparse.depth)

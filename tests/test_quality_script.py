@@ -90,6 +90,21 @@ def test_the_first_default_variant_is_the_model_the_demo_config_trains():
     assert quality.variant_tokenizer(variant) == DEFAULT_TOKENIZER
 
 
+def test_variants_measured_before_round_22_keep_their_expert_layout():
+    """limoe-nano's expert layout changed in round 22; the rows measured before must still build
+    the model they were measured with (MoE in blocks 1 and 3, full-width experts, no shared one)."""
+    def model(variant):
+        return load_config("cpu-demo", quality.run_overrides(variant, 0, SETTINGS)).model
+
+    for old in ("limoe", quality.ROUND17_LIMOE):
+        m = model(old)
+        assert m.moe.moe_layers(m.depth) == [1, 3] and m.expert_hidden == m.mlp_dim == 512
+        assert m.moe.shared_expert_mlp_dim == 0
+    new = model(quality.ROUND22_LIMOE)
+    assert new.moe.moe_layers(new.depth) == [2, 3] and new.expert_hidden == 256 and new.moe.num_experts == 16
+    assert new.moe.shared_expert_mlp_dim == 256
+
+
 def test_the_global_batch_is_split_over_processes():
     overrides = dict(quality.run_overrides("limoe", 0, {**SETTINGS, "num_procs": 2}))
     assert overrides["train.batch_size"] == 32 and overrides["parallel.num_procs"] == 2

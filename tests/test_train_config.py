@@ -121,7 +121,7 @@ def test_set_reaches_any_model_field_through_the_same_parser(item, path, value):
     ("model.moe.k=two", r"'model\.moe\.k' must be an integer, got 'two'"),
     ("model.widht=64", r"unknown config key 'model\.widht' \(did you mean 'model\.width'\?\)"),
     ("model.moe.text.lod=0.1", r"unknown config key 'model\.moe\.text\.lod' \(did you mean 'model\.moe\.text\.load'\?\)"),
-    ("model.moe.k=9", r"'model': moe\.k=9 must be in 1\.\.num_experts=8"),
+    ("model.moe.k=17", r"'model': moe\.k=17 must be in 1\.\.num_experts=16"),
     ("model.width=130", r"'model': width 130 is not divisible by heads 4"),
     ("model.moe=3", r"'model\.moe' must be a mapping, got 3"),
 ])
@@ -180,7 +180,7 @@ def test_preset_is_a_key_under_model_only():
 
 
 def test_ep_size_that_does_not_divide_the_experts_is_rejected():
-    with pytest.raises(ConfigError, match=r"'parallel\.ep_size': 3 does not divide the number of experts \(8"):
+    with pytest.raises(ConfigError, match=r"'parallel\.ep_size': 3 does not divide the number of experts \(16"):
         load_config(minimal(parallel={"ep_size": 3, "num_procs": 3}))
 
 

@@ -69,6 +69,8 @@ def tiny_config(root: Path, name: str, **sections) -> dict:
         "name": name, "logs": str(root / "logs"), "seed": 3,
         "model": {"preset": "limoe-nano", "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "embed_dim": 16,
                   "image_size": 16, "patch_size": 4, "context_length": 8,
+                  # limoe-nano's expert layout with its widths at this model's scale (half mlp_dim)
+                  "moe": {"expert_mlp_dim": 32, "shared_expert_mlp_dim": 32},
                   "logit_scale_init": 5.0},  # exp(5) = 148 > 100: the clamp must hold it at 100
         "data": {"train": [{"shards": str(root / "shards")}], "tokenizer": str(root / "tokenizer.model"),
                  "tokenizer_vocab_size": 40, "workers": 0, "shuffle_buffer": 32},
@@ -212,7 +214,9 @@ def test_export_embeds_like_the_training_model(full_run):
 
     probe = load_file(str(full_run / "export_probe.safetensors"))
     model, _, tokenizer = limoe.load(full_run / "export")
-    assert model.ep_size == 1 and model.config.moe.num_experts == 8  # cpu-demo's limoe-nano
+    # limoe-nano's expert layout (16 experts and a shared one in the last 2 blocks: both of 2 here)
+    assert model.ep_size == 1 and model.config.moe.num_experts == 16 and model.moe_layers()
+    assert [b.shared_mlp is not None for b in model.blocks] == [True, True]
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(probe["images"], normalize=True), probe["image_features"],
                                    atol=1e-5, rtol=1e-5)
