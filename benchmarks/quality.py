@@ -173,6 +173,11 @@ W64_WHAT = "width 64, 2 heads of 32, MLPs and experts 256 wide (limoe-nano: 128,
 LAST2 = {"model.moe.placement": "last 2"}  # V-MoE's "last n": blocks 2 and 3 of 4
 SHARED = {"model.moe.num_experts": 16, "model.moe.expert_mlp_dim": 256, "model.moe.shared_expert_mlp_dim": 256}
 
+# The round-22 default (the demo's model since): round 17's with both of round 19's expert layouts.
+# Its dense twin is round 17's (a dense model has no expert layout).
+ROUND22_LIMOE = f"{ROUND17_LIMOE}-last2-shared"
+LIMOE_ROUND22 = {**LIMOE_AUG, **LAST2, **SHARED}
+
 
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
     """A change to the round-14 default and the same change to its dense twin, as two variants
@@ -431,7 +436,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     f"{ROUND17_LIMOE}-last2-shared": (f"{ROUND17_LIMOE} with its MoE layers in the last two blocks (2, 3) and "
                                       "in each a shared expert (256 wide) beside 16 half-width experts at k = 1: "
                                       "the -last2 and -shared changes together, the same FLOPs per pair",
-                                      {**LIMOE_AUG, **LAST2, **SHARED}),
+                                      LIMOE_ROUND22),
+    # Round 23: DeepSeekMoE's other half on the round-22 default, finer experts at a higher k: 32
+    # experts of 128 at k = 2 beside the same shared expert (the same expert parameters and FLOPs).
+    f"{ROUND22_LIMOE}-e32k2": (f"{ROUND22_LIMOE} with 32 experts of a quarter width (128) at k = 2 beside the "
+                               "same 256-wide shared expert: the same expert parameters, the same FLOPs per pair but for "
+                               "the router over 32 experts (0.5 % more)",
+                               {**LIMOE_ROUND22, "model.moe.num_experts": 32, "model.moe.k": 2,
+                                "model.moe.expert_mlp_dim": 128}),
     # Round 20: the same three models at half the width, where the data is larger against the model.
     f"{ROUND17_LIMOE}-w64": (f"{ROUND17_LIMOE} at half the width: {W64_WHAT}", {**LIMOE_AUG, **W64}),
     f"{ROUND17_DENSE}-w64": (f"{ROUND17_DENSE} at half the width (the dense twin of {ROUND17_LIMOE}-w64): {W64_WHAT}",
@@ -444,9 +456,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                          "stream scaled down by sqrt(2 x depth)) instead of xavier",
                                          {**LIMOE_POSTEXT, "model.init": "scaled_normal"}),
 }
-# The round-22 default (the demo's model since): round 17's with both of round 19's expert layouts.
-# Its dense twin is round 17's (a dense model has no expert layout).
-ROUND22_LIMOE = f"{ROUND17_LIMOE}-last2-shared"
 # The demo's LIMoE (its default tokenizer and pooling), its dense twin with the same, and the peer.
 DEFAULT_VARIANTS = (ROUND22_LIMOE, ROUND17_DENSE, "open_clip-aug")
 
@@ -461,7 +470,8 @@ def variant_config(variant: str) -> dict:
 
 
 # The defaults variants are compared with, by the round that made them the default: (LIMoE, dense twin).
-DEFAULTS_BY_ROUND = {14: (ROUND14_LIMOE, ROUND14_DENSE), 17: (ROUND17_LIMOE, ROUND17_DENSE)}
+DEFAULTS_BY_ROUND = {14: (ROUND14_LIMOE, ROUND14_DENSE), 17: (ROUND17_LIMOE, ROUND17_DENSE),
+                     22: (ROUND22_LIMOE, ROUND17_DENSE)}
 
 
 def vs_default(what: str, variant: str, round_: int = 14) -> list[tuple]:
@@ -664,6 +674,7 @@ CONTRASTS = [
     *vs_default("the last two blocks with a shared expert", f"{ROUND17_LIMOE}-last2-shared", round_=17),
     ("the round-22 default vs the peer trained alike", ROUND22_LIMOE, "open_clip-postext-aug", TOP1),
     ("the round-22 default vs the peer", ROUND22_LIMOE, "open_clip-aug", TOP1),
+    *vs_default("32 quarter-width experts at k = 2 beside the shared expert", f"{ROUND22_LIMOE}-e32k2", round_=22),
     ("half the width: LIMoE vs its dense twin", f"{ROUND17_LIMOE}-w64", f"{ROUND17_DENSE}-w64", TOP1),
     ("half the width: LIMoE vs the peer trained alike", f"{ROUND17_LIMOE}-w64", "open_clip-postext-aug-w64", TOP1),
     ("half the width: the dense twin vs the peer trained alike", f"{ROUND17_DENSE}-w64",
