@@ -22,10 +22,14 @@ the GPU's peak dense bf16 FLOPs.
     python benchmarks/train_step.py                       # CPU: limoe-nano, limoe-ti-16
     python benchmarks/train_step.py --device cuda         # adds limoe-b-16
     python benchmarks/train_step.py --models limoe-nano --batch-size 32 --reps 20
+    # another expert layout of the same preset, timed in the same interleaved loop:
+    python benchmarks/train_step.py --models limoe-nano \
+        --moe 'round17={"num_experts": 8, "placement": "every 2", "expert_mlp_dim": 0, "shared_expert_mlp_dim": 0}'
 """
 from __future__ import annotations
 
 import argparse
+import json
 
 import open_clip
 import torch
@@ -91,6 +95,7 @@ def run_preset(preset: str, batch_size: int, args, device, dtype) -> dict:
     torch.manual_seed(0)
     models = {
         preset: ("limoe", limoe.create_model(preset)),
+        **{f"{preset}-{label}": ("limoe", limoe.create_model(preset, moe=moe)) for label, moe in args.moe},
         f"{preset}-dense": ("limoe", limoe.create_model(f"{preset}-dense")),
         "open_clip": ("open_clip", open_clip_twin(config)),
     }
@@ -101,9 +106,9 @@ def run_preset(preset: str, batch_size: int, args, device, dtype) -> dict:
         steps[name] = make_step(kind, model, images, tokens, args.adamw)
     times = time_interleaved(steps, device, warmup=args.warmup, reps=args.reps)
     dense = times[f"{preset}-dense"]
-    step_flops = {preset: 3 * flops_per_pair(config)["total"] * batch_size}
-    step_flops[f"{preset}-dense"] = step_flops["open_clip"] = \
-        3 * flops_per_pair(config.dense_twin())["total"] * batch_size
+    step_flops = {name: 3 * flops_per_pair(model.config)["total"] * batch_size
+                  for name, (kind, model) in models.items() if kind == "limoe"}
+    step_flops["open_clip"] = step_flops[f"{preset}-dense"]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
     rows = []
     for name, (kind, model) in models.items():
@@ -130,6 +135,18 @@ COLUMNS = [("model", "model"), ("batch", "batch"), ("params_m", "params (M)"), (
            ("mfu", "MFU")]
 
 
+def moe_variant(text: str) -> tuple[str, dict]:
+    """`LABEL={"num_experts": 8, ...}` -> (LABEL, the MoEConfig fields)."""
+    label, sep, fields = text.partition("=")
+    try:
+        moe = json.loads(fields)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--moe {text!r}: the part after '=' is not JSON ({e})") from None
+    if not sep or not label or not isinstance(moe, dict):
+        raise argparse.ArgumentTypeError(f"--moe wants LABEL={{JSON object of MoEConfig fields}}, got {text!r}")
+    return label, moe
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -147,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the accelerator's peak TFLOP/s for MFU (default: looked up from the GPU name)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per model")
+    parser.add_argument("--moe", action="append", default=[], type=moe_variant, metavar="LABEL=JSON",
+                        help="also time the preset with these MoEConfig fields (a JSON object), as PRESET-LABEL; "
+                             "repeatable")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     return parser
 
