@@ -34,7 +34,9 @@ TEMPLATES = {
 # Measured: `limoe demo` training (limoe-nano, 2 CPU ranks, batch 2 x 64) ran 2.3 steps/s on an
 # idle 2-core Intel Xeon machine with 4 experts (138/min); 110 leaves a margin for slower or busier
 # machines. With 8 experts on a 2-core AMD EPYC machine it ran about 1.6 steps/s (96/min), so there
-# a --minutes budget runs over by about a seventh. The default budget stays 935 steps (10 minutes),
+# a --minutes budget runs over by about a seventh. On 2026-12-07 the same AMD machine, running slower
+# that day, trained the round-22 layout at 0.6 steps/s (its step in one process is as fast as the
+# 8-expert layout's: README). The default budget stays 935 steps (10 minutes at 110 steps/min),
 # the number of pairs every comparison in docs/quality.md uses.
 STEPS_PER_MINUTE = 110
 FIXED_MINUTES = 1.5  # data (cached), tokenizer, DeepSpeed start-up, export and evaluation
