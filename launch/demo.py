@@ -56,20 +56,32 @@ def budget_steps(minutes: float) -> int:
     return max(1, int((minutes - FIXED_MINUTES) * STEPS_PER_MINUTE))
 
 
-def build_data(data_dir: Path, cache_dir: str | None) -> dict[str, Path]:
-    from data_pipelines.emoji import build_emoji_dataset, is_current_build
+def build_data(data_dir: Path, cache_dir: str | None, tarball_dir: str | None = None) -> dict[str, Path]:
+    """The two emoji sets; `tarball_dir` (--tarball-dir) stands in for $LIMOE_NPM_TARBALL_DIR while
+    they are built, and the environment is restored after (`limoe demo` can run inside a process
+    that goes on, as in the tests)."""
+    from data_pipelines.emoji import TARBALL_DIR_ENV, build_emoji_dataset, is_current_build
 
-    out = {}
-    for role, style in STYLES.items():
-        target = data_dir / f"emoji-{style}"
-        if is_current_build(target):
-            print(f"{style}: cached at {target}")
+    before = os.environ.get(TARBALL_DIR_ENV)
+    if tarball_dir:
+        os.environ[TARBALL_DIR_ENV] = str(Path(tarball_dir).resolve())
+    try:
+        out = {}
+        for role, style in STYLES.items():
+            target = data_dir / f"emoji-{style}"
+            if is_current_build(target):
+                print(f"{style}: cached at {target}")
+            else:
+                print(build_emoji_dataset(style, target, cache_dir=cache_dir))
+                for stale in target.glob("tokenizer*"):  # trained on the captions of an older build
+                    stale.unlink()
+            out[role] = target
+        return out
+    finally:
+        if before is None:
+            os.environ.pop(TARBALL_DIR_ENV, None)
         else:
-            print(build_emoji_dataset(style, target, cache_dir=cache_dir))
-            for stale in target.glob("tokenizer*"):  # trained on the captions of an older build
-                stale.unlink()
-        out[role] = target
-    return out
+            os.environ[TARBALL_DIR_ENV] = before
 
 
 # SentencePiece model types a tokenizer kind can name: "sp<N>" is unigram, "spbpe<N>" BPE.
@@ -328,8 +340,6 @@ def demo(args) -> int:
     t0 = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.tarball_dir:
-        os.environ["LIMOE_NPM_TARBALL_DIR"] = str(Path(args.tarball_dir).resolve())
     data_dir = Path(args.data).resolve() if args.data else out / "data"
     steps = args.steps or budget_steps(args.minutes)
     extra = [parse_set(item) for item in args.set]
@@ -340,7 +350,7 @@ def demo(args) -> int:
     tokenizer_kind = f"sp{args.vocab_size}" if args.vocab_size else args.tokenizer
 
     stage("1/6 emoji data sets (Noto for training, Twemoji for evaluation)")
-    data = build_data(data_dir, args.cache)
+    data = build_data(data_dir, args.cache, args.tarball_dir)
     stage(f"2/6 tokenizer ({tokenizer_kind})")
     import limoe
 

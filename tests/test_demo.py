@@ -1,5 +1,6 @@
 """`limoe demo` end to end on the fake emoji packages: the same code path, a tiny budget."""
 import json
+import os
 
 import pytest
 
@@ -46,3 +47,19 @@ def test_demo_produces_every_artifact_and_prints_the_table(tmp_path, fake_emoji_
     assert models["open_clip"]["model"] == "open_clip-nano" and "BPETokenizer" in models["open_clip"]["tokenizer"]
     assert models["dense"]["parameters"] < models["limoe"]["parameters"]
     assert "| open_clip | open_clip-nano |" in report
+
+
+def test_the_demo_leaves_the_tarball_folder_variable_as_it_found_it(tmp_path, fake_emoji_tarballs, monkeypatch):
+    """--tarball-dir stands in for $LIMOE_NPM_TARBALL_DIR only while the demo builds its data: a
+    process that goes on after `limoe demo` (a test worker) must not read the fake packages later."""
+    from data_pipelines.emoji import TARBALL_DIR_ENV
+    from launch.demo import build_data
+
+    tarballs = fake_emoji_tarballs["google"].parent
+    monkeypatch.delenv(TARBALL_DIR_ENV, raising=False)
+    data = build_data(tmp_path / "data", None, str(tarballs))
+    assert set(data) == {"train", "eval"} and all(p.is_dir() for p in data.values())
+    assert TARBALL_DIR_ENV not in os.environ
+    monkeypatch.setenv(TARBALL_DIR_ENV, "/somewhere/else")
+    build_data(tmp_path / "data", None, str(tarballs))  # cached now; the variable still comes back
+    assert os.environ[TARBALL_DIR_ENV] == "/somewhere/else"
