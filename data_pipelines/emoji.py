@@ -115,20 +115,21 @@ def npm_pack(spec: str, dest_dir: Path) -> Path:
 
 def find_emoji_tarball(
     style: str, tarball: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-    version: str = DEFAULT_VERSION,
+    version: str = DEFAULT_VERSION, tarball_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """The package tarball to read: --tarball, else $LIMOE_NPM_TARBALL_DIR, else the cache, else npm pack."""
+    """The package tarball to read: --tarball, else the newest in `tarball_dir` (`limoe demo
+    --tarball-dir`) or $LIMOE_NPM_TARBALL_DIR, else the cache, else npm pack."""
     name = package_name(style)
     if tarball is not None:
         path = Path(tarball)
         if not path.is_file():
             raise EmojiSourceError(f"--tarball {path} does not exist")
         return path
-    if os.environ.get(TARBALL_DIR_ENV):
-        folder = Path(os.environ[TARBALL_DIR_ENV])
-        found = _newest_tarball(folder, style)
+    where = f"--tarball-dir {tarball_dir}" if tarball_dir else f"${TARBALL_DIR_ENV}={os.environ.get(TARBALL_DIR_ENV)}"
+    if tarball_dir or os.environ.get(TARBALL_DIR_ENV):
+        found = _newest_tarball(Path(tarball_dir or os.environ[TARBALL_DIR_ENV]), style)
         if found is None:
-            raise EmojiSourceError(f"${TARBALL_DIR_ENV}={folder} has no {name}-*.tgz")
+            raise EmojiSourceError(f"{where} has no {name}-*.tgz")
         return found
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cached = _newest_tarball(cache, style) if version == "latest" else cache / f"{name}-{version}.tgz"
@@ -274,9 +275,10 @@ def build_emoji_dataset(
     cache_dir: str | os.PathLike | None = None,
     version: str = DEFAULT_VERSION,
     maxcount: int = 250,
+    tarball_dir: str | os.PathLike | None = None,
 ) -> EmojiBuildSummary:
     """Build caption shards and the zero-shot folders for one style (see module docstring)."""
-    tarball = find_emoji_tarball(style, tarball=tarball, cache_dir=cache_dir, version=version)
+    tarball = find_emoji_tarball(style, tarball=tarball, cache_dir=cache_dir, version=version, tarball_dir=tarball_dir)
     entries, images = read_emoji_package(tarball, style)
     entries = sorted(entries, key=lambda e: (e.get("sort_order", 0), e.get("unified", "")))
     classes = class_lists(entries)

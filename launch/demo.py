@@ -57,31 +57,21 @@ def budget_steps(minutes: float) -> int:
 
 
 def build_data(data_dir: Path, cache_dir: str | None, tarball_dir: str | None = None) -> dict[str, Path]:
-    """The two emoji sets; `tarball_dir` (--tarball-dir) stands in for $LIMOE_NPM_TARBALL_DIR while
-    they are built, and the environment is restored after (`limoe demo` can run inside a process
-    that goes on, as in the tests)."""
-    from data_pipelines.emoji import TARBALL_DIR_ENV, build_emoji_dataset, is_current_build
+    """The two emoji sets; `tarball_dir` (--tarball-dir) is where the npm packages are read from,
+    passed down rather than set in the environment, which would outlive the demo in the process."""
+    from data_pipelines.emoji import build_emoji_dataset, is_current_build
 
-    before = os.environ.get(TARBALL_DIR_ENV)
-    if tarball_dir:
-        os.environ[TARBALL_DIR_ENV] = str(Path(tarball_dir).resolve())
-    try:
-        out = {}
-        for role, style in STYLES.items():
-            target = data_dir / f"emoji-{style}"
-            if is_current_build(target):
-                print(f"{style}: cached at {target}")
-            else:
-                print(build_emoji_dataset(style, target, cache_dir=cache_dir))
-                for stale in target.glob("tokenizer*"):  # trained on the captions of an older build
-                    stale.unlink()
-            out[role] = target
-        return out
-    finally:
-        if before is None:
-            os.environ.pop(TARBALL_DIR_ENV, None)
+    out = {}
+    for role, style in STYLES.items():
+        target = data_dir / f"emoji-{style}"
+        if is_current_build(target):
+            print(f"{style}: cached at {target}")
         else:
-            os.environ[TARBALL_DIR_ENV] = before
+            print(build_emoji_dataset(style, target, cache_dir=cache_dir, tarball_dir=tarball_dir))
+            for stale in target.glob("tokenizer*"):  # trained on the captions of an older build
+                stale.unlink()
+        out[role] = target
+    return out
 
 
 # SentencePiece model types a tokenizer kind can name: "sp<N>" is unigram, "spbpe<N>" BPE.

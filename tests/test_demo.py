@@ -50,9 +50,9 @@ def test_demo_produces_every_artifact_and_prints_the_table(tmp_path, fake_emoji_
 
 
 def test_the_demo_leaves_the_tarball_folder_variable_as_it_found_it(tmp_path, fake_emoji_tarballs, monkeypatch):
-    """--tarball-dir stands in for $LIMOE_NPM_TARBALL_DIR only while the demo builds its data: a
-    process that goes on after `limoe demo` (a test worker) must not read the fake packages later."""
-    from data_pipelines.emoji import TARBALL_DIR_ENV
+    """--tarball-dir is passed down, not set in $LIMOE_NPM_TARBALL_DIR: a process that goes on after
+    `limoe demo` (a test worker) must not read the fake packages later."""
+    from data_pipelines.emoji import TARBALL_DIR_ENV, EmojiSourceError
     from launch.demo import build_data
 
     tarballs = fake_emoji_tarballs["google"].parent
@@ -63,3 +63,5 @@ def test_the_demo_leaves_the_tarball_folder_variable_as_it_found_it(tmp_path, fa
     monkeypatch.setenv(TARBALL_DIR_ENV, "/somewhere/else")
     build_data(tmp_path / "data", None, str(tarballs))  # cached now; the variable still comes back
     assert os.environ[TARBALL_DIR_ENV] == "/somewhere/else"
+    with pytest.raises(EmojiSourceError, match=r"--tarball-dir .*empty has no emoji-datasource-google-\*\.tgz"):
+        build_data(tmp_path / "other", None, str(tmp_path / "empty"))
