@@ -178,6 +178,10 @@ SHARED = {"model.moe.num_experts": 16, "model.moe.expert_mlp_dim": 256, "model.m
 ROUND22_LIMOE = f"{ROUND17_LIMOE}-last2-shared"
 LIMOE_ROUND22 = {**LIMOE_AUG, **LAST2, **SHARED}
 
+# Round 24: the moving average's decay. Its horizon, 1 / (1 - decay) = 200 steps, is the last fifth
+# of the demo's 935, where the cosine schedule has fallen below 14 % of the peak learning rate.
+EMA_DECAY = 0.995
+
 
 def with_dense_twin(suffix: str, what: str, overrides: dict) -> dict:
     """A change to the round-14 default and the same change to its dense twin, as two variants
@@ -444,6 +448,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                "the router over 32 experts (0.5 % more)",
                                {**LIMOE_ROUND22, "model.moe.num_experts": 32, "model.moe.k": 2,
                                 "model.moe.expert_mlp_dim": 128}),
+    # Round 24: an exponential moving average of the weights (train.ema_decay), exported and evaluated
+    # in their place; training itself is unchanged (a seed's raw weights are the default's).
+    f"{ROUND22_LIMOE}-ema": (f"{ROUND22_LIMOE} exported as the moving average of its weights (`train.ema_decay: "
+                             f"{EMA_DECAY}`, about the last {round(1 / (1 - EMA_DECAY))} steps)",
+                             {**LIMOE_ROUND22, "train.ema_decay": EMA_DECAY}),
+    f"{ROUND17_DENSE}-ema": (f"{ROUND17_DENSE} exported as the moving average of its weights (`train.ema_decay: "
+                             f"{EMA_DECAY}`; the dense twin of {ROUND22_LIMOE}-ema)",
+                             {**DENSE_AUG, "train.ema_decay": EMA_DECAY}),
     # Round 20: the same three models at half the width, where the data is larger against the model.
     f"{ROUND17_LIMOE}-w64": (f"{ROUND17_LIMOE} at half the width: {W64_WHAT}", {**LIMOE_AUG, **W64}),
     f"{ROUND17_DENSE}-w64": (f"{ROUND17_DENSE} at half the width (the dense twin of {ROUND17_LIMOE}-w64): {W64_WHAT}",
@@ -675,6 +687,10 @@ CONTRASTS = [
     ("the round-22 default vs the peer trained alike", ROUND22_LIMOE, "open_clip-postext-aug", TOP1),
     ("the round-22 default vs the peer", ROUND22_LIMOE, "open_clip-aug", TOP1),
     *vs_default("32 quarter-width experts at k = 2 beside the shared expert", f"{ROUND22_LIMOE}-e32k2", round_=22),
+    *vs_default("the moving average of the weights", f"{ROUND22_LIMOE}-ema", round_=22),
+    ("the moving average of the weights, the dense twin", f"{ROUND17_DENSE}-ema", ROUND17_DENSE, TOP1),
+    ("the moving average of the weights: LIMoE vs its dense twin", f"{ROUND22_LIMOE}-ema", f"{ROUND17_DENSE}-ema",
+     TOP1),
     ("half the width: LIMoE vs its dense twin", f"{ROUND17_LIMOE}-w64", f"{ROUND17_DENSE}-w64", TOP1),
     ("half the width: LIMoE vs the peer trained alike", f"{ROUND17_LIMOE}-w64", "open_clip-postext-aug-w64", TOP1),
     ("half the width: the dense twin vs the peer trained alike", f"{ROUND17_DENSE}-w64",

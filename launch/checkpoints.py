@@ -38,6 +38,7 @@ class Checkpoints:
         self.dir = run_dir / "checkpoints"
         self.keep = keep
         self.rank = rank
+        self.restored_from: Path | None = None  # the checkpoint folder restore() loaded
 
     @staticmethod
     def tag(step: int) -> str:
@@ -47,9 +48,10 @@ class Checkpoints:
         latest = self.dir / "latest"
         return latest.read_text().strip() if latest.is_file() else None
 
-    def save(self, engine, state: TrainState, model_config, extra: dict) -> str | None:
+    def save(self, engine, state: TrainState, model_config, extra: dict, ema=None) -> str | None:
         """The tag written, or None if some rank's weights are not finite (nothing is written then:
-        `latest` keeps naming the last checkpoint whose weights were finite)."""
+        `latest` keeps naming the last checkpoint whose weights were finite). `ema`, a
+        launch.ema.WeightAverage, is written beside the engine's files."""
         import deepspeed.comm as dist
 
         tag = self.tag(state.step)
@@ -64,6 +66,9 @@ class Checkpoints:
         # DeepSpeed's own `latest` is written in place (not atomic); we write ours below.
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         # save_checkpoint ends with a barrier: every rank's files are on disk.
+        if ema is not None:
+            ema.save(self.dir / tag, self.rank, int(extra["ep_size"]), model_config.moe.num_experts)
+            dist.barrier()
         if self.rank == 0:
             atomic_write(self.dir / "latest", tag)
             self.prune(current=tag)
@@ -83,6 +88,7 @@ class Checkpoints:
         if resume and target is None:
             log.info("--resume %s: no checkpoint yet in %s, starting from scratch", resume, self.dir)
         state = fresh
+        self.restored_from = None if target is None else target[0] / target[1]
         if target is not None:
             load_dir, tag = target
             try:

@@ -74,8 +74,7 @@ def read_checkpoint(folder: Path) -> tuple[LIMoEConfig | TwoTowerConfig, dict, d
                 if not EXPERT_KEY.match(key):
                     raise ExportError(f"{path}: unexpected non-expert key {key!r}")
                 state_dict[key] = value
-    with torch.device("meta"):
-        expected = create_model(config).state_dict()
+    expected = _meta_model(config).state_dict()
     missing = sorted(set(expected) - set(state_dict))
     if missing:
         experts = sorted({m.group(0).rsplit(".", 2)[0] for k in missing if (m := EXPERT_KEY.match(k))})
@@ -91,25 +90,49 @@ def read_checkpoint(folder: Path) -> tuple[LIMoEConfig | TwoTowerConfig, dict, d
     return config, state_dict, client
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str = "latest") -> Path:
-    """Gather a run's checkpoint (all experts) into `out_dir` (default <run>/export); return it."""
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str = "latest",
+               weights: str = "auto") -> Path:
+    """Gather a run's checkpoint (all experts) into `out_dir` (default <run>/export); return it.
+    `weights`: "raw" the trained weights, "ema" their moving average (train.ema_decay; an error
+    if the checkpoint has none), "auto" the average when the checkpoint has one."""
+    from .ema import has_ema, read_ema
+
+    if weights not in WEIGHTS:
+        raise ExportError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     folder = checkpoint_dir(run_dir, tag)
     config, state_dict, client = read_checkpoint(folder)
+    if weights == "ema" and not has_ema(folder):
+        raise ExportError(f"{folder}: no weight average (the run trained without train.ema_decay)")
+    if weights != "raw" and has_ema(folder):
+        average = read_ema(folder)
+        params = {name for name, _ in _meta_model(config).named_parameters()}
+        if set(average) != params:
+            raise ExportError(f"{folder}: the weight average does not cover the model's parameters "
+                              f"(missing {sorted(params - set(average))[:4]}, extra {sorted(set(average) - params)[:4]})")
+        state_dict.update(average)
     run = folder.parent.parent
     try:
         tokenizer = load_tokenizer(run)
     except FileNotFoundError as e:
         raise ExportError(f"{e} (training copies the tokenizer into the run directory)") from e
-    with torch.device("meta"):
-        model = create_model(config)  # only its config is used; the weights come from state_dict
+    model = _meta_model(config)  # only its config is used; the weights come from state_dict
     out = Path(out_dir) if out_dir is not None else run / "export"
-    metadata = {"run_dir": str(run), "checkpoint": folder.name, "step": client.get("step")}
+    metadata = {"run_dir": str(run), "checkpoint": folder.name, "step": client.get("step"),
+                "weights": "ema" if weights != "raw" and has_ema(folder) else "raw"}
     return save(model, tokenizer, out, state_dict=state_dict, metadata=metadata)
+
+
+def _meta_model(config):
+    with torch.device("meta"):
+        return create_model(config)
 
 
 def run_export_command(args) -> int:
     try:
-        out = export_run(args.checkpoint, args.out, args.tag)
+        out = export_run(args.checkpoint, args.out, args.tag, args.weights)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -127,4 +150,7 @@ def register(subparsers) -> None:
                    help="a run directory (logs/<name>; uses its latest checkpoint) or a checkpoint folder")
     p.add_argument("--out", default=None, help="output folder (default: <run>/export)")
     p.add_argument("--tag", default="latest", help="checkpoint tag inside the run (default: latest)")
+    p.add_argument("--weights", choices=WEIGHTS, default="auto",
+                   help="raw: the trained weights; ema: their moving average (runs with train.ema_decay); "
+                        "auto (default): the average when the checkpoint has one")
     p.set_defaults(func=run_export_command)

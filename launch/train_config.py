@@ -97,6 +97,9 @@ class TrainSection:
     # over them on CPU; true/false force one way (true on CPU runs the path a GPU takes).
     batched_experts: bool | str = "auto"
     max_bad_steps: int = 5  # consecutive NaN/inf losses (each skipped) before the run stops
+    # Keep an exponential moving average of the weights with this decay (0: off); exports and
+    # evaluation during training then use the average (launch/ema.py).
+    ema_decay: float = 0.0
     log_every: int = 1  # steps between metrics.jsonl / TensorBoard records
 
 
@@ -558,6 +561,7 @@ def check_config(config: TrainConfig) -> None:
     _check(t.batched_experts in BATCHED_EXPERTS, "train.batched_experts",
            f"must be auto, true or false, got {t.batched_experts!r}")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0 turns it off), got {t.ema_decay}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _check(o.wd >= 0, "optimizer.wd", f"must be >= 0, got {o.wd}")

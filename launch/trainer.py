@@ -27,6 +27,7 @@ metrics, trackers and the log: launch/run_log.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -194,6 +195,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     fresh = TrainState(batches_per_epoch=config.checkpoint.every * config.train.accum_freq)
     state = checkpoints.restore(engine, resume, fresh, Layout(ranks.world_size, p.ep_size, p.zero_stage),
                                 model_config.moe.num_experts)
+    ema = weight_average(engine, checkpoints.restored_from, config, model_config.moe.num_experts, ranks)
     if ranks.rank == 0:
         save_run_files(config, ds_config, tokenizer)
     loader = train_loader(config, tokenizer, model_config, state, ranks)
@@ -212,19 +214,21 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
         step = train_step(engine, loss_fn, batches, state, config, ranks, dtype)
         if step.stop:
             break
+        if ema is not None:
+            ema.update(engine.module, state.step)
 
-        evaluated = periodic_eval(engine, tokenizer, config, state.step, ranks.device)
+        evaluated = periodic_eval(engine, tokenizer, config, state.step, ranks.device, ema)
 
         if evaluated or state.step % config.train.log_every == 0 or state.step == stop_at:
             metrics = {**evaluated, **step_metrics(step, engine, state, ranks.world_size)}
             run_log.record(state.step, metrics)
             run_log.progress(state.step, metrics)
         if state.step % config.checkpoint.every == 0:
-            checkpoints.save(engine, state, model_config, extra)
+            checkpoints.save(engine, state, model_config, extra, ema)
 
     # -- the end: checkpoint, export, summary ---------------------------------------------------
     run_log.close()
-    tag = checkpoints.save(engine, state, model_config, extra) if state.step > 0 else None
+    tag = checkpoints.save(engine, state, model_config, extra, ema) if state.step > 0 else None
     if tag is not None:
         log.info("checkpoint %s", checkpoints.dir / tag)
     if step.stop == "signal":
@@ -233,12 +237,30 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     elif step.stop == "bad_steps":
         log.error(stop_after_bad_steps_message(step.bad_in_a_row, state.step, tag, checkpoints.latest_tag()))
     elif state.step == config.train.steps and config.checkpoint.export and tag is not None:
-        export_and_check(engine, config.run_dir, tokenizer, model_config, ranks.rank, ranks.world_size,
-                         ranks.device, dtype)
+        with ema.swapped_in(engine.module) if ema is not None else contextlib.nullcontext():
+            export_and_check(engine, config.run_dir, tokenizer, model_config, ranks.rank, ranks.world_size,
+                             ranks.device, dtype)
     if loader.skips.total:
         log.warning("data: %s", loader.skips.summary())
     dist.barrier()
     return 3 if step.stop == "bad_steps" else 0
+
+
+def weight_average(engine, restored_from: Path | None, config: TrainConfig, num_experts: int, ranks: Ranks):
+    """The EMA of the weights (launch/ema.py) when train.ema_decay is set, else None: the resumed
+    checkpoint's average if it has one, else one starting from the current weights."""
+    from .ema import WeightAverage
+
+    if not config.train.ema_decay:
+        return None
+    ema = WeightAverage(engine.module, config.train.ema_decay)
+    if restored_from is not None:
+        ep_size = config.parallel.ep_size
+        if not ema.load(restored_from, ranks.rank % ep_size, ep_size, num_experts):
+            log.warning("checkpoint %s has no weight average: the EMA starts again from the resumed weights",
+                        restored_from)
+    log.info("weight average: EMA with decay %g (exports and evaluation use it)", config.train.ema_decay)
+    return ema
 
 
 def open_run(run_dir: Path, rank: int):
@@ -452,12 +474,14 @@ def step_metrics(step: StepResult, engine, state: TrainState, world_size: int) -
     return m
 
 
-def periodic_eval(engine, tokenizer, config: TrainConfig, step: int, device) -> dict:
-    """The metrics (`eval/<name>/...`) of the evaluators due at `step`, on rank 0; {} otherwise."""
+def periodic_eval(engine, tokenizer, config: TrainConfig, step: int, device, ema=None) -> dict:
+    """The metrics (`eval/<name>/...`) of the evaluators due at `step`, on rank 0; {} otherwise.
+    With a weight average they score it, as the export will hold it."""
     due = due_evaluators(config, step)
     if not due:
         return {}
-    metrics = run_evaluators(engine.module, tokenizer, due, step, config.parallel.ep_size, device)
+    with ema.swapped_in(engine.module) if ema is not None else contextlib.nullcontext():
+        metrics = run_evaluators(engine.module, tokenizer, due, step, config.parallel.ep_size, device)
     engine.train()
     return metrics
 

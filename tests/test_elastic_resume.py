@@ -10,6 +10,7 @@ restarted optimizer or a wrong learning rate would show there at once.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -113,6 +114,29 @@ def test_two_ranks_resumed_with_another_ep_size_and_zero_stage_repeat_the_uninte
     reference, records = by_step(source), by_step(resumed_on("2-ranks-ep1-zero2"))
     for step in range(HALF + 1, STEPS + 1):
         assert records[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
+
+
+@pytest.mark.slow
+def test_the_weight_average_resumes_on_another_layout_as_if_never_stopped(source, resumed_on, tmp_path):
+    """The source keeps a moving average of its weights (train.ema_decay), saved in its checkpoints
+    under global expert ids. Resumed on 2 ranks with ep_size 1 and ZeRO 2, which repeat its
+    losses, the run exports the same average as the uninterrupted one; and the average is not
+    the raw weights, which `limoe export --weights raw` still gives."""
+    from safetensors.torch import load_file
+
+    from launch.cli import main
+
+    run_dir = resumed_on("2-ranks-ep1-zero2")
+    assert "no weight average" not in (run_dir / "out.log").read_text()
+    want, got = (load_file(str(d / "export" / "model.safetensors")) for d in (source, run_dir))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert json.loads((run_dir / "export" / "config.json").read_text())["metadata"]["weights"] == "ema"
+    assert main(["export", "--checkpoint", str(run_dir), "--weights", "raw", "--out", str(tmp_path / "raw")]) == 0
+    raw = load_file(str(tmp_path / "raw" / "model.safetensors"))
+    moved = [k for k in want if not torch.allclose(raw[k], got[k], rtol=1e-3, atol=1e-5)]
+    assert len(moved) > len(want) // 2, moved
 
 
 @pytest.mark.slow
