@@ -1,4 +1,8 @@
-"""`limoe demo`: real data end to end, on a 2-core CPU box, in about ten minutes.
+"""`limoe demo`: real data end to end, on a 2-core CPU box.
+
+The default budget is 935 training steps (--minutes 10 at 110 steps a minute): about 11 minutes
+on 2 idle cores of a fast machine, 27 on the slowest day measured (README, "Two commands
+for a fresh machine").
 
 1. build the emoji data sets (Noto = google, Twemoji = twitter) with the data builder (cached);
 2. the tokenizer (trained on the Noto training captions, or open_clip's BPE; cached by kind);
@@ -377,8 +381,9 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--minutes", type=float, default=10.0,
-                   help="time budget on a 2-core machine, turned into a number of training steps "
-                        f"({STEPS_PER_MINUTE} per minute after {FIXED_MINUTES} fixed minutes; default 10)")
+                   help="budget, turned into a number of training steps: "
+                        f"{STEPS_PER_MINUTE} per minute after {FIXED_MINUTES} fixed minutes, the speed of a fast "
+                        "2-core machine (default 10: 935 steps; a slower machine takes longer, the steps stay)")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides --minutes)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per rank per step (default: the config's)")
     p.add_argument("--compare", action="append", choices=sorted(COMPARE), default=[],
