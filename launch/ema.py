@@ -100,7 +100,7 @@ class WeightAverage:
 
         from limoe.files import atomic_path
 
-        if rank >= ep_size and rank != 0:
+        if rank >= ep_size:  # rank 0 is always in the first group
             return
         shared = {n: t for n, t in self.average.items() if EXPERT_KEY.match(n) is None}
         experts = {global_name(n, rank, ep_size, num_experts): t
