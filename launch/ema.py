@@ -44,16 +44,23 @@ def has_ema(folder: Path) -> bool:
 
 
 def read_ema(folder: Path) -> dict[str, torch.Tensor]:
-    """The whole average (global expert ids) from a checkpoint folder; {} if it has none."""
+    """The whole average (global expert ids) from a checkpoint folder; {} if it has none. A file
+    that cannot be read is a ValueError naming it."""
     from safetensors.torch import load_file
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path))
+        except Exception as e:  # truncated, or not a safetensors file
+            raise ValueError(f"{path}: unreadable weight-average file ({type(e).__name__}: {e})") from e
 
     folder = Path(folder)
     if not has_ema(folder):
         return {}
-    state = load_file(str(folder / EMA_SHARED_FILE))
+    state = load(folder / EMA_SHARED_FILE)
     for path in sorted(folder.iterdir()):
         if EMA_EXPERT_FILE.match(path.name):
-            state.update(load_file(str(path)))
+            state.update(load(path))
     return state
 
 
@@ -106,7 +113,7 @@ class WeightAverage:
         experts = {global_name(n, rank, ep_size, num_experts): t
                    for n, t in self.average.items() if EXPERT_KEY.match(n) is not None}
         parts = {EMA_SHARED_FILE: shared} if rank == 0 else {}
-        if rank < ep_size and experts:
+        if experts:
             parts[ema_expert_file(rank)] = experts
         for filename, tensors in parts.items():
             with atomic_path(Path(folder) / filename) as tmp:

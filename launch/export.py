@@ -104,11 +104,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str 
         raise ExportError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     folder = checkpoint_dir(run_dir, tag)
     config, state_dict, client = read_checkpoint(folder)
+    model = _meta_model(config)  # only its config and parameter names are used; the weights come from state_dict
     if weights == "ema" and not has_ema(folder):
         raise ExportError(f"{folder}: no weight average (the run trained without train.ema_decay)")
-    if weights != "raw" and has_ema(folder):
-        average = read_ema(folder)
-        params = {name for name, _ in _meta_model(config).named_parameters()}
+    use_average = weights != "raw" and has_ema(folder)
+    if use_average:
+        try:
+            average = read_ema(folder)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+        params = {name for name, _ in model.named_parameters()}
         if set(average) != params:
             raise ExportError(f"{folder}: the weight average does not cover the model's parameters "
                               f"(missing {sorted(params - set(average))[:4]}, extra {sorted(set(average) - params)[:4]})")
@@ -118,10 +123,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str 
         tokenizer = load_tokenizer(run)
     except FileNotFoundError as e:
         raise ExportError(f"{e} (training copies the tokenizer into the run directory)") from e
-    model = _meta_model(config)  # only its config is used; the weights come from state_dict
     out = Path(out_dir) if out_dir is not None else run / "export"
     metadata = {"run_dir": str(run), "checkpoint": folder.name, "step": client.get("step"),
-                "weights": "ema" if weights != "raw" and has_ema(folder) else "raw"}
+                "weights": "ema" if use_average else "raw"}
     return save(model, tokenizer, out, state_dict=state_dict, metadata=metadata)
 
 

@@ -256,7 +256,11 @@ def weight_average(engine, restored_from: Path | None, config: TrainConfig, num_
     ema = WeightAverage(engine.module, config.train.ema_decay)
     if restored_from is not None:
         ep_size = config.parallel.ep_size
-        if not ema.load(restored_from, ranks.rank % ep_size, ep_size, num_experts):
+        try:
+            found = ema.load(restored_from, ranks.rank % ep_size, ep_size, num_experts)
+        except ValueError as e:  # an unreadable or incomplete average: the checkpoint is damaged
+            raise SystemExit(f"error: {e}") from e
+        if not found:
             log.warning("checkpoint %s has no weight average: the EMA starts again from the resumed weights",
                         restored_from)
     log.info("weight average: EMA with decay %g (exports and evaluation use it)", config.train.ema_decay)

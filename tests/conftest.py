@@ -131,8 +131,9 @@ def fake_emoji_tarballs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory):
     """One tiny training run on 2 CPU ranks (ep_size 2, ZeRO 1, fp32): 8 steps, a checkpoint
-    every 4 (both kept), a moving average of the weights (exported in their place). The reference of the elastic-resume and multi-node tests, which
-    train the same config (test_train_run.tiny_config) in other layouts next to it."""
+    every 4 (both kept), a moving average of the weights (exported in their place). The reference
+    of the elastic-resume and multi-node tests, which train the same config
+    (test_train_run.tiny_config) in other layouts next to it."""
     from data_pipelines.writer import ShardSetWriter
     from launch.launcher import run_training
     from test_train_run import colour_records, tiny_config
@@ -142,5 +143,5 @@ def two_rank_run(tmp_path_factory):
         for record in colour_records():
             writer.write(record)
     return run_training(tiny_config(root, "reference", train={"batch_size": 8, "accum_freq": 1, "steps": 8,
-                                                                    "ema_decay": 0.9},
+                                                                  "ema_decay": 0.9},
                                     checkpoint={"every": 4, "keep": 3}))

@@ -205,3 +205,17 @@ def test_a_checkpoint_whose_optimizer_state_cannot_move_resumes_its_weights_with
     assert engine.calls == [{"load_optimizer_states": False, "load_lr_scheduler_states": True}]
     assert engine.group["lr"] == 0.25  # the scheduler's rate, not the one of step 0
     assert "cannot be resharded" in caplog.text and "STARTS AGAIN" in caplog.text
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_with_a_truncated_average_names_the_file(source, tmp_path, capsys):
+    from launch.cli import main
+    from launch.ema import EMA_SHARED_FILE
+
+    folder = tmp_path / f"step_{STEPS:08d}"
+    shutil.copytree(source / "checkpoints" / folder.name, folder)
+    damaged = folder / EMA_SHARED_FILE
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert main(["export", "--checkpoint", str(folder), "--out", str(tmp_path / "out")]) == 1
+    assert f"error: {damaged}: unreadable weight-average file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

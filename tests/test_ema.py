@@ -90,3 +90,11 @@ def test_a_checkpoint_without_an_average_says_so_and_one_missing_experts_is_refu
     WeightAverage(Experts(local=1), 0.9).save(tmp_path, 0, ep_size=2, num_experts=2)  # rank 1's file never written
     with pytest.raises(ValueError, match="lacks"):
         ema.load(tmp_path, ep_rank=0, ep_size=1, num_experts=2)
+
+
+def test_a_truncated_average_file_is_an_error_naming_it(tmp_path):
+    WeightAverage(Experts(local=2), 0.9).save(tmp_path, 0, ep_size=1, num_experts=2)
+    damaged = tmp_path / ema_expert_file(0)
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    with pytest.raises(ValueError, match=rf"{damaged.name}: unreadable weight-average file"):
+        WeightAverage(Experts(local=2), 0.9).load(tmp_path, ep_rank=0, ep_size=1, num_experts=2)
