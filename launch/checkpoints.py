@@ -32,12 +32,14 @@ class TrainState:
 
 class Checkpoints:
     """<run>/checkpoints/step_XXXXXXXX/ written by the DeepSpeed engine (experts per
-    expert-parallel rank), an atomically replaced `latest` file, the newest `keep` kept."""
+    expert-parallel rank), an atomically replaced `latest` file, the newest `keep` kept.
+    `layout` is this run's: checkpoints record it, and restore() reshards onto it."""
 
-    def __init__(self, run_dir: Path, keep: int, rank: int):
+    def __init__(self, run_dir: Path, keep: int, rank: int, layout: Layout):
         self.dir = run_dir / "checkpoints"
         self.keep = keep
         self.rank = rank
+        self.layout = layout
         self.restored_from: Path | None = None  # the checkpoint folder restore() loaded
 
     @staticmethod
@@ -48,9 +50,10 @@ class Checkpoints:
         latest = self.dir / "latest"
         return latest.read_text().strip() if latest.is_file() else None
 
-    def save(self, engine, state: TrainState, model_config, extra: dict, ema=None) -> str | None:
+    def save(self, engine, state: TrainState, model_config, seed: int, ema=None) -> str | None:
         """The tag written, or None if some rank's weights are not finite (nothing is written then:
-        `latest` keeps naming the last checkpoint whose weights were finite). `ema`, a
+        `latest` keeps naming the last checkpoint whose weights were finite). The client state
+        holds `state`, the model config, this layout and the run's seed. `ema`, a
         launch.ema.WeightAverage, is written beside the engine's files."""
         import deepspeed.comm as dist
 
@@ -62,12 +65,13 @@ class Checkpoints:
             log.error("not writing checkpoint %s: %d parameter tensors (counted over the ranks) hold NaN or inf",
                       tag, bad)
             return None
-        client = {CLIENT_KEY: {**asdict(state), "model_config": model_config.to_dict(), **extra}}
+        client = {CLIENT_KEY: {**asdict(state), "model_config": model_config.to_dict(), **asdict(self.layout),
+                               "seed": seed}}
         # DeepSpeed's own `latest` is written in place (not atomic); we write ours below.
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         # save_checkpoint ends with a barrier: every rank's files are on disk.
         if ema is not None:
-            ema.save(self.dir / tag, self.rank, int(extra["ep_size"]), model_config.moe.num_experts)
+            ema.save(self.dir / tag, self.rank, self.layout.ep_size, model_config.moe.num_experts)
             dist.barrier()
         if self.rank == 0:
             atomic_write(self.dir / "latest", tag)
@@ -81,7 +85,7 @@ class Checkpoints:
             if old != current:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
 
-    def restore(self, engine, resume: str | None, fresh: TrainState, layout: Layout, num_experts: int) -> TrainState:
+    def restore(self, engine, resume: str | None, fresh: TrainState, num_experts: int) -> TrainState:
         """The state to continue from: `fresh`, unless --resume finds a checkpoint, which is loaded into the
         engine on the layout that wrote it or resharded onto this one (launch/resume.py)."""
         target = self.resolve(resume)
@@ -92,7 +96,7 @@ class Checkpoints:
         if target is not None:
             load_dir, tag = target
             try:
-                saved = load_checkpoint(engine, load_dir, tag, layout, num_experts)
+                saved = load_checkpoint(engine, load_dir, tag, self.layout, num_experts)
             except ResumeError as e:
                 raise SystemExit(f"error: {e}") from e
             state = TrainState(**{k: saved[k] for k in asdict(fresh)})

@@ -191,10 +191,10 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
 
     # -- resume, data ----------------------------------------------------------------------------
     p = config.parallel
-    checkpoints = Checkpoints(config.run_dir, config.checkpoint.keep, ranks.rank)
+    checkpoints = Checkpoints(config.run_dir, config.checkpoint.keep, ranks.rank,
+                              Layout(ranks.world_size, p.ep_size, p.zero_stage))
     fresh = TrainState(batches_per_epoch=config.checkpoint.every * config.train.accum_freq)
-    state = checkpoints.restore(engine, resume, fresh, Layout(ranks.world_size, p.ep_size, p.zero_stage),
-                                model_config.moe.num_experts)
+    state = checkpoints.restore(engine, resume, fresh, model_config.moe.num_experts)
     ema = weight_average(engine, checkpoints.restored_from, config, model_config.moe.num_experts, ranks)
     if ranks.rank == 0:
         save_run_files(config, ds_config, tokenizer)
@@ -204,7 +204,6 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     # -- the loop -------------------------------------------------------------------------------
     stop_at = config.train.stop_after or config.train.steps
     run_log = RunLog(config.run_dir, state.step, config.train.steps, enabled=ranks.rank == 0, config=config)
-    extra = {"world_size": ranks.world_size, "ep_size": p.ep_size, "zero_stage": p.zero_stage, "seed": config.seed}
     log.info("training %s: %d ranks (ep_size %d, ZeRO %d, %s), batch %d x %d ranks x %d accum, steps %d..%d",
              model_config.name, ranks.world_size, p.ep_size, p.zero_stage, config.train.precision,
              config.train.batch_size, ranks.world_size, config.train.accum_freq, state.step, stop_at)
@@ -224,11 +223,11 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
             run_log.record(state.step, metrics)
             run_log.progress(state.step, metrics)
         if state.step % config.checkpoint.every == 0:
-            checkpoints.save(engine, state, model_config, extra, ema)
+            checkpoints.save(engine, state, model_config, config.seed, ema)
 
     # -- the end: checkpoint, export, summary ---------------------------------------------------
     run_log.close()
-    tag = checkpoints.save(engine, state, model_config, extra, ema) if state.step > 0 else None
+    tag = checkpoints.save(engine, state, model_config, config.seed, ema) if state.step > 0 else None
     if tag is not None:
         log.info("checkpoint %s", checkpoints.dir / tag)
     if step.stop == "signal":

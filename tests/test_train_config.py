@@ -472,8 +472,9 @@ def test_initial_weights_do_not_depend_on_ep_size():
 
 def test_checkpoint_pruning_keeps_the_newest(tmp_path):
     from launch.checkpoints import Checkpoints
+    from launch.resume import Layout
 
-    checkpoints = Checkpoints(tmp_path, keep=2, rank=0)
+    checkpoints = Checkpoints(tmp_path, keep=2, rank=0, layout=Layout(1, 1, 0))
     for step in (5, 10, 15, 20):
         (checkpoints.dir / Checkpoints.tag(step)).mkdir(parents=True)
     checkpoints.prune(current=Checkpoints.tag(20))
@@ -565,11 +566,11 @@ def test_a_checkpoint_is_never_written_of_weights_that_are_not_finite(tmp_path, 
     config = tiny_model_config()
     model = torch.nn.Linear(4, 4)
     engine = FakeEngine(model)
-    checkpoints = ckpt.Checkpoints(tmp_path, keep=2, rank=0)
-    assert checkpoints.save(engine, ckpt.TrainState(step=3), config, {}) == "step_00000003"
+    checkpoints = ckpt.Checkpoints(tmp_path, keep=2, rank=0, layout=ckpt.Layout(1, 1, 0))
+    assert checkpoints.save(engine, ckpt.TrainState(step=3), config, seed=0) == "step_00000003"
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    assert checkpoints.save(engine, ckpt.TrainState(step=4), config, {}) is None
+    assert checkpoints.save(engine, ckpt.TrainState(step=4), config, seed=0) is None
     assert engine.saved == ["step_00000003"] and checkpoints.latest_tag() == "step_00000003"
 
 
