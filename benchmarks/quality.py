@@ -748,6 +748,19 @@ def run_overrides(variant: str, seed: int, settings: dict) -> list[tuple[str, ob
     ]
 
 
+def training_set_size(data: dict, extra_overrides: list) -> int | None:
+    """Distinct training samples: the Noto shards', or those of the sources a `--set data.train=...`
+    gives instead (None where a source's sizes.json is missing)."""
+    from data_pipelines.shards import count_samples, resolve_shards
+
+    sources = [{"shards": str(data["train"] / "shards")}]
+    for key, value in extra_overrides:
+        if key == "data.train":
+            sources = value
+    counts = [count_samples(resolve_shards(source["shards"])) for source in sources]
+    return None if None in counts else sum(counts)
+
+
 def training_summary(metrics_path: Path) -> dict:
     """Training losses and drop rates averaged over the last tenth of the steps, and throughput."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -1154,6 +1167,7 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
     dates = sorted(r["date"] for r in results)
     pairs = settings["steps"] * settings["batch_size"]
     train_size = results[0]["settings"].get("train_pairs")
+    own_data = any(key == "data.train" for key, _ in settings["extra_overrides"])
     lines = [
         start,
         "<!-- Written by benchmarks/quality.py; edits between these markers are replaced on the next run. -->",
@@ -1163,7 +1177,8 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
         f"- command: `{session['command']}`",
         f"- each run: `cpu-demo` config, {settings['steps']} steps x batch {settings['batch_size']} "
         f"({settings['num_procs']} x {settings['batch_size'] // settings['num_procs']} per DeepSpeed rank) = "
-        f"{pairs:,} Noto image-caption pairs" + (f" ({pairs / train_size:.1f} passes over {train_size})"
+        f"{pairs:,} {'training' if own_data else 'Noto'} image-caption pairs"
+        + (f" ({pairs / train_size:.1f} passes over {train_size})"
                                                   if train_size else "")
         + f"; warmup {settings['steps'] // 10} steps; extra overrides: {settings['extra_overrides'] or 'none'}",
         f"- {len(results)} runs: " + ", ".join(f"{v} (seeds {', '.join(map(str, s['seeds']))})"
@@ -1372,7 +1387,7 @@ def main(argv=None) -> int:
     context = limoe.get_config("limoe-nano").context_length
     tokenizers = {kind: prepare_tokenizer(data["train"], kind, context)
                   for kind in sorted({variant_tokenizer(v) for v in args.variants})}
-    settings["train_pairs"] = json.loads((data["train"] / "shards" / "sizes.json").read_text())["total"]
+    settings["train_pairs"] = training_set_size(data, settings["extra_overrides"])
     todo = [(v, s) for v, s in planned if (v, s) not in done]
     print(f"{len(planned)} runs planned, {len(done)} already done, {len(todo)} to run", flush=True)
     try:
