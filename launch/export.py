@@ -105,9 +105,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str 
     folder = checkpoint_dir(run_dir, tag)
     config, state_dict, client = read_checkpoint(folder)
     model = _meta_model(config)  # only its config and parameter names are used; the weights come from state_dict
-    if weights == "ema" and not has_ema(folder):
+    averaged = has_ema(folder)
+    if weights == "ema" and not averaged:
         raise ExportError(f"{folder}: no weight average (the run trained without train.ema_decay)")
-    use_average = weights != "raw" and has_ema(folder)
+    use_average = weights != "raw" and averaged
     if use_average:
         try:
             average = read_ema(folder)

@@ -195,7 +195,7 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
                               Layout(ranks.world_size, p.ep_size, p.zero_stage))
     fresh = TrainState(batches_per_epoch=config.checkpoint.every * config.train.accum_freq)
     state = checkpoints.restore(engine, resume, fresh, model_config.moe.num_experts)
-    ema = weight_average(engine, checkpoints.restored_from, config, model_config.moe.num_experts, ranks)
+    ema = weight_average(engine, checkpoints, config.train.ema_decay, model_config.moe.num_experts, ranks)
     if ranks.rank == 0:
         save_run_files(config, ds_config, tokenizer)
     loader = train_loader(config, tokenizer, model_config, state, ranks)
@@ -245,24 +245,25 @@ def train(config: TrainConfig, resume: str | None = None) -> int:
     return 3 if step.stop == "bad_steps" else 0
 
 
-def weight_average(engine, restored_from: Path | None, config: TrainConfig, num_experts: int, ranks: Ranks):
+def weight_average(engine, checkpoints: Checkpoints, decay: float | None, num_experts: int, ranks: Ranks):
     """The EMA of the weights (launch/ema.py) when train.ema_decay is set, else None: the resumed
-    checkpoint's average if it has one, else one starting from the current weights."""
+    checkpoint's average if it has one (resharded onto this run's layout), else one starting
+    from the current weights."""
     from .ema import WeightAverage
 
-    if not config.train.ema_decay:
+    if not decay:
         return None
-    ema = WeightAverage(engine.module, config.train.ema_decay)
-    if restored_from is not None:
-        ep_size = config.parallel.ep_size
+    ema = WeightAverage(engine.module, decay)
+    if checkpoints.restored_from is not None:
+        ep_size = checkpoints.layout.ep_size
         try:
-            found = ema.load(restored_from, ranks.rank % ep_size, ep_size, num_experts)
+            found = ema.load(checkpoints.restored_from, ranks.rank % ep_size, ep_size, num_experts)
         except ValueError as e:  # an unreadable or incomplete average: the checkpoint is damaged
             raise SystemExit(f"error: {e}") from e
         if not found:
             log.warning("checkpoint %s has no weight average: the EMA starts again from the resumed weights",
-                        restored_from)
-    log.info("weight average: EMA with decay %g (exports and evaluation use it)", config.train.ema_decay)
+                        checkpoints.restored_from)
+    log.info("weight average: EMA with decay %g (exports and evaluation use it)", decay)
     return ema
 
 
