@@ -39,16 +39,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data_pipelines.emoji import (  # noqa: E402
-    DEFAULT_VERSION, GRANULARITIES, EmojiSourceError, _class_of, class_lists, default_cache_dir,
+    BUILD_FILE, DEFAULT_VERSION, GRANULARITIES, EmojiSourceError, _class_of, class_lists, default_cache_dir,
     emoji_captions, emoji_name, find_emoji_tarball, npm_pack, read_emoji_package,
 )
 from data_pipelines.writer import Record, ShardSetWriter  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 OPENMOJI_VERSION = "17.0.0"  # pinned, as the emoji-datasource version is
 SVG_DIR = "package/color/svg/"
 SIZE = 64
 STYLE = "openmoji"
-BUILD_FILE = "build.json"
 
 
 def find_openmoji_tarball(tarball: str | None, cache_dir: str | None, version: str = OPENMOJI_VERSION) -> Path:
@@ -107,11 +107,6 @@ def build_openmoji_shards(entries: list[dict], svgs: dict[str, bytes], out_dir: 
     entries = sorted(entries, key=lambda e: (e.get("sort_order", 0), e.get("unified", "")))
     classes = class_lists(entries)  # the same class lists, so the same indices, as the demo's data
     index = {g: {name: i for i, name in enumerate(names)} for g, names in classes.items()}
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is a nicety
-        def tqdm(items, **_):
-            return items
     with ShardSetWriter(Path(out_dir) / "shards", f"emoji-{STYLE}", maxcount=maxcount) as writer:
         for entry in tqdm(entries, desc="openmoji", unit="emoji"):
             source_id = entry.get("unified") or emoji_name(entry)

@@ -1178,8 +1178,7 @@ def render_generated(summary: dict, results: list[dict], contrast_rows: list[dic
         f"- each run: `cpu-demo` config, {settings['steps']} steps x batch {settings['batch_size']} "
         f"({settings['num_procs']} x {settings['batch_size'] // settings['num_procs']} per DeepSpeed rank) = "
         f"{pairs:,} {'training' if own_data else 'Noto'} image-caption pairs"
-        + (f" ({pairs / train_size:.1f} passes over {train_size})"
-                                                  if train_size else "")
+        + (f" ({pairs / train_size:.1f} passes over {train_size})" if train_size else "")
         + f"; warmup {settings['steps'] // 10} steps; extra overrides: {settings['extra_overrides'] or 'none'}",
         f"- {len(results)} runs: " + ", ".join(f"{v} (seeds {', '.join(map(str, s['seeds']))})"
                                                for v, s in summary.items()),
